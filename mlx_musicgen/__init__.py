@@ -1,0 +1,5 @@
+"""MusicGen text-to-music in MLX."""
+
+from ._blas import load_optimized_blas
+
+BLAS = load_optimized_blas()  # must run before the first `import mlx`
