@@ -118,6 +118,12 @@ def build_model(shape: Shape = Shape(), seed: int = 0):
 
     torch.manual_seed(seed)
     model = MusicgenForConditionalGeneration(musicgen_config(shape)).eval()
+    # transformers starts EnCodec codebooks at zero (they are learned by k-means); with zeros every code would
+    # decode to the same audio and every encoding would tie, so give them random entries.
+    with torch.no_grad():
+        for layer in model.audio_encoder.quantizer.layers:
+            layer.codebook.embed.normal_()
+            layer.codebook.embed_avg.copy_(layer.codebook.embed)
     pad = shape.codebook_size
     gc = model.generation_config
     gc.decoder_start_token_id = pad

@@ -1,0 +1,91 @@
+"""Hugging Face MusicGen checkpoint -> MLX folder (safetensors + config + tokenizer), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from . import loading
+from .model import MusicGen, MusicGenConfig
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+TOKENIZER_FILES = (
+    "spiece.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "generation_config.json",
+)
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    *,
+    dtype: str = "float32",
+    q_bits: int | None = None,
+    q_group_size: int = 64,
+    overwrite: bool = False,
+) -> Path:
+    """Convert a Hub id or Hub-layout folder. The decoder takes `dtype` (and optional quantization); T5 and
+    EnCodec stay float32. Returns the output folder, which appears complete or not at all."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if q_bits not in (None, 4, 8):
+        raise ValueError(f"q_bits must be 4 or 8, got {q_bits}.")
+    out = Path(mlx_path).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite.")
+
+    folder = loading.resolve(hf_path)
+    config = loading.read_config(folder)
+    if loading.is_converted(config):
+        raise loading.CheckpointError(f"{folder} is already converted; load it directly.")
+    generation = loading.read_generation_config(folder)
+    model = MusicGen(MusicGenConfig.from_dict(config, generation))
+    model.load_checked(MusicGen.sanitize(loading.load_hf_weights(folder)), folder)
+    model.set_decoder_dtype(DTYPES[dtype])
+    quantization = None
+    if q_bits is not None:
+        quantization = {"group_size": q_group_size, "bits": q_bits}
+        model.quantize_decoder(**quantization)
+
+    config[loading.CONVERTED_KEY] = {
+        "format_version": loading.FORMAT_VERSION,
+        "source": str(hf_path),
+        "dtype": dtype,
+        "quantization": quantization,
+        "max_length": generation.get("max_length", 1500),
+    }
+    write_atomically(out, model, config, folder)
+    return out
+
+
+def write_atomically(out: Path, model: MusicGen, config: dict, source: Path) -> None:
+    """Write everything into a temporary sibling folder, then swap it into place with renames."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        mx.save_safetensors(str(staging / "model.safetensors"), dict(tree_flatten(model.parameters())))
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, staging / name)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,199 @@
+"""The MusicGen decoder: a pre-LN transformer over K parallel streams of EnCodec codes.
+
+Each step reads one column of K codes, sums their embeddings, attends causally to the past (self-attention)
+and to the text (cross-attention), and predicts the next column with K separate heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 2048
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    ffn_dim: int = 4096
+    num_codebooks: int = 4
+    audio_channels: int = 1
+    max_position_embeddings: int = 2048
+    activation_function: str = "gelu"
+    scale_embedding: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DecoderConfig:
+        config = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+        if config.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"Unsupported decoder activation {config.activation_function!r}; supported: {sorted(ACTIVATIONS)}."
+            )
+        return config
+
+    @property
+    def pad_token_id(self) -> int:
+        # Row `vocab_size` of every embedding table is the pad/start token; the heads never predict it.
+        return self.vocab_size
+
+
+ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "gelu_new": nn.gelu_approx, "silu": nn.silu}
+
+
+def sinusoids(positions: mx.array, dims: int) -> mx.array:
+    """Sinusoidal position embeddings [cos | sin], as in the reference (frequencies over half - 1)."""
+    half = dims // 2
+    freqs = mx.exp(-math.log(10000.0) / (half - 1) * mx.arange(half, dtype=mx.float32))
+    angles = positions.astype(mx.float32)[:, None] * freqs[None, :]
+    return mx.concatenate([mx.cos(angles), mx.sin(angles)], axis=-1)
+
+
+@dataclass
+class TextContext:
+    """What cross-attention needs of the text: per-layer (keys, values) and the additive key mask (B, 1, 1, S)."""
+
+    kv: list[tuple[mx.array, mx.array]]
+    mask: mx.array
+
+
+class KVCache:
+    """Self-attention keys and values, preallocated for the whole generation so a step never copies the past."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, max_length: int, dtype: mx.Dtype):
+        self.keys = mx.zeros((batch, heads, max_length, head_dim), dtype=dtype)
+        self.values = mx.zeros((batch, heads, max_length, head_dim), dtype=dtype)
+        self.offset = 0
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        start, end = self.offset, self.offset + keys.shape[2]
+        if end > self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions; asked for {end}.")
+        self.keys[:, :, start:end] = keys
+        self.values[:, :, start:end] = values
+        self.offset = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, dims: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.scale = (dims // heads) ** -0.5
+        self.q_proj = nn.Linear(dims, dims, bias=False)
+        self.k_proj = nn.Linear(dims, dims, bias=False)
+        self.v_proj = nn.Linear(dims, dims, bias=False)
+        self.out_proj = nn.Linear(dims, dims, bias=False)
+
+    def split_heads(self, x: mx.array) -> mx.array:
+        B, L, _ = x.shape
+        return x.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
+
+    def __call__(
+        self, x: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None = None
+    ) -> mx.array:
+        B, L, D = x.shape
+        queries = self.split_heads(self.q_proj(x))
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.self_attn = Attention(D, config.num_attention_heads)
+        self.self_attn_layer_norm = nn.LayerNorm(D, eps=1e-5)
+        self.encoder_attn = Attention(D, config.num_attention_heads)
+        self.encoder_attn_layer_norm = nn.LayerNorm(D, eps=1e-5)
+        self.fc1 = nn.Linear(D, config.ffn_dim, bias=False)
+        self.fc2 = nn.Linear(config.ffn_dim, D, bias=False)
+        self.final_layer_norm = nn.LayerNorm(D, eps=1e-5)
+        self.activation = ACTIVATIONS[config.activation_function]
+
+    def __call__(
+        self,
+        x: mx.array,
+        text_kv: tuple[mx.array, mx.array],
+        text_mask: mx.array,
+        cache: KVCache | None,
+    ) -> mx.array:
+        h = self.self_attn_layer_norm(x)
+        keys = self.self_attn.split_heads(self.self_attn.k_proj(h))
+        values = self.self_attn.split_heads(self.self_attn.v_proj(h))
+        if cache is not None:
+            keys, values = cache.update(keys, values)
+        causal = "causal" if x.shape[1] > 1 else None
+        x = x + self.self_attn(h, keys, values, mask=causal)
+        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), *text_kv, mask=text_mask)
+        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
+
+
+class MusicgenDecoder(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.embed_scale = math.sqrt(D) if config.scale_embedding else 1.0
+        self.embed_tokens = [nn.Embedding(config.vocab_size + 1, D) for _ in range(config.num_codebooks)]
+        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.layer_norm = nn.LayerNorm(D, eps=1e-5)
+        self.lm_heads = [nn.Linear(D, config.vocab_size, bias=False) for _ in range(config.num_codebooks)]
+
+    def text_context(self, states: mx.array, mask: mx.array) -> TextContext:
+        """Keys and values of the text for every layer, computed once per generation rather than once per step,
+        and the padding mask in additive form."""
+        dtype = self.layer_norm.weight.dtype
+        states = states.astype(dtype)
+        kv = [
+            (
+                layer.encoder_attn.split_heads(layer.encoder_attn.k_proj(states)),
+                layer.encoder_attn.split_heads(layer.encoder_attn.v_proj(states)),
+            )
+            for layer in self.layers
+        ]
+        return TextContext(kv, additive_mask(mask, dtype))
+
+    def make_cache(self, batch: int, max_length: int) -> list[KVCache]:
+        c = self.config
+        dtype = self.layer_norm.weight.dtype
+        head_dim = c.hidden_size // c.num_attention_heads
+        return [KVCache(batch, c.num_attention_heads, head_dim, max_length, dtype) for _ in self.layers]
+
+    def __call__(
+        self,
+        codes: mx.array,
+        text: TextContext,
+        cache: list[KVCache] | None = None,
+    ) -> mx.array:
+        """codes (B, K, T) -> logits (B, K, T, vocab)."""
+        offset = cache[0].offset if cache else 0
+        x = sum(embed(codes[:, k]) for k, embed in enumerate(self.embed_tokens)) * self.embed_scale
+        x = x + sinusoids(mx.arange(offset, offset + codes.shape[2]), x.shape[-1]).astype(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, text.kv[i], text.mask, cache[i] if cache else None)
+        x = self.layer_norm(x)
+        return mx.stack([head(x) for head in self.lm_heads], axis=1)
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Checkpoint names (`model.decoder.*`, `lm_heads.*`) -> ours; the stored sinusoid table is recomputed."""
+        out = {}
+        for name, value in weights.items():
+            if name == "model.decoder.embed_positions.weights":
+                continue
+            out[name.removeprefix("model.decoder.")] = value
+        return out
+
+
+def additive_mask(mask: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
+    """(B, S) 0/1 key mask -> (B, 1, 1, S) additive mask with a finite minimum, like the reference.
+
+    A fully masked row (the unconditional half of guidance) then gets uniform weights over zero values and
+    outputs exactly 0, where -inf would give NaN.
+    """
+    big_negative = mx.array(mx.finfo(dtype).min, dtype=dtype)
+    return mx.where(mask[:, None, None, :].astype(mx.bool_), mx.array(0.0, dtype=dtype), big_negative)

@@ -1,0 +1,134 @@
+"""Finding a checkpoint (Hub id or folder), reading its config, tensors and tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+FORMAT_VERSION = 1  # of converted folders; bump when the layout of weights or config changes
+CONVERTED_KEY = "mlx_musicgen"  # the converted config.json's own section
+SUPPORTED_MODEL_TYPES = ("musicgen",)
+
+# What a download needs: configs, tokenizer and weights (the .bin only where a repo has no safetensors).
+HUB_PATTERNS = ["*.json", "*.safetensors", "spiece.model", "tokenizer*"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message that says what to do."""
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local folder as it is; otherwise a Hub repo id, downloaded (or found in the cache when offline)."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; give the folder that holds config.json.")
+        return path
+    if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
+        raise CheckpointError(
+            f"{path_or_id} is neither an existing folder nor a Hub id like facebook/musicgen-small."
+        )
+    return download(str(path_or_id))
+
+
+def download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        if not list(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS + ["pytorch_model*.bin"]))
+        return folder
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"No model {repo_id!r} on the Hugging Face Hub (or it is private: log in with `hf auth login`)."
+        ) from None
+    except LocalEntryNotFoundError:
+        raise CheckpointError(
+            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached (offline?): "
+            f"download it once with `hf download {repo_id}` while online, or pass a local folder."
+        ) from None
+
+
+def read_config(folder: Path) -> dict:
+    file = folder / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{folder} has no config.json: it is not a MusicGen checkpoint.")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); download or convert the model again.") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{folder} holds a {model_type!r} model; supported: MusicGen text-to-music checkpoints "
+            "(facebook/musicgen-small, -medium, -large and the -stereo ones), not melody or other kinds."
+        )
+    converted = config.get(CONVERTED_KEY)
+    if converted is not None and converted.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} was converted by another version of mlx-musicgen (format {converted.get('format_version')},"
+            f" this one reads {FORMAT_VERSION}): convert the original checkpoint again."
+        )
+    return config
+
+
+def is_converted(config: dict) -> bool:
+    return CONVERTED_KEY in config
+
+
+def read_generation_config(folder: Path) -> dict:
+    file = folder / "generation_config.json"
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+def load_safetensors(file: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(file))
+    except Exception as e:  # mlx reports truncation and bad headers as plain runtime errors
+        raise CheckpointError(f"{file} is truncated or corrupt ({e}); download or convert it again.") from None
+
+
+def load_hf_weights(folder: Path) -> dict[str, mx.array]:
+    """All tensors of a Hub-layout checkpoint: one safetensors file, shards with an index, or a torch .bin."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            weights.update(load_safetensors(folder / shard))
+        return weights
+    if (folder / "model.safetensors").is_file():
+        return load_safetensors(folder / "model.safetensors")
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        return load_torch_bin(bins)
+    raise CheckpointError(f"{folder} has no model.safetensors (or shards, or pytorch_model.bin).")
+
+
+def load_torch_bin(files: list[Path]) -> dict[str, mx.array]:
+    """Older checkpoints: read with torch's safe loader (tensors only, no code), conversion time only."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{files[0].parent} has only pytorch_model.bin weights: install torch to convert it once "
+            "(`pip install torch`), then use the converted folder."
+        ) from None
+    weights = {}
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        weights.update({k: mx.array(v.float().numpy()) for k, v in state.items()})
+    return weights
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise CheckpointError(f"Could not load the tokenizer from {folder} ({e}).") from None

@@ -1,0 +1,292 @@
+"""MusicGen: text -> T5 -> decoder with guidance over delayed codebooks -> EnCodec -> audio."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from . import delay, loading
+from .decoder import DecoderConfig, MusicgenDecoder
+from .encodec import EncodecConfig, EncodecModel
+from .sampling import apply_guidance, sample
+from .t5 import T5Config, T5Encoder
+
+Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
+
+
+@dataclass
+class MusicGenConfig:
+    text_encoder: T5Config
+    decoder: DecoderConfig
+    audio_encoder: EncodecConfig
+    project_text: bool  # the reference projects T5 states only when the widths differ
+    max_length: int = 1500  # the generation window of the checkpoint, in decoder positions (30 s at 50 Hz)
+    quantization: dict | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict, generation: dict | None = None) -> MusicGenConfig:
+        text = T5Config.from_dict(config["text_encoder"])
+        decoder = DecoderConfig.from_dict(config["decoder"])
+        audio = EncodecConfig.from_dict(config["audio_encoder"])
+        project = text.d_model != decoder.hidden_size and config["decoder"].get("cross_attention_hidden_size") is None
+        converted = config.get(loading.CONVERTED_KEY, {})
+        max_length = (generation or {}).get("max_length") or converted.get("max_length") or 1500
+        return cls(text, decoder, audio, project, int(max_length), converted.get("quantization"))
+
+
+class MusicGen(nn.Module):
+    def __init__(self, config: MusicGenConfig):
+        super().__init__()
+        self.config = config
+        self.text_encoder = T5Encoder(config.text_encoder)
+        if config.project_text:
+            self.enc_to_dec_proj = nn.Linear(config.text_encoder.d_model, config.decoder.hidden_size)
+        self.decoder = MusicgenDecoder(config.decoder)
+        self.audio_encoder = EncodecModel(config.audio_encoder)
+        if config.quantization:
+            self.quantize_decoder(**config.quantization)
+        self.tokenizer = None
+
+    @property
+    def sampling_rate(self) -> int:
+        return self.config.audio_encoder.sampling_rate
+
+    @property
+    def frame_rate(self) -> float:
+        return self.config.audio_encoder.frame_rate
+
+    @property
+    def audio_channels(self) -> int:
+        return self.config.decoder.audio_channels
+
+    @property
+    def num_codebooks(self) -> int:
+        return self.config.decoder.num_codebooks
+
+    # ---- loading ----
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> MusicGen:
+        """A converted folder, a Hub-layout folder (converted in memory) or a Hub id such as facebook/musicgen-small."""
+        folder = loading.resolve(path_or_id)
+        raw = loading.read_config(folder)
+        config = MusicGenConfig.from_dict(raw, loading.read_generation_config(folder))
+        model = cls(config)
+        if loading.is_converted(raw):
+            weights = loading.load_safetensors(folder / "model.safetensors")
+        else:
+            weights = cls.sanitize(loading.load_hf_weights(folder))
+        model.load_checked(weights, folder)
+        if dtype is not None:
+            model.set_decoder_dtype(dtype)
+        model.tokenizer = loading.load_tokenizer(folder)
+        mx.eval(model.parameters())
+        return model
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Checkpoint tensor names -> ours, part by part. Unknown names pass through for the strict check."""
+        parts = {
+            "text_encoder.": T5Encoder.sanitize,
+            "decoder.": MusicgenDecoder.sanitize,
+            "audio_encoder.": EncodecModel.sanitize,
+        }
+        out = {k: v for k, v in weights.items() if not k.startswith(tuple(parts))}
+        for prefix, part_sanitize in parts.items():
+            part = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            out.update({prefix + k: v for k, v in part_sanitize(part).items()})
+        return out
+
+    def load_checked(self, weights: dict[str, mx.array], source: Path | str) -> None:
+        """Strict loading: every tensor must fill a parameter of the same shape, and every parameter be filled."""
+        expected = dict(tree_flatten(self.parameters()))
+        unexpected = sorted(set(weights) - set(expected))
+        missing = sorted(set(expected) - set(weights))
+        wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+        problems = []
+        for what, names in (("unexpected tensors", unexpected), ("missing tensors", missing), ("wrong shapes", wrong)):
+            if names:
+                problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+        if problems:
+            raise loading.CheckpointError(
+                f"{source} does not match the MusicGen architecture of its config: {'; '.join(problems)}."
+            )
+        self.load_weights(list(weights.items()), strict=True)
+
+    def set_decoder_dtype(self, dtype: mx.Dtype) -> None:
+        """Half precision for the decoder (the heavy part); T5 and EnCodec stay float32 for accuracy."""
+        for module in (self.decoder, getattr(self, "enc_to_dec_proj", None)):
+            if module is not None:
+                module.set_dtype(dtype)
+
+    def quantize_decoder(self, group_size: int, bits: int) -> None:
+        """Quantize the decoder's projections, heads and embeddings (those whose width divides into groups)."""
+
+        def quantizable(path: str, module: nn.Module) -> bool:
+            return isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.shape[-1] % group_size == 0
+
+        nn.quantize(self.decoder, group_size=group_size, bits=bits, class_predicate=quantizable)
+        self.config.quantization = {"group_size": group_size, "bits": bits}
+
+    # ---- generation ----
+
+    def encode_text(self, texts: list[str]) -> tuple[mx.array, mx.array]:
+        """Texts -> decoder-width states (zero at padding) and the (B, S) padding mask."""
+        if self.tokenizer is None:
+            raise RuntimeError("This model has no tokenizer: load it with MusicGen.from_pretrained.")
+        tokens = self.tokenizer(list(texts), padding=True, return_tensors="np")
+        ids = mx.array(tokens["input_ids"])
+        mask = mx.array(tokens["attention_mask"])
+        states = self.text_encoder(ids, mask)
+        if self.config.project_text:
+            states = self.enc_to_dec_proj(states.astype(self.enc_to_dec_proj.weight.dtype))
+        return states * mask[..., None].astype(states.dtype), mask
+
+    def conditioning(
+        self, texts: list[str] | None, num_samples: int, guided: bool
+    ) -> tuple[mx.array, mx.array]:
+        """Cross-attention states and mask; with guidance, unconditional rows (zero states, empty mask) follow."""
+        if texts is None:
+            states = mx.zeros((num_samples, 1, self.config.decoder.hidden_size))
+            mask = mx.zeros((num_samples, 1), dtype=mx.int32)
+        else:
+            states, mask = self.encode_text(texts)
+        if guided:
+            states = mx.concatenate([states, mx.zeros_like(states)])
+            mask = mx.concatenate([mask, mx.zeros_like(mask)])
+        return states, mask
+
+    def new_tokens_for(self, duration: float | None, max_new_tokens: int | None) -> int:
+        """Decoder steps for a duration: frames = steps + 1 - (codebooks per channel)."""
+        if max_new_tokens is not None and duration is not None:
+            raise ValueError("Give duration or max_new_tokens, not both.")
+        if max_new_tokens is None:
+            if duration is None:
+                return self.config.max_length - 1
+            frames = round(duration * self.frame_rate)
+            max_new_tokens = frames + self.num_codebooks // self.audio_channels - 1
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        return int(max_new_tokens)
+
+    def generate_tokens(
+        self,
+        texts: list[str] | None = None,
+        *,
+        num_samples: int = 1,
+        max_new_tokens: int,
+        do_sample: bool = True,
+        guidance_scale: float = 3.0,
+        top_k: int = 250,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """Decode codes with the delay pattern: -> (batch, codebooks, frames) int32."""
+        guided = texts is not None and guidance_scale > 1.0  # as the reference: no guidance without text
+        batch = len(texts) if texts is not None else num_samples
+        states, mask = self.conditioning(texts, num_samples, guided)
+        decoder = self.decoder
+        text = decoder.text_context(states, mask)
+
+        K, pad = self.num_codebooks, self.config.decoder.pad_token_id
+        start_column = np.full((batch, K, 1), pad, dtype=np.int32)
+        length = start_column.shape[-1] + max_new_tokens
+        pattern = delay.delay_pattern(start_column, length, pad, self.audio_channels)
+        start = delay.first_free_position(pattern, start_column.shape[-1])
+        known = mx.array(pattern)
+        cache = decoder.make_cache(batch * (2 if guided else 1), length)
+        key = mx.random.key(seed if seed is not None else secrets.randbits(63))
+
+        def step(codes: mx.array, position: int, key: mx.array) -> mx.array:
+            if guided:
+                codes = mx.concatenate([codes, codes])
+            logits = decoder(codes, text, cache)[:, :, -1]
+            if guided:
+                logits = apply_guidance(logits, guidance_scale)
+            tokens = sample(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, key=key)
+            forced = known[:, :, position]
+            return mx.where(forced == delay.UNSET, tokens, forced)
+
+        generated = []
+        codes = known[:, :, :start]
+        for i, position in enumerate(range(start, length)):
+            key, step_key = mx.random.split(key)
+            codes = step(codes, position, step_key)[:, :, None]
+            mx.async_eval(codes)  # the next step's graph is built while this one computes
+            if generated:
+                mx.eval(generated[-1])  # keep one step in flight, not the whole loop
+            generated.append(codes)
+            if progress is not None:
+                progress(i + 1, length - start)
+        sequence = np.concatenate([pattern[:, :, :start], np.array(mx.concatenate(generated, axis=2))], axis=2)
+        return delay.undelay(sequence, self.audio_channels)
+
+    def decode(self, codes: np.ndarray | mx.array) -> np.ndarray:
+        """(batch, codebooks, frames) -> (batch, channels, samples) float32; stereo codebooks are L0, R0, L1, ..."""
+        codes = mx.array(codes)
+        C = self.audio_channels
+        channels = [self.audio_encoder.decode(codes[:, c::C]) for c in range(C)]
+        audio = mx.concatenate(channels, axis=1) if C > 1 else channels[0]
+        return np.array(audio.astype(mx.float32))
+
+    def generate(
+        self,
+        texts: list[str] | str | None = None,
+        *,
+        num_samples: int = 1,
+        duration: float | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = True,
+        guidance_scale: float = 3.0,
+        top_k: int = 250,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        return_tokens: bool = False,
+        progress: Progress | None = None,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Texts (or None for unconditional) -> audio (batch, channels, samples) [, codes (batch, codebooks, frames)].
+
+        `duration` in seconds gives round(duration * frame_rate) frames; `max_new_tokens` counts decoder steps as
+        the reference does. Greedy when do_sample is False or temperature is 0.
+        """
+        if isinstance(texts, str):
+            texts = [texts]
+        check_sampling(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
+                       vocab_size=self.config.decoder.vocab_size)
+        codes = self.generate_tokens(
+            texts,
+            num_samples=num_samples,
+            max_new_tokens=self.new_tokens_for(duration, max_new_tokens),
+            do_sample=do_sample,
+            guidance_scale=guidance_scale,
+            top_k=top_k,
+            top_p=top_p,
+            temperature=temperature,
+            seed=seed,
+            progress=progress,
+        )
+        audio = self.decode(codes)
+        return (audio, codes) if return_tokens else audio
+
+
+def check_sampling(*, guidance_scale: float, top_k: int, top_p: float, temperature: float, vocab_size: int) -> None:
+    """Reject sampling settings that cannot mean anything, with the valid range in the message."""
+    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (3 is typical), got {guidance_scale}.")
+    if not (0 <= top_k <= vocab_size):
+        raise ValueError(f"top_k must be between 0 (off) and the vocabulary size {vocab_size}, got {top_k}.")
+    if not (0.0 <= top_p <= 1.0):
+        raise ValueError(f"top_p must be between 0 (off) and 1, got {top_p}.")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
