@@ -17,7 +17,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="facebook/musicgen-small",
                    help="Hub id, Hub-layout folder or converted folder (default: facebook/musicgen-small)")
     p.add_argument("--text", help="what the music should be; leave out for unconditional music")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of audio (default 10)")
+    p.add_argument("--audio-prompt", help="a wav/flac/ogg file to continue (the output starts with it)")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="seconds of audio in all, an audio prompt included (default 10)")
     p.add_argument("--output", default="musicgen.wav", help="a .wav or .flac file (default musicgen.wav)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     p.add_argument("--seed", type=int, help="the same seed gives the same music")
@@ -45,14 +47,16 @@ def main(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{output} exists: pass --overwrite to replace it, or choose another --output.")
     if not output.parent.is_dir():
         raise FileNotFoundError(f"the folder {output.parent} does not exist: create it or choose another --output.")
+    if args.audio_prompt and not Path(args.audio_prompt).is_file():
+        raise FileNotFoundError(f"audio prompt {args.audio_prompt} does not exist.")
 
     dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
     model = MusicGen.from_pretrained(args.model, dtype=dtype)
-    steps = model.new_tokens_for(args.duration, None)
-    bar, update = progress_bar(args.duration, steps, "generating")
+    bar, update = progress_bar(args.duration, "generating")
     with bar:
         audio = model.generate(
             [args.text] if args.text else None,
+            audio_prompt=args.audio_prompt,
             duration=args.duration,
             do_sample=not args.greedy,
             guidance_scale=args.guidance_scale,

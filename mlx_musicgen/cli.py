@@ -26,16 +26,15 @@ def run_main(main: Callable[[], None], debug: bool) -> None:
         sys.exit(2)
 
 
-def progress_bar(seconds_of_audio: float, steps: int, description: str) -> tuple[tqdm, Callable[[int, int], None]]:
+def progress_bar(seconds_of_audio: float, description: str) -> tuple[tqdm, Callable[[int, int], None]]:
     """A bar counted in seconds of audio made, with the rate shown as x real time."""
     bar = tqdm(total=round(seconds_of_audio, 2), unit="s audio", desc=description, dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}, {rate_fmt}]")
-    per_step = seconds_of_audio / max(steps, 1)
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}{postfix}]")
 
     def update(done: int, total: int) -> None:
-        bar.n = round(done * per_step, 2)
+        made = round(seconds_of_audio * done / max(total, 1), 2)
         elapsed = bar.format_dict["elapsed"] or 1e-9
-        bar.set_postfix_str(f"{bar.n / elapsed:.2f}x real time", refresh=False)
-        bar.refresh()
+        bar.set_postfix_str(f"{made / elapsed:.2f}x real time", refresh=False)
+        bar.update(made - bar.n)  # tqdm redraws at most every mininterval
 
     return bar, update

@@ -127,8 +127,15 @@ def load_torch_bin(files: list[Path]) -> dict[str, mx.array]:
 
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
+    # transformers reads config.json on the way and warns that MusicGen's pad id (2048) lies outside the
+    # codebook vocabulary, which is by design; keep that off the user's terminal.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
         raise CheckpointError(f"Could not load the tokenizer from {folder} ({e}).") from None
+    finally:
+        logging.set_verbosity(verbosity)

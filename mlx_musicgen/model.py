@@ -13,13 +13,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import delay, loading
+from . import audio, delay, loading
 from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .sampling import apply_guidance, sample
 from .t5 import T5Config, T5Encoder
 
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
+PromptInput = str | Path | np.ndarray  # an audio file, or samples
+Audio = np.ndarray | list[np.ndarray]  # (batch, channels, samples), or one (channels, samples) per item
 
 
 @dataclass
@@ -164,15 +166,23 @@ class MusicGen(nn.Module):
             mask = mx.concatenate([mask, mx.zeros_like(mask)])
         return states, mask
 
-    def new_tokens_for(self, duration: float | None, max_new_tokens: int | None) -> int:
-        """Decoder steps for a duration: frames = steps + 1 - (codebooks per channel)."""
+    def new_tokens_for(self, duration: float | None, max_new_tokens: int | None, prompt_frames: int = 0) -> int:
+        """Decoder steps for a duration (of the whole output, prompt included, as in audiocraft):
+        frames out = prompt frames + steps + 1 - (codebooks per channel)."""
         if max_new_tokens is not None and duration is not None:
             raise ValueError("Give duration or max_new_tokens, not both.")
         if max_new_tokens is None:
             if duration is None:
-                return self.config.max_length - 1
+                return self.config.max_length - 1 - prompt_frames
+            if not (math.isfinite(duration) and duration > 0):
+                raise ValueError(f"duration must be a positive number of seconds, got {duration}.")
             frames = round(duration * self.frame_rate)
-            max_new_tokens = frames + self.num_codebooks // self.audio_channels - 1
+            if frames <= prompt_frames:
+                raise ValueError(
+                    f"duration {duration} s is not longer than the audio prompt "
+                    f"({prompt_frames / self.frame_rate:.2f} s): ask for more."
+                )
+            max_new_tokens = frames - prompt_frames + self.num_codebooks // self.audio_channels - 1
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
         return int(max_new_tokens)
@@ -182,6 +192,7 @@ class MusicGen(nn.Module):
         texts: list[str] | None = None,
         *,
         num_samples: int = 1,
+        prompt_codes: np.ndarray | None = None,
         max_new_tokens: int,
         do_sample: bool = True,
         guidance_scale: float = 3.0,
@@ -191,7 +202,8 @@ class MusicGen(nn.Module):
         seed: int | None = None,
         progress: Progress | None = None,
     ) -> np.ndarray:
-        """Decode codes with the delay pattern: -> (batch, codebooks, frames) int32."""
+        """Decode codes with the delay pattern, continuing `prompt_codes` (batch, codebooks, frames) if given:
+        -> (batch, codebooks, frames) int32, the prompt's frames first."""
         guided = texts is not None and guidance_scale > 1.0  # as the reference: no guidance without text
         batch = len(texts) if texts is not None else num_samples
         states, mask = self.conditioning(texts, num_samples, guided)
@@ -199,10 +211,12 @@ class MusicGen(nn.Module):
         text = decoder.text_context(states, mask)
 
         K, pad = self.num_codebooks, self.config.decoder.pad_token_id
-        start_column = np.full((batch, K, 1), pad, dtype=np.int32)
-        length = start_column.shape[-1] + max_new_tokens
-        pattern = delay.delay_pattern(start_column, length, pad, self.audio_channels)
-        start = delay.first_free_position(pattern, start_column.shape[-1])
+        prompt = np.full((batch, K, 1), pad, dtype=np.int32)  # the start column
+        if prompt_codes is not None:
+            prompt = np.concatenate([prompt, np.asarray(prompt_codes, dtype=np.int32)], axis=2)
+        length = prompt.shape[-1] + max_new_tokens
+        pattern = delay.delay_pattern(prompt, length, pad, self.audio_channels)
+        start = delay.first_free_position(pattern, prompt.shape[-1])
         known = mx.array(pattern)
         cache = decoder.make_cache(batch * (2 if guided else 1), length)
         key = mx.random.key(seed if seed is not None else secrets.randbits(63))
@@ -239,10 +253,43 @@ class MusicGen(nn.Module):
         audio = mx.concatenate(channels, axis=1) if C > 1 else channels[0]
         return np.array(audio.astype(mx.float32))
 
+    def encode_audio(self, samples: np.ndarray) -> np.ndarray:
+        """(batch, channels, samples) at the model's rate -> codes (batch, codebooks, frames); stereo channels are
+        encoded apart and their codebooks interleaved L0, R0, L1, ..."""
+        C = self.audio_channels
+        per_channel = self.num_codebooks // C
+        codes = [self.audio_encoder.encode(mx.array(samples[:, c : c + 1]), per_channel) for c in range(C)]
+        return np.array(mx.stack(codes, axis=2).reshape(samples.shape[0], self.num_codebooks, -1))
+
+    def prepare_prompt(
+        self, audio_prompt: PromptInput | list[PromptInput], sampling_rate: int | None
+    ) -> tuple[np.ndarray, list[int]]:
+        """Audio prompt(s) -> (batch, channels, samples) at the model's rate, left-padded with silence to the
+        longest as the reference's processor pads them, and each item's padding in samples."""
+        items = audio_prompt if isinstance(audio_prompt, list) else [audio_prompt]
+        if isinstance(audio_prompt, np.ndarray) and audio_prompt.ndim == 3:
+            items = list(audio_prompt)
+        prompts = []
+        for item in items:
+            if isinstance(item, (str, Path)):
+                item, rate = audio.read_audio(item)
+            else:
+                rate = sampling_rate or self.sampling_rate
+            item = audio.to_channels(np.asarray(item, dtype=np.float32), self.audio_channels)
+            prompts.append(audio.resample(item, rate, self.sampling_rate))
+        longest = max(p.shape[-1] for p in prompts)
+        if longest == 0:
+            raise ValueError("the audio prompt is empty.")
+        padding = [longest - p.shape[-1] for p in prompts]
+        batch = np.stack([np.pad(p, ((0, 0), (n, 0))) for p, n in zip(prompts, padding)])
+        return batch, padding
+
     def generate(
         self,
         texts: list[str] | str | None = None,
         *,
+        audio_prompt: PromptInput | list[PromptInput] | None = None,
+        audio_prompt_sr: int | None = None,
         num_samples: int = 1,
         duration: float | None = None,
         max_new_tokens: int | None = None,
@@ -254,20 +301,35 @@ class MusicGen(nn.Module):
         seed: int | None = None,
         return_tokens: bool = False,
         progress: Progress | None = None,
-    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    ) -> Audio | tuple[Audio, np.ndarray]:
         """Texts (or None for unconditional) -> audio (batch, channels, samples) [, codes (batch, codebooks, frames)].
 
-        `duration` in seconds gives round(duration * frame_rate) frames; `max_new_tokens` counts decoder steps as
-        the reference does. Greedy when do_sample is False or temperature is 0.
+        `duration` in seconds gives round(duration * frame_rate) frames in all; `max_new_tokens` counts decoder
+        steps as the reference does. Greedy when do_sample is False or temperature is 0.
+
+        `audio_prompt`: a file path or an array ((samples,) or (channels, samples) at `audio_prompt_sr`, default
+        the model's rate), or a list of them; generation continues it and the audio returned starts with it.
+        Prompts of different lengths are padded on the left with silence, and each item's audio is returned
+        without its padding, as a list of (channels, samples) arrays.
         """
         if isinstance(texts, str):
             texts = [texts]
         check_sampling(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
                        vocab_size=self.config.decoder.vocab_size)
+        prompt_codes, padding = None, []
+        if audio_prompt is not None:
+            prompt_audio, padding = self.prepare_prompt(audio_prompt, audio_prompt_sr)
+            if texts is not None and len(texts) != len(prompt_audio):
+                raise ValueError(f"{len(texts)} texts for {len(prompt_audio)} audio prompts: give one text per prompt.")
+            prompt_codes = self.encode_audio(prompt_audio)
+            num_samples = len(prompt_audio)
         codes = self.generate_tokens(
             texts,
             num_samples=num_samples,
-            max_new_tokens=self.new_tokens_for(duration, max_new_tokens),
+            prompt_codes=prompt_codes,
+            max_new_tokens=self.new_tokens_for(
+                duration, max_new_tokens, 0 if prompt_codes is None else prompt_codes.shape[-1]
+            ),
             do_sample=do_sample,
             guidance_scale=guidance_scale,
             top_k=top_k,
@@ -276,8 +338,10 @@ class MusicGen(nn.Module):
             seed=seed,
             progress=progress,
         )
-        audio = self.decode(codes)
-        return (audio, codes) if return_tokens else audio
+        out = self.decode(codes)
+        if any(padding):  # unequal prompts: strip each item's leading silence, as the reference's processor does
+            out = [item[:, pad:] for item, pad in zip(out, padding)]
+        return (out, codes) if return_tokens else out
 
 
 def check_sampling(*, guidance_scale: float, top_k: int, top_p: float, temperature: float, vocab_size: int) -> None:

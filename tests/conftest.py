@@ -34,3 +34,11 @@ def tiny(tmp_path_factory) -> Checkpoint:
     folder = tmp_path_factory.mktemp("tiny")
     model, processor = fixtures.build_checkpoint(folder, fixtures.Shape())
     return Checkpoint(folder, model, processor)
+
+
+@pytest.fixture(scope="session")
+def tiny_stereo(tmp_path_factory) -> Checkpoint:
+    """A random stereo MusicGen: 8 codebooks interleaved L0, R0, L1, R1, ..., decoded by a mono EnCodec."""
+    folder = tmp_path_factory.mktemp("tiny_stereo")
+    model, processor = fixtures.build_checkpoint(folder, fixtures.Shape(num_codebooks=8, audio_channels=2), seed=1)
+    return Checkpoint(folder, model, processor)

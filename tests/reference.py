@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 
-def generate(reference, processor=None, texts=None, num_samples=1, **kwargs):
+def generate(reference, processor=None, texts=None, num_samples=1, inputs=None, **kwargs):
     """Reference generation -> (audio (B, C, samples), codes (B, K, frames)) as numpy.
 
     The codes are caught on their way into the EnCodec decoder, since generate returns only audio.
@@ -20,7 +20,9 @@ def generate(reference, processor=None, texts=None, num_samples=1, **kwargs):
 
     reference.audio_encoder.decode = catching_decode
     try:
-        if texts is None:
+        if inputs is not None:
+            pass
+        elif texts is None:
             inputs = reference.get_unconditional_inputs(num_samples)
         else:
             inputs = processor(text=texts, padding=True, return_tensors="pt")

@@ -1,0 +1,63 @@
+"""Loading refuses what it cannot use, with one clear message: other model kinds, non-checkpoints, corrupt
+files, converted folders of another format, and Hub ids that are unreachable offline."""
+
+import json
+import shutil
+
+import pytest
+
+from mlx_musicgen import MusicGen
+from mlx_musicgen.loading import CheckpointError
+
+
+def copy_checkpoint(tiny, tmp_path, name="copy"):
+    folder = tmp_path / name
+    shutil.copytree(tiny.folder, folder)
+    return folder
+
+
+def test_melody_checkpoint_is_refused(tiny, tmp_path):
+    folder = copy_checkpoint(tiny, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "musicgen_melody"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="'musicgen_melody'.*supported: MusicGen"):
+        MusicGen.from_pretrained(folder)
+
+
+def test_folder_without_config_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        MusicGen.from_pretrained(tmp_path)
+
+
+def test_truncated_safetensors_is_reported(tiny, tmp_path):
+    folder = copy_checkpoint(tiny, tmp_path)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        MusicGen.from_pretrained(folder)
+
+
+def test_converted_folder_of_another_format_version(tiny, tmp_path):
+    folder = copy_checkpoint(tiny, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["mlx_musicgen"] = {"format_version": 999}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="convert the original checkpoint again"):
+        MusicGen.from_pretrained(folder)
+
+
+def test_hub_id_offline_without_cache_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(CheckpointError, match="not in the local Hugging Face cache.*hf download"):
+        MusicGen.from_pretrained("facebook/musicgen-small")
+
+
+def test_path_that_is_neither_folder_nor_hub_id(tmp_path):
+    with pytest.raises(CheckpointError, match="neither an existing folder nor a Hub id"):
+        MusicGen.from_pretrained(str(tmp_path / "missing" / "deeper" / "model"))
