@@ -50,11 +50,23 @@ def first_free_position(pattern: np.ndarray, prompt_length: int) -> int:
     return int(free[0]) if free.size else prompt_length
 
 
-def undelay(sequence: np.ndarray, audio_channels: int) -> np.ndarray:
-    """(B, K, length) delayed sequence with its start column -> (B, K, frames) aligned codes."""
-    B, K, length = sequence.shape
+def frames_out(length: int, num_codebooks: int, audio_channels: int) -> int:
+    """Frames a delayed sequence of `length` columns (start column included) holds once undelayed."""
+    if not applies(length, num_codebooks, audio_channels):
+        return length - 1
+    return length - num_codebooks // audio_channels
+
+
+def undelay(sequence: np.ndarray, audio_channels: int, length: int | None = None) -> np.ndarray:
+    """(B, K, n) delayed sequence with its start column -> (B, K, frames) aligned codes.
+
+    `length` is the full length of the generation when `sequence` is only its first n columns (streaming):
+    then only the frames whose every codebook is known are returned.
+    """
+    B, K, n = sequence.shape
+    length = n if length is None else length
     if not applies(length, K, audio_channels):
         return sequence[:, :, 1:]
-    frames = length - K // audio_channels
+    frames = max(0, n - K // audio_channels)
     delays = codebook_delays(K, audio_channels)
     return np.stack([sequence[:, k, d + 1 : d + 1 + frames] for k, d in enumerate(delays)], axis=1)

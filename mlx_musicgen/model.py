@@ -6,7 +6,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -166,14 +166,13 @@ class MusicGen(nn.Module):
             mask = mx.concatenate([mask, mx.zeros_like(mask)])
         return states, mask
 
-    def new_tokens_for(self, duration: float | None, max_new_tokens: int | None, prompt_frames: int = 0) -> int:
-        """Decoder steps for a duration (of the whole output, prompt included, as in audiocraft):
-        frames out = prompt frames + steps + 1 - (codebooks per channel)."""
+    def length_plan(self, duration: float | None, max_new_tokens: int | None, prompt_frames: int = 0) -> dict:
+        """How long to generate: {"total_frames": n} for a duration (of the whole output, prompt included, as in
+        audiocraft: round(duration * frame_rate) frames), or {"max_new_tokens": n} decoder steps as the reference
+        counts them (frames out = prompt frames + steps + 1 - codebooks per channel). Neither: one full window."""
         if max_new_tokens is not None and duration is not None:
             raise ValueError("Give duration or max_new_tokens, not both.")
-        if max_new_tokens is None:
-            if duration is None:
-                return self.config.max_length - 1 - prompt_frames
+        if duration is not None:
             if not (math.isfinite(duration) and duration > 0):
                 raise ValueError(f"duration must be a positive number of seconds, got {duration}.")
             frames = round(duration * self.frame_rate)
@@ -182,40 +181,47 @@ class MusicGen(nn.Module):
                     f"duration {duration} s is not longer than the audio prompt "
                     f"({prompt_frames / self.frame_rate:.2f} s): ask for more."
                 )
-            max_new_tokens = frames - prompt_frames + self.num_codebooks // self.audio_channels - 1
+            return {"total_frames": frames}
+        if max_new_tokens is None:
+            max_new_tokens = self.config.max_length - 1 - prompt_frames
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-        return int(max_new_tokens)
+        return {"max_new_tokens": int(max_new_tokens)}
 
-    def generate_tokens(
+    @property
+    def window_frames(self) -> int:
+        """Frames one generation window holds: the checkpoint's max_length positions (1500 on the Hub, 29.92 s)
+        less the start column and the codebook delays."""
+        return delay.frames_out(self.config.max_length, self.num_codebooks, self.audio_channels)
+
+    def window(
         self,
-        texts: list[str] | None = None,
+        texts: list[str] | None,
         *,
         num_samples: int = 1,
         prompt_codes: np.ndarray | None = None,
         max_new_tokens: int,
+        seed: int | None = None,
         do_sample: bool = True,
         guidance_scale: float = 3.0,
         top_k: int = 250,
         top_p: float = 0.0,
         temperature: float = 1.0,
-        seed: int | None = None,
-        progress: Progress | None = None,
-    ) -> np.ndarray:
-        """Decode codes with the delay pattern, continuing `prompt_codes` (batch, codebooks, frames) if given:
-        -> (batch, codebooks, frames) int32, the prompt's frames first."""
+    ) -> Iterator[np.ndarray]:
+        """One generation window with the delay pattern, continuing `prompt_codes` (batch, codebooks, frames):
+        yields the new frames (batch, codebooks, n) as soon as all their codebooks are decoded."""
         guided = texts is not None and guidance_scale > 1.0  # as the reference: no guidance without text
         batch = len(texts) if texts is not None else num_samples
         states, mask = self.conditioning(texts, num_samples, guided)
         decoder = self.decoder
         text = decoder.text_context(states, mask)
 
-        K, pad = self.num_codebooks, self.config.decoder.pad_token_id
+        K, C, pad = self.num_codebooks, self.audio_channels, self.config.decoder.pad_token_id
         prompt = np.full((batch, K, 1), pad, dtype=np.int32)  # the start column
         if prompt_codes is not None:
             prompt = np.concatenate([prompt, np.asarray(prompt_codes, dtype=np.int32)], axis=2)
         length = prompt.shape[-1] + max_new_tokens
-        pattern = delay.delay_pattern(prompt, length, pad, self.audio_channels)
+        pattern = delay.delay_pattern(prompt, length, pad, C)
         start = delay.first_free_position(pattern, prompt.shape[-1])
         known = mx.array(pattern)
         cache = decoder.make_cache(batch * (2 if guided else 1), length)
@@ -229,21 +235,117 @@ class MusicGen(nn.Module):
                 logits = apply_guidance(logits, guidance_scale)
             tokens = sample(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, key=key)
             forced = known[:, :, position]
-            return mx.where(forced == delay.UNSET, tokens, forced)
+            return mx.where(forced == delay.UNSET, tokens, forced)[:, :, None]
 
-        generated = []
-        codes = known[:, :, :start]
-        for i, position in enumerate(range(start, length)):
+        columns = [pattern[:, :, :start]]
+        emitted = prompt.shape[-1] - 1  # the prompt's frames are the caller's already
+
+        def new_frames() -> np.ndarray | None:
+            nonlocal emitted
+            frames = delay.undelay(np.concatenate(columns, axis=2), C, length)
+            if frames.shape[-1] <= emitted:
+                return None
+            fresh, emitted = frames[:, :, emitted:], frames.shape[-1]
+            return fresh
+
+        codes, in_flight = known[:, :, :start], None
+        for position in range(start, length):
             key, step_key = mx.random.split(key)
-            codes = step(codes, position, step_key)[:, :, None]
+            codes = step(codes, position, step_key)
             mx.async_eval(codes)  # the next step's graph is built while this one computes
-            if generated:
-                mx.eval(generated[-1])  # keep one step in flight, not the whole loop
-            generated.append(codes)
+            if in_flight is not None:  # keep one step in flight, not the whole loop
+                columns.append(np.array(in_flight))
+                if (fresh := new_frames()) is not None:
+                    yield fresh
+            in_flight = codes
+        if in_flight is not None:
+            columns.append(np.array(in_flight))
+        if (fresh := new_frames()) is not None:
+            yield fresh
+
+    def generate_frames(
+        self,
+        texts: list[str] | None = None,
+        *,
+        num_samples: int = 1,
+        prompt_codes: np.ndarray | None = None,
+        total_frames: int | None = None,
+        max_new_tokens: int | None = None,
+        extend_stride: float = 18.0,
+        seed: int | None = None,
+        progress: Progress | None = None,
+        **sampling,
+    ) -> Iterator[np.ndarray]:
+        """Codes (batch, codebooks, n) in order, the prompt's first, as they are decoded.
+
+        With `max_new_tokens`: one window of that many decoder steps, as the reference counts them. With
+        `total_frames` beyond one window: audiocraft's extension, where each next window continues the last
+        (window - extend_stride) seconds of codes and only its new codes are kept.
+        """
+        P = 0 if prompt_codes is None else prompt_codes.shape[-1]
+        K, C = self.num_codebooks, self.audio_channels
+        window = self.window_frames
+        if max_new_tokens is not None:
+            expected = delay.frames_out(1 + P + max_new_tokens, K, C)
+        else:
+            expected = total_frames
+        stride = round(extend_stride * self.frame_rate)
+        if expected > window and not 0 < stride < window - P:
+            raise ValueError(
+                f"extend_stride must be between 0 and the window less the audio prompt "
+                f"({(window - P) / self.frame_rate:.2f} s), got {extend_stride}."
+            )
+        done = P
+        if prompt_codes is not None:
+            yield prompt_codes
+
+        def report(frames: np.ndarray) -> np.ndarray:
+            nonlocal done
+            done += frames.shape[-1]
             if progress is not None:
-                progress(i + 1, length - start)
-        sequence = np.concatenate([pattern[:, :, :start], np.array(mx.concatenate(generated, axis=2))], axis=2)
-        return delay.undelay(sequence, self.audio_channels)
+                progress(done - P, expected - P)
+            return frames
+
+        if max_new_tokens is not None:
+            for frames in self.window(texts, num_samples=num_samples, prompt_codes=prompt_codes,
+                                      max_new_tokens=max_new_tokens, seed=seed, **sampling):
+                yield report(frames)
+            return
+
+        offset, index, context = 0, 0, prompt_codes
+        while offset + (0 if context is None else context.shape[-1]) < total_frames:
+            span = min(total_frames - offset, window)
+            known = 0 if context is None else context.shape[-1]
+            new = []
+            window_seed = None if seed is None else (seed + index * 1_000_003) % 2**63
+            steps = span - known + K // C - 1
+            for frames in self.window(texts, num_samples=num_samples, prompt_codes=context,
+                                      max_new_tokens=steps, seed=window_seed, **sampling):
+                new.append(frames)
+                yield report(frames)
+            codes = np.concatenate(([] if context is None else [context]) + new, axis=2)
+            context = codes[:, :, stride:]
+            offset += stride
+            index += 1
+
+    def generate_tokens(
+        self,
+        texts: list[str] | None = None,
+        *,
+        num_samples: int = 1,
+        prompt_codes: np.ndarray | None = None,
+        max_new_tokens: int | None = None,
+        total_frames: int | None = None,
+        progress: Progress | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        """All codes at once (batch, codebooks, frames), the prompt's first; see generate_frames."""
+        return np.concatenate(
+            list(self.generate_frames(texts, num_samples=num_samples, prompt_codes=prompt_codes,
+                                      max_new_tokens=max_new_tokens, total_frames=total_frames,
+                                      progress=progress, **kwargs)),
+            axis=2,
+        )
 
     def decode(self, codes: np.ndarray | mx.array) -> np.ndarray:
         """(batch, codebooks, frames) -> (batch, channels, samples) float32; stereo codebooks are L0, R0, L1, ..."""
@@ -299,13 +401,16 @@ class MusicGen(nn.Module):
         top_p: float = 0.0,
         temperature: float = 1.0,
         seed: int | None = None,
+        extend_stride: float = 18.0,
         return_tokens: bool = False,
         progress: Progress | None = None,
     ) -> Audio | tuple[Audio, np.ndarray]:
         """Texts (or None for unconditional) -> audio (batch, channels, samples) [, codes (batch, codebooks, frames)].
 
-        `duration` in seconds gives round(duration * frame_rate) frames in all; `max_new_tokens` counts decoder
-        steps as the reference does. Greedy when do_sample is False or temperature is 0.
+        `duration` in seconds gives round(duration * frame_rate) frames in all; beyond the model's window
+        (`window_frames`, 30 s) each next window continues the last (window - extend_stride) seconds.
+        `max_new_tokens` counts decoder steps as the reference does. Greedy when do_sample is False or
+        temperature is 0.
 
         `audio_prompt`: a file path or an array ((samples,) or (channels, samples) at `audio_prompt_sr`, default
         the model's rate), or a list of them; generation continues it and the audio returned starts with it.
@@ -323,13 +428,13 @@ class MusicGen(nn.Module):
                 raise ValueError(f"{len(texts)} texts for {len(prompt_audio)} audio prompts: give one text per prompt.")
             prompt_codes = self.encode_audio(prompt_audio)
             num_samples = len(prompt_audio)
+        prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[-1]
         codes = self.generate_tokens(
             texts,
             num_samples=num_samples,
             prompt_codes=prompt_codes,
-            max_new_tokens=self.new_tokens_for(
-                duration, max_new_tokens, 0 if prompt_codes is None else prompt_codes.shape[-1]
-            ),
+            **self.length_plan(duration, max_new_tokens, prompt_frames),
+            extend_stride=extend_stride,
             do_sample=do_sample,
             guidance_scale=guidance_scale,
             top_k=top_k,
