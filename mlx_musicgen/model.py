@@ -6,7 +6,7 @@ import math
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,8 +17,10 @@ from . import audio, delay, loading
 from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .sampling import apply_guidance, sample
+from .streaming import StreamingDecoder
 from .t5 import T5Config, T5Encoder
 
+DECODE_FRAMES = 500  # longer code sequences are decoded in stretches of this many frames (10 s), in flat memory
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
 PromptInput = str | Path | np.ndarray  # an audio file, or samples
 Audio = np.ndarray | list[np.ndarray]  # (batch, channels, samples), or one (channels, samples) per item
@@ -348,12 +350,33 @@ class MusicGen(nn.Module):
         )
 
     def decode(self, codes: np.ndarray | mx.array) -> np.ndarray:
-        """(batch, codebooks, frames) -> (batch, channels, samples) float32; stereo codebooks are L0, R0, L1, ..."""
-        codes = mx.array(codes)
+        """(batch, codebooks, frames) -> (batch, channels, samples) float32; stereo codebooks are L0, R0, L1, ...
+
+        Long inputs are decoded a stretch at a time (exactly the same samples), so memory does not grow with
+        the duration."""
+        codes = np.asarray(codes)
+        if codes.shape[-1] <= 2 * DECODE_FRAMES:
+            C = self.audio_channels
+            channels = [self.audio_encoder.decode(mx.array(codes[:, c::C])) for c in range(C)]
+            return np.array(mx.concatenate(channels, axis=1).astype(mx.float32))
+        stretches = (codes[:, :, i : i + DECODE_FRAMES] for i in range(0, codes.shape[-1], DECODE_FRAMES))
+        return np.concatenate(list(self.decode_stream(stretches)), axis=-1)
+
+    def decode_stream(self, codes: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Codes arriving a stretch at a time -> the audio that each makes final, (batch, channels, samples)."""
         C = self.audio_channels
-        channels = [self.audio_encoder.decode(codes[:, c::C]) for c in range(C)]
-        audio = mx.concatenate(channels, axis=1) if C > 1 else channels[0]
-        return np.array(audio.astype(mx.float32))
+        decoders = [StreamingDecoder(self.audio_encoder) for _ in range(C)]
+
+        def joined(pieces: list[mx.array]) -> np.ndarray:
+            return np.array(mx.concatenate(pieces, axis=1).astype(mx.float32))
+
+        for stretch in codes:
+            audio = joined([d.push(mx.array(stretch[:, c::C])) for c, d in enumerate(decoders)])
+            if audio.shape[-1]:
+                yield audio
+        audio = joined([d.flush() for d in decoders])
+        if audio.shape[-1]:
+            yield audio
 
     def encode_audio(self, samples: np.ndarray) -> np.ndarray:
         """(batch, channels, samples) at the model's rate -> codes (batch, codebooks, frames); stereo channels are
@@ -386,6 +409,33 @@ class MusicGen(nn.Module):
         batch = np.stack([np.pad(p, ((0, 0), (n, 0))) for p, n in zip(prompts, padding)])
         return batch, padding
 
+    def prepare(
+        self,
+        texts: list[str] | str | None,
+        audio_prompt: PromptInput | list[PromptInput] | None,
+        audio_prompt_sr: int | None,
+        num_samples: int,
+        duration: float | None,
+        max_new_tokens: int | None,
+        sampling: dict,
+    ) -> tuple[list[str] | None, dict, list[int]]:
+        """Checks and normalises generate's arguments: -> (texts, generate_frames' keyword arguments, each item's
+        prompt padding in samples)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        check_sampling(guidance_scale=sampling["guidance_scale"], top_k=sampling["top_k"], top_p=sampling["top_p"],
+                       temperature=sampling["temperature"], vocab_size=self.config.decoder.vocab_size)
+        prompt_codes, padding = None, []
+        if audio_prompt is not None:
+            prompt_audio, padding = self.prepare_prompt(audio_prompt, audio_prompt_sr)
+            if texts is not None and len(texts) != len(prompt_audio):
+                raise ValueError(f"{len(texts)} texts for {len(prompt_audio)} audio prompts: give one text per prompt.")
+            prompt_codes = self.encode_audio(prompt_audio)
+            num_samples = len(prompt_audio)
+        prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[-1]
+        plan = self.length_plan(duration, max_new_tokens, prompt_frames)
+        return texts, dict(num_samples=num_samples, prompt_codes=prompt_codes, **plan), padding
+
     def generate(
         self,
         texts: list[str] | str | None = None,
@@ -417,36 +467,79 @@ class MusicGen(nn.Module):
         Prompts of different lengths are padded on the left with silence, and each item's audio is returned
         without its padding, as a list of (channels, samples) arrays.
         """
-        if isinstance(texts, str):
-            texts = [texts]
-        check_sampling(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature,
-                       vocab_size=self.config.decoder.vocab_size)
-        prompt_codes, padding = None, []
-        if audio_prompt is not None:
-            prompt_audio, padding = self.prepare_prompt(audio_prompt, audio_prompt_sr)
-            if texts is not None and len(texts) != len(prompt_audio):
-                raise ValueError(f"{len(texts)} texts for {len(prompt_audio)} audio prompts: give one text per prompt.")
-            prompt_codes = self.encode_audio(prompt_audio)
-            num_samples = len(prompt_audio)
-        prompt_frames = 0 if prompt_codes is None else prompt_codes.shape[-1]
-        codes = self.generate_tokens(
-            texts,
-            num_samples=num_samples,
-            prompt_codes=prompt_codes,
-            **self.length_plan(duration, max_new_tokens, prompt_frames),
-            extend_stride=extend_stride,
-            do_sample=do_sample,
-            guidance_scale=guidance_scale,
-            top_k=top_k,
-            top_p=top_p,
-            temperature=temperature,
-            seed=seed,
-            progress=progress,
-        )
-        out = self.decode(codes)
-        if any(padding):  # unequal prompts: strip each item's leading silence, as the reference's processor does
-            out = [item[:, pad:] for item, pad in zip(out, padding)]
+        sampling = dict(do_sample=do_sample, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                        temperature=temperature)
+        texts, plan, padding = self.prepare(texts, audio_prompt, audio_prompt_sr, num_samples, duration,
+                                            max_new_tokens, sampling)
+        codes = self.generate_tokens(texts, **plan, extend_stride=extend_stride, seed=seed, progress=progress,
+                                     **sampling)
+        out = trim_padding(self.decode(codes), padding)
         return (out, codes) if return_tokens else out
+
+    def generate_stream(
+        self,
+        texts: list[str] | str | None = None,
+        *,
+        chunk_duration: float = 1.0,
+        audio_prompt: PromptInput | list[PromptInput] | None = None,
+        audio_prompt_sr: int | None = None,
+        num_samples: int = 1,
+        duration: float | None = None,
+        max_new_tokens: int | None = None,
+        do_sample: bool = True,
+        guidance_scale: float = 3.0,
+        top_k: int = 250,
+        top_p: float = 0.0,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        extend_stride: float = 18.0,
+        progress: Progress | None = None,
+    ) -> Iterator[Audio]:
+        """generate, heard while it is made: yields audio chunks (batch, channels, samples), each about
+        `chunk_duration` seconds, as soon as they are final; joined, they are exactly generate's output.
+        With prompts of different lengths, each chunk is a list with one (channels, samples) array per item."""
+        if not (math.isfinite(chunk_duration) and chunk_duration > 0):
+            raise ValueError(f"chunk_duration must be a positive number of seconds, got {chunk_duration}.")
+        sampling = dict(do_sample=do_sample, guidance_scale=guidance_scale, top_k=top_k, top_p=top_p,
+                        temperature=temperature)
+        texts, plan, padding = self.prepare(texts, audio_prompt, audio_prompt_sr, num_samples, duration,
+                                            max_new_tokens, sampling)
+        frames = self.generate_frames(texts, **plan, extend_stride=extend_stride, seed=seed, progress=progress,
+                                      **sampling)
+        chunk_frames = max(1, round(chunk_duration * self.frame_rate))
+        trimmed = [0] * len(padding)  # samples of padding already dropped, per item
+        for audio in self.decode_stream(regroup(frames, chunk_frames)):
+            if not any(padding):
+                yield audio
+                continue
+            items = []
+            for i, item in enumerate(audio):
+                drop = min(padding[i] - trimmed[i], item.shape[-1])
+                trimmed[i] += drop
+                items.append(item[:, drop:])
+            yield items
+
+
+def regroup(frames: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """Code stretches of any lengths -> stretches of `size` frames (the last may be shorter)."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for stretch in frames:
+        pending.append(stretch)
+        held += stretch.shape[-1]
+        while held >= size:
+            joined = np.concatenate(pending, axis=-1)
+            yield joined[..., :size]
+            pending, held = [joined[..., size:]], held - size
+    if held:
+        yield np.concatenate(pending, axis=-1)
+
+
+def trim_padding(audio: np.ndarray, padding: list[int]) -> Audio:
+    """Unequal prompts: strip each item's leading silence, as the reference's processor does."""
+    if not any(padding):
+        return audio
+    return [item[:, pad:] for item, pad in zip(audio, padding)]
 
 
 def check_sampling(*, guidance_scale: float, top_k: int, top_p: float, temperature: float, vocab_size: int) -> None:

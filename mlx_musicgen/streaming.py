@@ -1,0 +1,89 @@
+"""Decoding EnCodec codes that arrive a few frames at a time, into exactly the audio of a one-shot decode.
+
+The SEANet decoder is a frame-rate conv (7 taps: 3 frames of look-ahead), a causal LSTM (unbounded memory),
+then upsampling convs whose reach is a few frames either side. So: the first conv runs on each new stretch
+with 3 frames of context either side; the LSTM carries its state from stretch to stretch; the upsampling
+stack runs with `context` frames either side, whose samples are thrown away. Only the true ends of the
+stream see the reference's reflect padding, so chunk seams are exact (no clicks), and memory stays flat
+however long the stream.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from .encodec import EncodecModel
+
+
+class StreamingDecoder:
+    def __init__(self, model: EncodecModel, context: int = 8):
+        layers = model.decoder.layers
+        self.quantizer = model.quantizer
+        self.conv_in, self.lstm, self.upsample = layers[0], layers[1], layers[2:]
+        self.hop = model.config.hop_length
+        self.reach = (self.conv_in.kernel_size - 1) // 2  # frames the first conv looks ahead and back
+        self.context = context
+
+        self.embeddings = None  # quantized frames not yet through the first conv, with `reach` behind them
+        self.embeddings_start = 0  # frame index of embeddings[:, 0]
+        self.conv_done = 0  # frames through the first conv and the LSTM
+        self.lstm_state: list[tuple[mx.array, mx.array] | None] = [None] * len(self.lstm.lstm)
+        self.features = None  # LSTM output frames not yet turned into audio, with `context` behind them
+        self.features_start = 0
+        self.audio_done = 0  # frames turned into audio
+
+    def push(self, codes: mx.array) -> mx.array:
+        """codes (batch, codebooks, n) -> the (batch, channels, samples) audio that is now final (maybe none)."""
+        embeddings = self.quantizer.decode(codes)  # (batch, n, dim)
+        self.embeddings = embeddings if self.embeddings is None else mx.concatenate([self.embeddings, embeddings], 1)
+        return self.advance(final=False)
+
+    def flush(self) -> mx.array:
+        """The rest of the audio, once the last codes have been pushed."""
+        return self.advance(final=True)
+
+    def advance(self, final: bool) -> mx.array:
+        total = self.embeddings_start + self.embeddings.shape[1]
+        ready = total if final else total - self.reach
+        if ready > self.conv_done:
+            self.run_lstm(ready, total)
+        features_end = self.features_start + (0 if self.features is None else self.features.shape[1])
+        audible = features_end if final else features_end - self.context
+        if audible <= self.audio_done:
+            return mx.zeros((self.embeddings.shape[0], 1, 0))
+        audio = self.run_upsample(audible, features_end)
+        mx.eval(audio)
+        return audio
+
+    def run_lstm(self, ready: int, total: int) -> None:
+        """First conv for frames [conv_done, ready), then the LSTM from its carried state."""
+        lo = max(0, self.conv_done - self.reach)
+        x = self.embeddings[:, lo - self.embeddings_start :]
+        y = self.conv_in(x)[:, self.conv_done - lo : ready - lo]
+        h = y
+        for i, layer in enumerate(self.lstm.lstm):
+            state = self.lstm_state[i]
+            hidden, cell = layer(h) if state is None else layer(h, hidden=state[0], cell=state[1])
+            self.lstm_state[i] = (hidden[:, -1], cell[:, -1])
+            h = hidden
+        y = h + y
+        self.features = y if self.features is None else mx.concatenate([self.features, y], axis=1)
+        self.conv_done = ready
+        # keep only what the first conv still needs behind the next frames
+        keep_from = max(0, ready - self.reach)
+        self.embeddings = self.embeddings[:, keep_from - self.embeddings_start :]
+        self.embeddings_start = keep_from
+
+    def run_upsample(self, audible: int, features_end: int) -> mx.array:
+        """Audio for frames [audio_done, audible), computed with up to `context` frames either side."""
+        lo = max(self.features_start, self.audio_done - self.context)
+        hi = min(features_end, audible + self.context)
+        x = self.features[:, lo - self.features_start : hi - self.features_start]
+        for layer in self.upsample:
+            x = layer(x)
+        audio = x[:, (self.audio_done - lo) * self.hop : (audible - lo) * self.hop]
+        self.audio_done = audible
+        keep_from = max(self.features_start, audible - self.context)
+        self.features = self.features[:, keep_from - self.features_start :]
+        self.features_start = keep_from
+        return audio.transpose(0, 2, 1)
