@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import mlx_musicgen  # noqa: F401  (first: loads an optimized BLAS before mlx on Linux)
-from mlx_musicgen.audio import peak_normalize, write_audio
+from mlx_musicgen.audio import check_output, check_prompt, peak_normalize, read_audio, write_audio
 from mlx_musicgen.cli import progress_bar, run_main
 
 
@@ -41,17 +41,23 @@ def main(args: argparse.Namespace) -> None:
     import mlx.core as mx
 
     from mlx_musicgen import MusicGen
+    from mlx_musicgen.model import check_duration, check_sampling
 
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        raise FileExistsError(f"{output} exists: pass --overwrite to replace it, or choose another --output.")
-    if not output.parent.is_dir():
-        raise FileNotFoundError(f"the folder {output.parent} does not exist: create it or choose another --output.")
-    if args.audio_prompt and not Path(args.audio_prompt).is_file():
-        raise FileNotFoundError(f"audio prompt {args.audio_prompt} does not exist.")
+    # Everything that can be checked without the model fails here, before the (slow) load.
+    output = check_output(args.output, overwrite=args.overwrite, bits=args.bits)
+    check_duration(args.duration)
+    check_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                   temperature=args.temperature)
+    if args.text is not None and not args.text.strip():
+        print("note: the text is empty: generating unconditional music.", file=sys.stderr)
+        args.text = None
+    if args.audio_prompt:
+        check_prompt(*read_audio(args.audio_prompt), f"audio prompt {args.audio_prompt}")
 
     dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
     model = MusicGen.from_pretrained(args.model, dtype=dtype)
+    check_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                   temperature=args.temperature, vocab_size=model.config.decoder.vocab_size)
     bar, update = progress_bar(args.duration, "generating")
     with bar:
         audio = model.generate(

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from . import atomic
+
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
+FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+MIN_RATE, MAX_RATE = 8_000, 384_000  # audio-prompt sample rates accepted (and resampled to the model's)
+SILENCE = 1e-5  # a prompt whose peak is below this (-100 dBFS) holds nothing to continue
 
 
 def peak_normalize(audio: np.ndarray, headroom_db: float = 1.0) -> np.ndarray:
@@ -25,21 +30,56 @@ def write_audio(path: str | Path, audio: np.ndarray, sampling_rate: int, *, bits
     import soundfile as sf
 
     path = Path(path)
-    kind = {".wav": "WAV", ".flac": "FLAC"}.get(path.suffix.lower())
-    if kind is None:
-        raise ValueError(f"{path}: the output must end in .wav or .flac.")
-    subtype = SUBTYPES[bits]
-    if kind == "FLAC" and subtype == "FLOAT":
-        raise ValueError("FLAC holds 16- or 24-bit samples, not float: choose --bits 16 or 24, or a .wav file.")
-    data = np.clip(np.asarray(audio, dtype=np.float32).T, -1.0, 1.0)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    kind = check_format(path, bits)
+    data = np.asarray(audio, dtype=np.float32)
+    if not np.isfinite(data).all():
+        raise FloatingPointError(
+            "the generated audio holds NaN or infinite samples (corrupt weights, or a dtype too narrow: try "
+            "float32); nothing was written."
+        )
+    data = np.clip(data.T, -1.0, 1.0)
+    atomic.clean_stale(path)
+    tmp = atomic.temp_file(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            sf.write(f, data, sampling_rate, subtype=subtype, format=kind)
+        with open(tmp, "wb") as f:
+            sf.write(f, data, sampling_rate, subtype=SUBTYPES[bits], format=kind)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def check_format(path: Path, bits: str = "16") -> str:
+    """The soundfile format for an output path, or a ValueError naming what is wrong."""
+    kind = FORMATS.get(Path(path).suffix.lower())
+    if kind is None:
+        raise ValueError(f"{path}: the output must end in .wav or .flac.")
+    if bits not in SUBTYPES:
+        raise ValueError(f"bits must be one of {', '.join(SUBTYPES)}, got {bits!r}.")
+    if kind == "FLAC" and bits == "float":
+        raise ValueError("FLAC holds 16- or 24-bit samples, not float: choose --bits 16 or 24, or a .wav file.")
+    return kind
+
+
+def check_output(path: str | Path, *, overwrite: bool, bits: str = "16") -> Path:
+    """Refuse, before any work, an output that could not be written: a wrong extension, an existing file without
+    `overwrite`, a folder that is missing, not a folder, or not writable (probed by creating a file there)."""
+    path = Path(path)
+    check_format(path, bits)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder: give a file name ending in .wav or .flac.")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists: pass --overwrite to replace it, or choose another --output.")
+    folder = path.parent
+    if not folder.exists():
+        raise FileNotFoundError(f"the folder {folder} does not exist: create it or choose another --output.")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder: choose another --output.")
+    try:
+        atomic.temp_file(path).unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write in the folder {folder} ({e.strerror}): choose another --output.") from None
     return path
 
 
@@ -48,13 +88,33 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"audio prompt {path} does not exist.")
+    if not path.is_file():
+        raise IsADirectoryError(f"audio prompt {path} is not a file.")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
         raise ValueError(f"cannot read {path} as audio ({e}); use a wav, flac or ogg file.") from None
     return data.T, int(rate)
+
+
+def check_prompt(samples: np.ndarray, rate, name: str = "the audio prompt") -> None:
+    """Refuse a prompt that cannot be continued: an odd sample rate, no samples, NaN/inf, or silence."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Integral) or not MIN_RATE <= rate <= MAX_RATE:
+        raise ValueError(
+            f"{name} has a sample rate of {rate} Hz; supported are whole numbers from {MIN_RATE} to {MAX_RATE} Hz "
+            "(it is resampled to the model's rate): convert it to e.g. 44100 or 48000 Hz."
+        )
+    samples = np.asarray(samples)
+    if samples.size == 0:
+        raise ValueError(f"{name} is empty (no samples).")
+    if not np.isfinite(samples).all():
+        raise ValueError(f"{name} holds NaN or infinite samples.")
+    if np.max(np.abs(samples)) < SILENCE:
+        raise ValueError(
+            f"{name} is silent (its peak is below -100 dBFS): give a prompt with sound in it, or leave it out."
+        )
 
 
 def to_channels(audio: np.ndarray, channels: int) -> np.ndarray:

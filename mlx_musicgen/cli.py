@@ -2,34 +2,70 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import warnings
 from typing import Callable
 
 from tqdm import tqdm
 
 from .loading import CheckpointError
 
-USER_ERRORS = (CheckpointError, ValueError, FileExistsError, FileNotFoundError, PermissionError, OSError)
+# CheckpointError is a ValueError; OSError covers missing, existing, unwritable files; FloatingPointError is
+# NaN/inf in the model's output (sampling.NonFiniteLogitsError, audio.write_audio).
+USER_ERRORS = (CheckpointError, ValueError, OSError, FloatingPointError)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (plain `kill`), raised like Ctrl-C so that the same clean-up runs on the way out."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (some libraries' messages span several)."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line `warning: ...`, printed above a running progress bar rather than into it."""
+    tqdm.write(f"warning: {one_line(message) if isinstance(message, BaseException) else message}", file=sys.stderr)
 
 
 def run_main(main: Callable[[], None], debug: bool) -> None:
-    """Run a CLI body; a user error becomes one line on stderr and exit code 2 (a traceback with --debug)."""
+    """Run a CLI body; a user error becomes one line `error: ...` on stderr and exit code 2 (a traceback with
+    --debug); Ctrl-C and SIGTERM end it with exit code 130 / 143 after the same clean-up; warnings are one line."""
+    signal.signal(signal.SIGTERM, _terminate)
+    if not debug:
+        warnings.showwarning = _show_warning
     try:
         main()
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print("error: terminated" if isinstance(e, Terminated) else "error: interrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
     except USER_ERRORS as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+class Bar(tqdm):
+    """tqdm that erases itself when left by an exception, so an error line never follows a half-drawn bar."""
+
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is not None:
+            self.leave = False
+        return super().__exit__(exc_type, exc_value, traceback)
 
 
 def progress_bar(seconds_of_audio: float, description: str) -> tuple[tqdm, Callable[[int, int], None]]:
     """A bar counted in seconds of audio made, with the rate shown as x real time."""
-    bar = tqdm(total=round(seconds_of_audio, 2), unit="s audio", desc=description, dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}{postfix}]")
+    bar = Bar(total=round(seconds_of_audio, 2), unit="s audio", desc=description, dynamic_ncols=True,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}{postfix}]")
 
     def update(done: int, total: int) -> None:
         made = round(seconds_of_audio * done / max(total, 1), 2)

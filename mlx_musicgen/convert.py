@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import loading
+from . import atomic, loading
 from .model import MusicGen, MusicGenConfig
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -42,8 +41,7 @@ def convert(
     if q_bits not in (None, 4, 8):
         raise ValueError(f"q_bits must be 4 or 8, got {q_bits}.")
     out = Path(mlx_path).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite.")
+    check_destination(out, overwrite)
 
     folder = loading.resolve(hf_path)
     config = loading.read_config(folder)
@@ -69,23 +67,33 @@ def convert(
     return out
 
 
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that is taken (without `overwrite`) or cannot be written."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: choose another folder or pass --overwrite.")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # the folders convert would create
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{parent} is not a folder: choose another --mlx-path.")
+    try:
+        Path(tempfile.mkdtemp(prefix=atomic.temp_prefix(out), suffix=".part", dir=parent)).rmdir()
+    except OSError as e:
+        raise PermissionError(f"cannot write in the folder {parent} ({e.strerror}): choose another --mlx-path.") from None
+
+
 def write_atomically(out: Path, model: MusicGen, config: dict, source: Path) -> None:
-    """Write everything into a temporary sibling folder, then swap it into place with renames."""
+    """Write everything into a temporary sibling folder, then swap it into place with renames (see atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    atomic.clean_stale(out)
+    staging = atomic.temp_folder(out)
     try:
         mx.save_safetensors(str(staging / "model.safetensors"), dict(tree_flatten(model.parameters())))
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
+        atomic.replace_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

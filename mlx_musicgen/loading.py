@@ -35,7 +35,12 @@ def resolve(path_or_id: str | Path) -> Path:
 
 def download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
@@ -51,6 +56,15 @@ def download(repo_id: str) -> Path:
             f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached (offline?): "
             f"download it once with `hf download {repo_id}` while online, or pass a local folder."
         ) from None
+    except HFValidationError:
+        raise CheckpointError(
+            f"{repo_id!r} is neither an existing folder nor a valid Hub id like facebook/musicgen-small."
+        ) from None
+    except (HfHubHTTPError, OSError) as e:  # other HTTP errors, network failures, a full disk
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"could not download {repo_id} ({first_line}): check the connection, or pass a local folder."
+        ) from None
 
 
 def read_config(folder: Path) -> dict:
@@ -61,16 +75,24 @@ def read_config(folder: Path) -> dict:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}); download or convert the model again.") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{file} has no model_type: {folder} is not a MusicGen checkpoint.")
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"{folder} holds a {model_type!r} model; supported: MusicGen text-to-music checkpoints "
             "(facebook/musicgen-small, -medium, -large and the -stereo ones), not melody or other kinds."
         )
-    converted = config.get(CONVERTED_KEY)
-    if converted is not None and converted.get("format_version") != FORMAT_VERSION:
+    parts = [name for name in ("text_encoder", "decoder", "audio_encoder") if not isinstance(config.get(name), dict)]
+    if parts:
         raise CheckpointError(
-            f"{folder} was converted by another version of mlx-musicgen (format {converted.get('format_version')},"
+            f"{file} lacks the {', '.join(parts)} section(s) of a MusicGen config: download or convert it again."
+        )
+    converted = config.get(CONVERTED_KEY)
+    version = converted.get("format_version") if isinstance(converted, dict) else None
+    if converted is not None and version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{folder} was converted by another version of mlx-musicgen (format {version},"
             f" this one reads {FORMAT_VERSION}): convert the original checkpoint again."
         )
     return config
@@ -86,6 +108,8 @@ def read_generation_config(folder: Path) -> dict:
 
 
 def load_safetensors(file: Path) -> dict[str, mx.array]:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing: download or convert the model again.")
     try:
         return mx.load(str(file))
     except Exception as e:  # mlx reports truncation and bad headers as plain runtime errors
@@ -96,7 +120,10 @@ def load_hf_weights(folder: Path) -> dict[str, mx.array]:
     """All tensors of a Hub-layout checkpoint: one safetensors file, shards with an index, or a torch .bin."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index} is not a valid shard index; download the model again.") from None
         weights = {}
         for shard in shards:
             weights.update(load_safetensors(folder / shard))

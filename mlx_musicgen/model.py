@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -16,11 +17,13 @@ from mlx.utils import tree_flatten
 from . import audio, delay, loading
 from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
-from .sampling import apply_guidance, sample
+from .sampling import apply_guidance, check_tokens, sample
 from .streaming import StreamingDecoder
 from .t5 import T5Config, T5Encoder
 
 DECODE_FRAMES = 500  # longer code sequences are decoded in stretches of this many frames (10 s), in flat memory
+MAX_DURATION = 3600.0  # seconds: longer requests are refused as mistakes (an hour of music is a day on a laptop)
+MAX_GUIDANCE = 100.0  # guidance scales above this only amplify logits towards overflow (3 is typical)
 Progress = Callable[[int, int], None]  # called with (steps done, steps in all)
 PromptInput = str | Path | np.ndarray  # an audio file, or samples
 Audio = np.ndarray | list[np.ndarray]  # (batch, channels, samples), or one (channels, samples) per item
@@ -143,12 +146,24 @@ class MusicGen(nn.Module):
     # ---- generation ----
 
     def encode_text(self, texts: list[str]) -> tuple[mx.array, mx.array]:
-        """Texts -> decoder-width states (zero at padding) and the (B, S) padding mask."""
+        """Texts -> decoder-width states (zero at padding) and the (B, S) padding mask.
+
+        An empty or whitespace-only text gets an empty mask (and zero states): its row is unconditional. A text
+        longer than the tokenizer's limit is cut to it, with a warning, as the reference's tokenizer cuts it."""
         if self.tokenizer is None:
             raise RuntimeError("This model has no tokenizer: load it with MusicGen.from_pretrained.")
-        tokens = self.tokenizer(list(texts), padding=True, return_tensors="np")
+        texts = list(texts)
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        limit = limit if isinstance(limit, int) and 0 < limit < 1_000_000 else 512  # T5's, when unset (1e30)
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="np")
+        if tokens["input_ids"].shape[-1] >= limit:
+            for i, text in enumerate(texts):
+                if len(self.tokenizer(text, truncation=True, max_length=limit + 1)["input_ids"]) > limit:
+                    warnings.warn(f"text {i + 1} is longer than the text encoder's limit of {limit} tokens: only "
+                                  f"its first {limit} tokens are used.", stacklevel=2)
         ids = mx.array(tokens["input_ids"])
-        mask = mx.array(tokens["attention_mask"])
+        blank = mx.array([not text.strip() for text in texts])
+        mask = mx.where(blank[:, None], 0, mx.array(tokens["attention_mask"]))
         states = self.text_encoder(ids, mask)
         if self.config.project_text:
             states = self.enc_to_dec_proj(states.astype(self.enc_to_dec_proj.weight.dtype))
@@ -175,8 +190,7 @@ class MusicGen(nn.Module):
         if max_new_tokens is not None and duration is not None:
             raise ValueError("Give duration or max_new_tokens, not both.")
         if duration is not None:
-            if not (math.isfinite(duration) and duration > 0):
-                raise ValueError(f"duration must be a positive number of seconds, got {duration}.")
+            check_duration(duration)
             frames = round(duration * self.frame_rate)
             if frames <= prompt_frames:
                 raise ValueError(
@@ -355,6 +369,7 @@ class MusicGen(nn.Module):
         Long inputs are decoded a stretch at a time (exactly the same samples), so memory does not grow with
         the duration."""
         codes = np.asarray(codes)
+        check_tokens(codes)  # NaN/inf logits are reported, not decoded into noise
         if codes.shape[-1] <= 2 * DECODE_FRAMES:
             C = self.audio_channels
             channels = [self.audio_encoder.decode(mx.array(codes[:, c::C])) for c in range(C)]
@@ -371,6 +386,7 @@ class MusicGen(nn.Module):
             return np.array(mx.concatenate(pieces, axis=1).astype(mx.float32))
 
         for stretch in codes:
+            check_tokens(stretch)  # NaN/inf logits are reported, not decoded into noise
             audio = joined([d.push(mx.array(stretch[:, c::C])) for c, d in enumerate(decoders)])
             if audio.shape[-1]:
                 yield audio
@@ -390,21 +406,35 @@ class MusicGen(nn.Module):
         self, audio_prompt: PromptInput | list[PromptInput], sampling_rate: int | None
     ) -> tuple[np.ndarray, list[int]]:
         """Audio prompt(s) -> (batch, channels, samples) at the model's rate, left-padded with silence to the
-        longest as the reference's processor pads them, and each item's padding in samples."""
+        longest as the reference's processor pads them, and each item's padding in samples.
+
+        Refused: an empty list, unreadable files, odd sample rates, empty, silent or non-finite audio, and a
+        prompt that does not fit in the model's window with room to continue it."""
         items = audio_prompt if isinstance(audio_prompt, list) else [audio_prompt]
         if isinstance(audio_prompt, np.ndarray) and audio_prompt.ndim == 3:
             items = list(audio_prompt)
+        if not items:
+            raise ValueError("the list of audio prompts is empty.")
+        window = self.window_frames / self.frame_rate
         prompts = []
-        for item in items:
+        for i, item in enumerate(items):
             if isinstance(item, (str, Path)):
+                name = f"audio prompt {item}"
                 item, rate = audio.read_audio(item)
             else:
-                rate = sampling_rate or self.sampling_rate
-            item = audio.to_channels(np.asarray(item, dtype=np.float32), self.audio_channels)
+                name = f"audio prompt {i + 1}" if len(items) > 1 else "the audio prompt"
+                rate = self.sampling_rate if sampling_rate is None else sampling_rate
+            item = np.asarray(item, dtype=np.float32)
+            audio.check_prompt(item, rate, name)
+            seconds = item.shape[-1] / rate
+            if seconds >= window:
+                raise ValueError(
+                    f"{name} is {seconds:.2f} s long, but the model's window is {window:.2f} s and the prompt must "
+                    f"leave room in it to continue: trim the prompt to its last few seconds (e.g. 10 s)."
+                )
+            item = audio.to_channels(item, self.audio_channels)
             prompts.append(audio.resample(item, rate, self.sampling_rate))
         longest = max(p.shape[-1] for p in prompts)
-        if longest == 0:
-            raise ValueError("the audio prompt is empty.")
         padding = [longest - p.shape[-1] for p in prompts]
         batch = np.stack([np.pad(p, ((0, 0), (n, 0))) for p, n in zip(prompts, padding)])
         return batch, padding
@@ -423,6 +453,9 @@ class MusicGen(nn.Module):
         prompt padding in samples)."""
         if isinstance(texts, str):
             texts = [texts]
+        texts, num_samples = check_texts(texts, num_samples)
+        if duration is not None:
+            check_duration(duration)
         check_sampling(guidance_scale=sampling["guidance_scale"], top_k=sampling["top_k"], top_p=sampling["top_p"],
                        temperature=sampling["temperature"], vocab_size=self.config.decoder.vocab_size)
         prompt_codes, padding = None, []
@@ -542,13 +575,54 @@ def trim_padding(audio: np.ndarray, padding: list[int]) -> Audio:
     return [item[:, pad:] for item, pad in zip(audio, padding)]
 
 
-def check_sampling(*, guidance_scale: float, top_k: int, top_p: float, temperature: float, vocab_size: int) -> None:
-    """Reject sampling settings that cannot mean anything, with the valid range in the message."""
-    if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-        raise ValueError(f"guidance_scale must be a finite number >= 0 (3 is typical), got {guidance_scale}.")
-    if not (0 <= top_k <= vocab_size):
-        raise ValueError(f"top_k must be between 0 (off) and the vocabulary size {vocab_size}, got {top_k}.")
-    if not (0.0 <= top_p <= 1.0):
+def check_sampling(
+    *, guidance_scale: float, top_k: int, top_p: float, temperature: float, vocab_size: int | None = None
+) -> None:
+    """Reject sampling settings that cannot mean anything, with the valid range in the message (a ValueError).
+    Without `vocab_size` (before a model is loaded) top_k is checked against 0 only."""
+
+    def real(x) -> bool:
+        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+    if not (real(guidance_scale) and 0 <= guidance_scale <= MAX_GUIDANCE):
+        raise ValueError(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g} (3 is typical; 1 or less: no "
+                         f"guidance), got {guidance_scale}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise ValueError(f"top_k must be a whole number (0: off), got {top_k!r}.")
+    if top_k < 0 or (vocab_size is not None and top_k > vocab_size):
+        upper = f"the vocabulary size {vocab_size}" if vocab_size is not None else "the vocabulary size"
+        raise ValueError(f"top_k must be between 0 (off) and {upper}, got {top_k}.")
+    if not (real(top_p) and 0.0 <= top_p <= 1.0):
         raise ValueError(f"top_p must be between 0 (off) and 1, got {top_p}.")
-    if not (math.isfinite(temperature) and temperature >= 0):
+    if not (real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
+
+
+def check_duration(duration: float) -> None:
+    """A duration in seconds must be a number > 0 and at most MAX_DURATION (a ValueError naming the bound)."""
+    ok = isinstance(duration, (int, float, np.integer, np.floating)) and not isinstance(duration, bool)
+    if not (ok and 0 < duration <= MAX_DURATION):
+        raise ValueError(f"duration must be a number of seconds above 0 and at most {MAX_DURATION:g} (one hour), "
+                         f"got {duration}.")
+
+
+def check_texts(texts: list[str] | None, num_samples: int) -> tuple[list[str] | None, int]:
+    """Validate generate's texts and num_samples -> (texts, num_samples). All texts empty or whitespace:
+    unconditional music (None), with a warning; some of them: those rows are unconditional, with a warning."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}.")
+    if texts is None:
+        return None, int(num_samples)
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts is an empty list: give at least one text, or None for unconditional music.")
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be strings (or None for unconditional music).")
+    blank = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if len(blank) == len(texts):
+        warnings.warn("the text is empty: generating unconditional music." if len(texts) == 1 else
+                      "all texts are empty: generating unconditional music.", stacklevel=4)
+        return None, len(texts)
+    if blank:
+        warnings.warn(f"text(s) {', '.join(map(str, blank))} are empty: generated unconditionally.", stacklevel=4)
+    return texts, len(texts)

@@ -4,6 +4,28 @@ guidance, temperature, top-k, top-p, then a draw from the softmax (or argmax whe
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
+
+# What `sample` returns for a row whose logits hold NaN or inf: no code (codes are >= 0), so that the fault
+# travels with the tokens that are evaluated anyway (no extra sync per step) and `check_tokens` finds it later.
+NONFINITE = -2
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, ~1.2e-38
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The decoder produced NaN or infinite logits: what would be sampled from them is noise."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the model produced NaN/inf logits, so the music would be noise; the weights may be corrupt (download "
+            "or convert the model again) or the decoder dtype too narrow: try float32."
+        )
+
+
+def check_tokens(codes) -> None:
+    """Raise NonFiniteLogitsError if any code was sampled from non-finite logits (see NONFINITE)."""
+    if np.asarray(codes).min(initial=0) < 0:
+        raise NonFiniteLogitsError()
 
 
 def apply_guidance(logits: mx.array, guidance_scale: float) -> mx.array:
@@ -44,11 +66,17 @@ def sample(
     top_p: float = 0.0,
     key: mx.array | None = None,
 ) -> mx.array:
-    """logits (..., vocab) float -> token ids (...) int32."""
+    """logits (..., vocab) float -> token ids (...) int32; NONFINITE where a row of logits holds NaN or inf.
+
+    Temperature 0 is greedy; a temperature so small that float32 holds it as 0 (below ~1e-38) is greedy too."""
     logits = logits.astype(mx.float32)
-    if not do_sample or temperature == 0.0:
-        return mx.argmax(logits, axis=-1).astype(mx.int32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-    return mx.random.categorical(logits, axis=-1, key=key).astype(mx.int32)
+    finite = mx.isfinite(logits).all(axis=-1)
+    if not do_sample or temperature < FLOAT32_TINY:
+        tokens = mx.argmax(logits, axis=-1)
+    else:
+        if temperature != 1.0:
+            # shifted so the best logit is 0: a tiny temperature then sends the others to -inf, never to NaN
+            logits = (logits - logits.max(axis=-1, keepdims=True)) / temperature
+        logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+        tokens = mx.random.categorical(logits, axis=-1, key=key)
+    return mx.where(finite, tokens.astype(mx.int32), NONFINITE)

@@ -1,0 +1,88 @@
+"""Writing outputs so that a reader only ever sees the old one or the complete new one.
+
+Everything is first written under a temporary name in the destination's folder (same filesystem, so the final
+rename is atomic): `.NAME.PID.RANDOM.part`, and, while a folder is being swapped, the old folder waits in
+`.NAME.PID.RANDOM.old`. An error or an interrupt (Ctrl-C, SIGTERM) removes them on the way out. A process
+killed outright (SIGKILL, power loss) cannot clean up after itself; the next write to the same destination
+removes what such a dead process left (the PID in the name tells whether its writer is still running) and,
+if the kill fell between the two renames of a folder swap, puts the old folder back first.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def temp_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def temp_file(path: Path) -> Path:
+    """A new empty file beside `path` to write into, then `os.replace` onto it."""
+    fd, name = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".part", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def temp_folder(path: Path, suffix: str = ".part") -> Path:
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent))
+
+
+def _writer_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
+
+
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def clean_stale(path: Path) -> list[Path]:
+    """Remove the temporaries that writers of `path` killed outright left behind; returns what was removed."""
+    if os.name != "posix":  # os.kill(pid, 0) would not be a harmless probe elsewhere
+        return []
+    removed = []
+    for entry in Path(path.parent).glob(f".{glob.escape(path.name)}.*"):
+        rest = entry.name[len(path.name) + 2 :]  # PID.RANDOM.part / PID.RANDOM.old
+        pid, _, tail = rest.partition(".")
+        if not pid.isdigit() or not tail.endswith((".part", ".old")) or _writer_alive(int(pid)):
+            continue
+        if tail.endswith(".old") and (entry / path.name).exists() and not os.path.lexists(path):
+            os.replace(entry / path.name, path)  # killed between the two renames of a swap: undo the first
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+def replace_folder(staging: Path, path: Path) -> None:
+    """Move the complete folder `staging` to `path`, replacing what is there, so that `path` holds the old or
+    the new content whenever this is interrupted (and is put back if interrupted between the renames)."""
+    if not os.path.lexists(path):
+        os.replace(staging, path)
+        return
+    aside = temp_folder(path, ".old")
+    moved = False
+    try:
+        os.replace(path, aside / path.name)
+        moved = True
+        os.replace(staging, path)
+    except BaseException:
+        if moved and not os.path.lexists(path):
+            os.replace(aside / path.name, path)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

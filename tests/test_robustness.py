@@ -1,0 +1,574 @@
+"""Bad input, offline use and interruptions: every refusal is one line `error: ...` on stderr (a traceback only
+with --debug), a non-zero exit code, and nothing half-written left behind.
+
+The CLI cases run in subprocesses, several at a time; argument checks fail before the model loads (~1 s each).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import soundfile as sf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+from mlx_musicgen import MusicGen, atomic
+from mlx_musicgen.audio import write_audio
+from mlx_musicgen.loading import CheckpointError
+from mlx_musicgen.model import MAX_DURATION, check_sampling
+from mlx_musicgen.sampling import NonFiniteLogitsError
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 2048  # the tiny model's codebook size
+OLD = b"old audio, keep me"
+
+
+# ---- running the CLIs ----
+
+
+def env(tmp: Path) -> dict:
+    """Never the network, never the user's cache."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), "PYTHONUNBUFFERED": "1"}
+
+
+def run(script: str, args: list, tmp: Path) -> subprocess.CompletedProcess:
+    """Run a CLI; its output is decoded by hand, keeping the carriage returns that text mode turns into newlines."""
+    result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True,
+                            cwd=ROOT, env=env(tmp), timeout=120)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
+
+
+def read_log(log: Path) -> str:
+    return log.read_bytes().decode(errors="replace")
+
+
+def visible_lines(stderr: str) -> list[str]:
+    """What a terminal shows: each line's text after its last carriage return (a bar erased by '\\r' is gone)."""
+    return [line.split("\r")[-1] for line in stderr.split("\n") if line.split("\r")[-1].strip()]
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = visible_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(pattern, lines[0]), (pattern, lines[0])
+
+
+def listing(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+# ---- building bad inputs ----
+
+
+def copy_checkpoint(tiny: Path, dst: Path) -> Path:
+    shutil.copytree(tiny, dst)
+    return dst
+
+
+def edit_config(folder: Path, change: Callable[[dict], None]) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def truncated(tiny: Path, dst: Path) -> Path:
+    folder = copy_checkpoint(tiny, dst)
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def garbage_weights(tiny: Path, dst: Path) -> Path:
+    folder = copy_checkpoint(tiny, dst)
+    (folder / "model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    return folder
+
+
+def poisoned(tiny: Path, dst: Path) -> Path:
+    """One NaN in the first codebook's output head: every step's logits hold a NaN."""
+    folder = copy_checkpoint(tiny, dst)
+    weights = load_file(folder / "model.safetensors")
+    head = weights["decoder.lm_heads.0.weight"].copy()
+    head[7, 3] = np.nan
+    weights["decoder.lm_heads.0.weight"] = head
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def wav(path: Path, samples: np.ndarray, rate: int = 32000) -> Path:
+    sf.write(path, samples.astype(np.float32), rate, subtype="FLOAT")
+    return path
+
+
+def tone(seconds: float, rate: int = 32000, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return amplitude * np.sin(2 * np.pi * 440 * t)
+
+
+def unwritable_folder(work: Path) -> Path:
+    """A folder nobody may write in. Root ignores permission bits, so root gets /sys (kernel-owned)."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = work / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+# ---- the table ----
+
+
+@dataclass
+class Case:
+    id: str
+    # (tiny checkpoint folder, this case's own folder) -> the generate.py arguments that differ from the defaults
+    args: Callable[[Path, Path], list]
+    message: str  # what the one error line must say (a regex); for ok cases, a line that must be shown
+    script: str = "generate.py"
+    ok: bool = False  # a case that succeeds, with a notice or a warning
+
+
+def gen(*extra, model=None, output="out.wav"):
+    """generate.py arguments: a tiny model, a very short clip into the case's folder, plus `extra`."""
+
+    def build(tiny: Path, work: Path) -> list:
+        chosen = model(tiny, work) if callable(model) else (model or tiny)
+        resolved = [e(tiny, work) if callable(e) else e for e in extra]
+        out = output(tiny, work) if callable(output) else work / output
+        return ["--model", chosen, "--duration", 0.03, "--seed", 0, "--output", out, *resolved]
+
+    return build
+
+
+def conv(src, out="mlx", *extra):
+    def build(tiny: Path, work: Path) -> list:
+        return ["--hf-path", src(tiny, work) if callable(src) else src, "--mlx-path", work / out, *extra]
+
+    return build
+
+
+DURATION = "duration must be a number of seconds above 0 and at most 3600"
+CASES = [
+    # model: missing, offline, not a checkpoint, other kinds, corrupt, other converter versions
+    Case("model-hub-id-offline-not-cached", gen(model=lambda t, w: "facebook/musicgen-small"),
+         r"not in the local Hugging Face cache .*hf download facebook/musicgen-small.* or pass a local folder"),
+    Case("model-neither-folder-nor-id", gen(model=lambda t, w: w / "no" / "such" / "model"),
+         r"neither an existing folder nor a Hub id"),
+    Case("model-invalid-hub-id", gen(model=lambda t, w: "bad id/with spaces"), r"neither an existing folder nor a valid Hub id"),
+    Case("model-folder-without-config", gen(model=lambda t, w: w), r"no config.json: it is not a MusicGen checkpoint"),
+    Case("model-config-not-json", gen(model=lambda t, w: (w / "config.json").write_text("{oops") and w),
+         r"config.json is not valid JSON"),
+    Case("model-other-architecture",
+         gen(model=lambda t, w: edit_config(copy_checkpoint(t, w / "m"), lambda c: c.update(model_type="bert"))),
+         r"holds a 'bert' model; supported: MusicGen"),
+    Case("model-melody-unsupported",
+         gen(model=lambda t, w: edit_config(copy_checkpoint(t, w / "m"),
+                                            lambda c: c.update(model_type="musicgen_melody"))),
+         r"'musicgen_melody' model; supported: MusicGen .* not melody"),
+    Case("model-truncated-safetensors", gen(model=lambda t, w: truncated(t, w / "m")),
+         r"model.safetensors is truncated or corrupt .*download or convert it again"),
+    Case("model-garbage-safetensors", gen(model=lambda t, w: garbage_weights(t, w / "m")),
+         r"model.safetensors is truncated or corrupt"),
+    Case("model-other-converter-version",
+         gen(model=lambda t, w: edit_config(copy_checkpoint(t, w / "m"),
+                                            lambda c: c.update(mlx_musicgen={"format_version": 999}))),
+         r"converted by another version of mlx-musicgen \(format 999, this one reads 1\): convert the original"),
+    Case("model-nan-weights", gen(model=lambda t, w: poisoned(t, w / "m")),
+         r"the model produced NaN/inf logits.*try float32"),
+    # duration
+    Case("duration-zero", gen("--duration", 0), DURATION),
+    Case("duration-negative", gen("--duration", -5), DURATION),
+    Case("duration-nan", gen("--duration", "nan"), DURATION + r".*got nan"),
+    Case("duration-inf", gen("--duration", "inf"), DURATION),
+    Case("duration-absurd", gen("--duration", MAX_DURATION + 1), DURATION),
+    # sampling
+    Case("top-k-negative", gen("--top-k", -1), r"top_k must be between 0 \(off\) and the vocabulary size, got -1"),
+    Case("top-k-above-vocabulary", gen("--top-k", VOCAB + 1),
+         rf"top_k must be between 0 \(off\) and the vocabulary size {VOCAB}, got {VOCAB + 1}"),
+    Case("top-p-negative", gen("--top-p", -0.1), r"top_p must be between 0 \(off\) and 1, got -0.1"),
+    Case("top-p-above-one", gen("--top-p", 1.5), r"top_p must be between 0 \(off\) and 1"),
+    Case("top-p-nan", gen("--top-p", "nan"), r"top_p must be between 0 \(off\) and 1, got nan"),
+    Case("temperature-negative", gen("--temperature", -1), r"temperature must be a finite number >= 0"),
+    Case("temperature-inf", gen("--temperature", "inf"), r"temperature must be a finite number >= 0"),
+    Case("guidance-negative", gen("--guidance-scale", -1), r"guidance_scale must be between 0 and 100"),
+    Case("guidance-absurd", gen("--guidance-scale", 1e6), r"guidance_scale must be between 0 and 100"),
+    # text
+    Case("text-whitespace", gen("--text", "  \t "), r"^note: the text is empty: generating unconditional music\.$",
+         ok=True),  # "" takes the same path
+    Case("text-too-long", gen("--text", " ".join(["rock guitar"] * 400)),
+         r"^warning: text 1 is longer than the text encoder's limit of 512 tokens: only its first 512", ok=True),
+    # audio prompt
+    Case("prompt-missing", gen("--audio-prompt", lambda t, w: w / "nothing.wav"), r"nothing.wav does not exist"),
+    Case("prompt-is-a-folder", gen("--audio-prompt", lambda t, w: w), r"is not a file"),
+    Case("prompt-unreadable", gen("--audio-prompt", lambda t, w: (w / "p.wav").write_text("not audio") and w / "p.wav"),
+         r"cannot read .*p.wav as audio"),
+    Case("prompt-empty", gen("--audio-prompt", lambda t, w: wav(w / "p.wav", np.zeros(0))), r"p.wav is empty"),
+    Case("prompt-silent", gen("--audio-prompt", lambda t, w: wav(w / "p.wav", np.zeros(3200))),
+         r"p.wav is silent \(its peak is below -100 dBFS\)"),
+    Case("prompt-nearly-silent", gen("--audio-prompt", lambda t, w: wav(w / "p.wav", tone(0.1, amplitude=1e-6))),
+         r"p.wav is silent"),
+    Case("prompt-rate-too-low", gen("--audio-prompt", lambda t, w: wav(w / "p.wav", tone(0.1, 4000), 4000)),
+         r"sample rate of 4000 Hz; supported are whole numbers from 8000 to 384000"),
+    Case("prompt-rate-too-high", gen("--audio-prompt", lambda t, w: wav(w / "p.wav", tone(0.01, 400000), 400000)),
+         r"sample rate of 400000 Hz"),
+    Case("prompt-longer-than-window",  # the tiny model's window: 1500 positions at 1000 frames/s
+         gen("--audio-prompt", lambda t, w: wav(w / "p.wav", tone(2.0)), "--duration", 3),
+         r"p.wav is 2.00 s long, but the model's window is 1.50 s .*trim the prompt"),
+    # output
+    Case("output-folder-missing", gen(output="missing/out.wav"), r"the folder .*missing does not exist: create it"),
+    Case("output-parent-is-a-file", gen(output=lambda t, w: (w / "f").write_text("x") and w / "f" / "out.wav"),
+         r"/f is not a folder"),
+    Case("output-folder-unwritable", gen(output=lambda t, w: unwritable_folder(w) / "out.wav"),
+         r"cannot write in the folder"),
+    Case("output-exists", gen(output=lambda t, w: (w / "out.wav").write_bytes(OLD) and w / "out.wav"),
+         r"out.wav exists: pass --overwrite"),
+    Case("output-wrong-extension", gen(output="out.mp3"), r"out.mp3: the output must end in .wav or .flac"),
+    # convert.py
+    Case("convert-into-non-empty-folder",
+         conv(lambda t, w: t, "mlx", ), r"mlx exists and is not empty: choose another folder or pass --overwrite",
+         script="convert.py"),
+    Case("convert-truncated-safetensors", conv(lambda t, w: truncated(t, w / "m")),
+         r"model.safetensors is truncated or corrupt", script="convert.py"),
+    Case("convert-into-a-file's-child", conv(lambda t, w: t, "f/mlx"), r"/f is not a folder", script="convert.py"),
+]
+SETUP = {  # what must exist before a case runs, beyond what its arguments create
+    "convert-into-non-empty-folder": lambda w: (w / "mlx").mkdir() or (w / "mlx" / "keep.txt").write_text("mine"),
+    "convert-into-a-file's-child": lambda w: (w / "f").write_text("x"),
+}
+
+
+@dataclass
+class Outcome:
+    result: subprocess.CompletedProcess
+    work: Path
+    before: set[str] = field(default_factory=set)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tiny, tmp_path_factory) -> dict[str, Outcome]:
+    base = tmp_path_factory.mktemp("robustness")
+
+    def one(case: Case) -> tuple[str, Outcome]:
+        work = base / re.sub(r"\W", "_", case.id)
+        work.mkdir()
+        if case.id in SETUP:
+            SETUP[case.id](work)
+        args = case.args(tiny.folder, work)
+        before = listing(work)
+        return case.id, Outcome(run(case.script, args, base), work, before)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(pool.map(one, CASES))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_cli_case(case: Case, outcomes):
+    outcome = outcomes[case.id]
+    if case.ok:
+        assert outcome.result.returncode == 0, outcome.result.stderr
+        assert any(re.search(case.message, line) for line in visible_lines(outcome.result.stderr)), \
+            outcome.result.stderr
+        assert (outcome.work / "out.wav").is_file()
+        return
+    assert_one_line_error(outcome.result, case.message)
+    assert listing(outcome.work) == outcome.before  # nothing written, nothing half-written
+    if case.id == "output-exists":
+        assert (outcome.work / "out.wav").read_bytes() == OLD
+
+
+def test_debug_shows_the_traceback(tiny, tmp_path):
+    result = run("generate.py", ["--model", tiny.folder, "--duration", "nan", "--output", tmp_path / "o.wav",
+                                 "--debug"], tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ValueError: duration" in result.stderr
+    assert listing(tmp_path) == set()
+
+
+def test_unwritable_folder_by_permissions(tiny, tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores permission bits (the /sys case of the table covers an unwritable folder)")
+    folder = unwritable_folder(tmp_path)
+    try:
+        result = run("generate.py", ["--model", tiny.folder, "--output", folder / "o.wav"], tmp_path)
+        assert_one_line_error(result, r"cannot write in the folder .*read-only \(Permission denied\)")
+        assert listing(folder) == set()
+    finally:
+        folder.chmod(0o755)
+
+
+# ---- interrupts: the old file or the complete new one, never a temporary left by a live writer ----
+
+
+def start(script: str, args: list, tmp: Path, log: Path, code: str | None = None) -> subprocess.Popen:
+    """Start a CLI with stderr in `log`; `code` (Python) runs first, e.g. to slow a write down."""
+    if code is None:
+        command = [sys.executable, str(ROOT / script), *map(str, args)]
+    else:
+        runner = f"{code}\nimport runpy, sys\nsys.argv = [{script!r}] + sys.argv[1:]\n" \
+                 f"runpy.run_path({str(ROOT / script)!r}, run_name='__main__')\n"
+        command = [sys.executable, "-c", runner, *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=ROOT, env=env(tmp))
+
+
+def wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in read_log(log):
+        assert process.poll() is None, read_log(log)
+        assert time.monotonic() < deadline, read_log(log)
+        time.sleep(0.05)
+
+
+def temporaries(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+SIGNALS = [(signal.SIGINT, 130, "error: interrupted"), (signal.SIGTERM, 143, "error: terminated"),
+           (signal.SIGKILL, -signal.SIGKILL, None)]
+
+
+def test_killed_while_generating_keeps_the_old_file(tiny, tmp_path):
+    """Ctrl-C, kill and kill -9 during generation (seconds of work): the old file is untouched."""
+    runs = []
+    for sig, code, message in SIGNALS:
+        folder = tmp_path / sig.name
+        folder.mkdir()
+        (folder / "clip.wav").write_bytes(OLD)
+        log = tmp_path / f"{sig.name}.log"
+        process = start("generate.py", ["--model", tiny.folder, "--duration", 1.4, "--text", "rock",
+                                        "--output", folder / "clip.wav", "--overwrite"], tmp_path, log)
+        runs.append((sig, code, message, folder, log, process))
+    for *_, log, process in runs:  # all mid-generation (a run takes seconds), then all interrupted at once
+        wait_for(log, "generating:", process)
+    time.sleep(0.3)
+    for sig, *_, process in runs:
+        process.send_signal(sig)
+    for sig, code, message, folder, log, process in runs:
+        assert process.wait(timeout=30) == code, read_log(log)
+        assert "100%" not in read_log(log)  # it was interrupted, not finished
+        assert (folder / "clip.wav").read_bytes() == OLD
+        assert temporaries(folder) == []
+        if message:
+            assert visible_lines(read_log(log)) == [message], read_log(log)
+
+
+SLOW_AUDIO_WRITE = """
+import sys, time, soundfile
+def slow_write(file, data, *args, **kwargs):
+    file.write(b"RIFF, the first bytes of a file that is never finished")
+    file.flush()
+    print("MID-WRITE", file=sys.stderr, flush=True)
+    time.sleep(120)
+soundfile.write = slow_write
+"""
+
+
+def test_killed_while_writing_the_audio(tiny, tmp_path):
+    """Killed in the middle of writing the file: Ctrl-C removes the temporary; kill -9 cannot, and the next
+    write to the same path removes what the dead process left."""
+    runs = []
+    for sig, code, _ in SIGNALS[::2]:  # Ctrl-C and kill -9 (kill takes Ctrl-C's path, tested above)
+        folder = tmp_path / sig.name
+        folder.mkdir()
+        (folder / "clip.wav").write_bytes(OLD)
+        log = tmp_path / f"{sig.name}.log"
+        process = start("generate.py", ["--model", tiny.folder, "--duration", 0.02, "--quiet",
+                                        "--output", folder / "clip.wav", "--overwrite"], tmp_path, log,
+                        code=SLOW_AUDIO_WRITE)
+        runs.append((sig, code, folder, log, process))
+    for sig, code, folder, log, process in runs:
+        wait_for(log, "MID-WRITE", process)
+        process.send_signal(sig)
+        assert process.wait(timeout=30) == code, read_log(log)
+        assert (folder / "clip.wav").read_bytes() == OLD
+        if sig == signal.SIGKILL:
+            stale = temporaries(folder)
+            assert len(stale) == 1 and re.fullmatch(rf"\.clip\.wav\.{process.pid}\.\w+\.part", stale[0]), stale
+            write_audio(folder / "clip.wav", np.zeros((1, 320), np.float32), 32000)  # the next write cleans up
+            assert sf.info(folder / "clip.wav").frames == 320
+        assert temporaries(folder) == []
+
+
+SLOW_SAVE = """
+import sys, time, mlx_musicgen, mlx.core as mx
+def slow_save(path, arrays, *args, **kwargs):
+    open(path, "wb").write(b"half a safetensors file")
+    print("MID-WRITE", file=sys.stderr, flush=True)
+    time.sleep(120)
+mx.save_safetensors = slow_save
+"""
+
+
+def test_convert_killed_mid_write_keeps_the_old_folder(tiny, tmp_path):
+    runs = []
+    for sig, code, _ in SIGNALS[::2]:  # Ctrl-C and kill -9
+        folder = tmp_path / sig.name
+        (folder / "mlx").mkdir(parents=True)
+        (folder / "mlx" / "old.txt").write_text("the previous conversion")
+        log = tmp_path / f"{sig.name}.log"
+        process = start("convert.py", ["--hf-path", tiny.folder, "--mlx-path", folder / "mlx", "--overwrite"],
+                        tmp_path, log, code=SLOW_SAVE)
+        runs.append((sig, code, folder, log, process))
+    for sig, code, folder, log, process in runs:
+        wait_for(log, "MID-WRITE", process)
+        process.send_signal(sig)
+        assert process.wait(timeout=30) == code, read_log(log)
+        assert listing(folder / "mlx") == {"old.txt"}
+        if sig == signal.SIGKILL:
+            assert len(temporaries(folder)) == 1  # the staging folder of the dead process
+            result = run("convert.py", ["--hf-path", tiny.folder, "--mlx-path", folder / "mlx", "--overwrite"],
+                         tmp_path)
+            assert result.returncode == 0, result.stderr
+            assert (folder / "mlx" / "model.safetensors").is_file() and not (folder / "mlx" / "old.txt").exists()
+        assert temporaries(folder) == []
+
+
+def test_a_swap_killed_between_its_renames_is_undone(tmp_path):
+    """kill -9 after the old folder was moved aside and before the new one took its place: put it back."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    aside = tmp_path / f".mlx.{dead.pid}.abc123.old"
+    (aside / "mlx").mkdir(parents=True)
+    (aside / "mlx" / "old.txt").write_text("the previous conversion")
+    staging = tmp_path / f".mlx.{dead.pid}.def456.part"
+    staging.mkdir()
+    live = tmp_path / f".mlx.{os.getpid()}.ghi789.part"  # a writer still running: left alone
+    live.mkdir()
+    atomic.clean_stale(tmp_path / "mlx")
+    assert (tmp_path / "mlx" / "old.txt").read_text() == "the previous conversion"
+    assert temporaries(tmp_path) == [live.name]
+
+
+# ---- the API: the same checks, as exceptions and warnings ----
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    return MusicGen.from_pretrained(tiny.folder)
+
+
+def valid(guidance_scale, top_k, top_p, temperature) -> bool:
+    return (0 <= guidance_scale <= 100 and 0 <= top_k <= VOCAB and 0 <= top_p <= 1
+            and math.isfinite(temperature) and temperature >= 0)
+
+
+def interesting_floats(low: float, high: float):
+    """Mostly the valid range, with its edges, the values just outside, NaN, infinities and the huge."""
+    return st.one_of(
+        st.floats(low, high),
+        st.sampled_from([low, high, math.nextafter(low, -math.inf), math.nextafter(high, math.inf), -1.0,
+                         1e-300, 1e-40, 1e300, -1e300, math.nan, math.inf, -math.inf]),
+    )
+
+
+@settings(max_examples=50, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(
+    guidance_scale=interesting_floats(0.0, 100.0),
+    top_k=st.one_of(st.integers(-5, VOCAB + 5), st.sampled_from([0, 1, VOCAB, -1, VOCAB + 1, 10**12, -(10**12)])),
+    top_p=interesting_floats(0.0, 1.0),
+    temperature=interesting_floats(0.0, 1e6),
+)
+def test_sampling_parameters_property(model, guidance_scale, top_k, top_p, temperature):
+    """Valid settings always generate finite audio; invalid ones always raise ValueError, before any work."""
+    kwargs = dict(guidance_scale=guidance_scale, top_k=top_k, top_p=top_p, temperature=temperature)
+    if valid(**kwargs):
+        check_sampling(**kwargs, vocab_size=VOCAB)
+        audio, codes = model.generate(["lofi"], max_new_tokens=6, seed=1, return_tokens=True, **kwargs)
+        assert np.isfinite(audio).all() and codes.min() >= 0 and codes.max() < VOCAB
+    else:
+        with pytest.raises(ValueError):
+            check_sampling(**kwargs, vocab_size=VOCAB)
+        with pytest.raises(ValueError):
+            model.generate(["lofi"], max_new_tokens=6, seed=1, **kwargs)
+
+
+def test_tiny_temperatures_are_greedy_not_nan(model):
+    greedy = model.generate(["jazz"], max_new_tokens=8, do_sample=False, return_tokens=True)[1]
+    for temperature in (1e-30, 1e-40, 1e-300):
+        codes = model.generate(["jazz"], max_new_tokens=8, temperature=temperature, seed=2, return_tokens=True)[1]
+        np.testing.assert_array_equal(codes, greedy)
+
+
+def test_empty_texts_are_unconditional(model):
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_tokens=True)
+    unconditional = model.generate(None, num_samples=2, **kwargs)[1]
+    with pytest.warns(UserWarning, match="all texts are empty: generating unconditional music"):
+        blank = model.generate(["", "  \n"], **kwargs)[1]
+    np.testing.assert_array_equal(blank, unconditional)
+    with pytest.warns(UserWarning, match=r"text\(s\) 1 are empty: generated unconditionally"):
+        mixed = model.generate(["", "techno kick"], **kwargs)[1]
+    np.testing.assert_array_equal(mixed[0], unconditional[0])
+    np.testing.assert_array_equal(mixed[1], model.generate(["techno kick"], **kwargs)[1][0])
+    with pytest.raises(ValueError, match="texts is an empty list"):
+        model.generate([], **kwargs)
+
+
+def test_long_text_is_truncated_with_a_warning(model):
+    long = " ".join(["warm bass"] * 400)
+    with pytest.warns(UserWarning, match="longer than the text encoder's limit of 512 tokens"):
+        states, mask = model.encode_text([long, "rock"])
+    assert mask.shape == (2, 512) and int(mask[0].sum()) == 512
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.encode_text(["rock", "a short text"])  # no warning when nothing is cut
+
+
+@pytest.mark.parametrize("prompt,rate,message", [
+    (np.zeros(0, np.float32), 32000, "is empty"),
+    (np.zeros(3200, np.float32), 32000, "is silent"),
+    (np.full(3200, np.nan, np.float32), 32000, "NaN or infinite"),
+    (tone(0.1, 7999), 7999, "sample rate of 7999 Hz"),
+    (tone(0.1, 44100), 44100.5, "sample rate of 44100.5 Hz"),
+    (tone(1.6), 32000, "window is 1.50 s"),
+])
+def test_bad_prompt_arrays_are_refused(model, prompt, rate, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.generate(None, audio_prompt=prompt, audio_prompt_sr=rate, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("duration", [0, -1.0, math.nan, math.inf, MAX_DURATION * 1.001])
+def test_bad_durations_are_refused_by_the_api(model, duration):
+    with pytest.raises(ValueError, match="at most 3600"):
+        model.generate(["rock"], duration=duration)
+
+
+def test_nan_weights_are_reported_not_written_as_noise(tiny, tmp_path):
+    model = MusicGen.from_pretrained(poisoned(tiny.folder, tmp_path / "m"))
+    with pytest.raises(NonFiniteLogitsError, match="NaN/inf logits"):
+        model.generate(["rock"], max_new_tokens=6)
+    with pytest.raises(FloatingPointError, match="NaN or infinite samples"):
+        write_audio(tmp_path / "x.wav", np.full((1, 8), np.nan, np.float32), 32000)
+    assert not (tmp_path / "x.wav").exists() and temporaries(tmp_path) == []
+
+
+def test_missing_hub_repo_says_so(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def not_found(*args, **kwargs):
+        error = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        Exception.__init__(error, "404 Client Error")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_found)
+    with pytest.raises(CheckpointError, match="No model 'facebook/musicgen-nope' on the Hugging Face Hub"):
+        MusicGen.from_pretrained("facebook/musicgen-nope")
