@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,28 @@ def peak_normalize(audio: np.ndarray, headroom_db: float = 1.0) -> np.ndarray:
     return audio * (10 ** (-headroom_db / 20) / peak)
 
 
-def write_audio(path: str | Path, audio: np.ndarray, sampling_rate: int, *, bits: str = "16") -> Path:
-    """(channels, samples) float -> a WAV or FLAC file (by extension), renamed into place when complete."""
+NORMALIZATIONS = ("peak", "loudness", "none")
+MAX_COMMENT = 2000  # characters libsndfile keeps in a WAV comment; longer metadata lives in the sidecar only
+
+
+def normalize(audio: np.ndarray, sampling_rate: int, strategy: str = "peak") -> np.ndarray:
+    """audiocraft's strategies: 'peak' (to -1 dBFS), 'loudness' (to -14 LUFS, BS.1770), or 'none'."""
+    if strategy == "peak":
+        return peak_normalize(audio)
+    if strategy == "loudness":
+        from .loudness import loudness_normalize
+
+        return loudness_normalize(audio, sampling_rate, -14.0)
+    if strategy == "none":
+        return audio
+    raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {strategy!r}.")
+
+
+def write_audio(
+    path: str | Path, audio: np.ndarray, sampling_rate: int, *, bits: str = "16", comment: str | None = None
+) -> Path:
+    """(channels, samples) float -> a WAV or FLAC file (by extension), renamed into place when complete.
+    `comment` goes into the file's metadata (WAV INFO / FLAC Vorbis comment) when it fits."""
     import soundfile as sf
 
     path = Path(path)
@@ -37,17 +58,50 @@ def write_audio(path: str | Path, audio: np.ndarray, sampling_rate: int, *, bits
             "the generated audio holds NaN or infinite samples (corrupt weights, or a dtype too narrow: try "
             "float32); nothing was written."
         )
-    data = np.clip(data.T, -1.0, 1.0)
+    data = fit_to_format(data, bits).T
     atomic.clean_stale(path)
     tmp = atomic.temp_file(path)
     try:
         with open(tmp, "wb") as f:
-            sf.write(f, data, sampling_rate, subtype=SUBTYPES[bits], format=kind)
+            with sf.SoundFile(f, "w", sampling_rate, data.shape[1], SUBTYPES[bits], format=kind) as out:
+                out.software = "mlx-musicgen"
+                if comment is not None and len(comment) <= MAX_COMMENT:
+                    out.comment = comment
+                out.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def fit_to_format(audio: np.ndarray, bits: str) -> np.ndarray:
+    """Integer samples end at full scale: clip there, and say so. Float files keep peaks above it."""
+    if bits == "float":
+        return audio
+    if np.abs(audio).max(initial=0.0) > 1.0:
+        warnings.warn("peaks above full scale were clipped: use --normalize peak, or --bits float to keep them.")
+    return np.clip(audio, -1.0, 1.0)
+
+
+class ProgressiveWriter:
+    """Writes a WAV or FLAC file chunk by chunk, its header brought up to date after every chunk, so the file is
+    a valid, playable (shorter) file at every moment while it grows."""
+
+    def __init__(self, path: str | Path, sampling_rate: int, channels: int, bits: str = "16"):
+        import soundfile as sf
+
+        self.path = Path(path)
+        kind = check_format(self.path, bits)
+        self.file = sf.SoundFile(str(self.path), "w", sampling_rate, channels, SUBTYPES[bits], format=kind)
+
+    def write(self, audio: np.ndarray) -> None:
+        """(channels, samples) float."""
+        self.file.write(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0).T)
+        self.file.flush()  # libsndfile rewrites the header's sizes on flush
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def check_format(path: Path, bits: str = "16") -> str:

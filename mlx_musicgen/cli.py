@@ -74,3 +74,36 @@ def progress_bar(seconds_of_audio: float, description: str) -> tuple[tqdm, Calla
         bar.update(made - bar.n)  # tqdm redraws at most every mininterval
 
     return bar, update
+
+
+class Player:
+    """Plays chunks on the default output device as they come (blocking writes keep them in order)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def play(self, audio) -> None:
+        """(channels, samples) float."""
+        import numpy as np
+
+        self.stream.write(np.ascontiguousarray(np.clip(audio.T, -1, 1), dtype=np.float32))
+
+    def close(self) -> None:
+        self.stream.stop()
+        self.stream.close()
+
+
+def player(sampling_rate: int, channels: int) -> Player | None:
+    """A Player, or None with a one-line warning when sounddevice or an output device is missing."""
+    try:
+        import sounddevice
+    except (ImportError, OSError):
+        warnings.warn("--play needs the sounddevice package (pip install sounddevice); not playing.")
+        return None
+    try:
+        stream = sounddevice.OutputStream(samplerate=sampling_rate, channels=channels, dtype="float32")
+        stream.start()
+    except Exception as e:  # no device, no permission, no audio server
+        warnings.warn(f"no audio output device to play on ({one_line(e)}); not playing.")
+        return None
+    return Player(stream)

@@ -62,10 +62,7 @@ class StreamingDecoder:
         y = self.conv_in(x)[:, self.conv_done - lo : ready - lo]
         h = y
         for i, layer in enumerate(self.lstm.lstm):
-            state = self.lstm_state[i]
-            hidden, cell = layer(h) if state is None else layer(h, hidden=state[0], cell=state[1])
-            self.lstm_state[i] = (hidden[:, -1], cell[:, -1])
-            h = hidden
+            h, self.lstm_state[i] = layer.run(h, self.lstm_state[i])
         y = h + y
         self.features = y if self.features is None else mx.concatenate([self.features, y], axis=1)
         self.conv_done = ready

@@ -372,12 +372,13 @@ def test_killed_while_generating_keeps_the_old_file(tiny, tmp_path):
 
 SLOW_AUDIO_WRITE = """
 import sys, time, soundfile
-def slow_write(file, data, *args, **kwargs):
-    file.write(b"RIFF, the first bytes of a file that is never finished")
-    file.flush()
+real_write = soundfile.SoundFile.write
+def slow_write(self, data):
+    real_write(self, data[: len(data) // 2])  # half the samples reach the file, then the writer stalls
+    self.flush()
     print("MID-WRITE", file=sys.stderr, flush=True)
     time.sleep(120)
-soundfile.write = slow_write
+soundfile.SoundFile.write = slow_write
 """
 
 
