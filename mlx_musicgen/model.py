@@ -15,7 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import audio, delay, loading
-from .decoder import DecoderConfig, MusicgenDecoder
+from .decoder import DecoderConfig, MusicgenDecoder, use_blocked_linears
 from .encodec import EncodecConfig, EncodecModel
 from .sampling import apply_guidance, check_tokens, sample
 from .streaming import StreamingDecoder
@@ -94,6 +94,8 @@ class MusicGen(nn.Module):
         model.load_checked(weights, folder)
         if dtype is not None:
             model.set_decoder_dtype(dtype)
+        if mx.default_device() == mx.cpu:
+            use_blocked_linears(model.decoder)
         model.tokenizer = loading.load_tokenizer(folder)
         mx.eval(model.parameters())
         return model

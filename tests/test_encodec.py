@@ -1,0 +1,159 @@
+"""EnCodec parity with transformers' EncodecModel, on the tiny random MusicGen of the fixtures."""
+
+import dataclasses
+
+import fixtures
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_musicgen.encodec import EncodecConfig, EncodecModel
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' EncodecModel of the tiny MusicGen, with random LSTM biases (they start at zero)."""
+    torch.set_num_threads(2)
+    model = fixtures.build_model(fixtures.Shape()).audio_encoder
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lstm.bias" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+def state_dict(reference) -> dict[str, mx.array]:
+    return {k: mx.array(v.numpy()) for k, v in reference.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def model(reference):
+    model = EncodecModel(EncodecConfig.from_dict(reference.config.to_dict()))
+    model.load_weights(list(EncodecModel.sanitize(state_dict(reference)).items()), strict=True)
+    return model
+
+
+def relative_error(actual, expected) -> float:
+    return float(np.abs(np.asarray(actual) - expected).max() / np.abs(expected).max())
+
+
+def random_audio(batch: int, samples: int) -> np.ndarray:
+    return (np.random.default_rng(0).standard_normal((batch, 1, samples)) * 0.1).astype(np.float32)
+
+
+def test_config_arithmetic_matches_reference(reference):
+    config = EncodecConfig.from_dict(reference.config.to_dict())
+    assert config.hop_length == reference.config.hop_length
+    assert config.frame_rate == reference.config.frame_rate
+    assert config.num_quantizers == reference.config.num_quantizers == 4
+
+
+def test_decode_matches_reference(reference, model):
+    # 120 frames: several chunks of the upsampling layers, so the seams are checked too.
+    codes = np.random.default_rng(0).integers(0, 2048, (2, 4, 120))
+    with torch.no_grad():
+        expected = reference.decode(torch.from_numpy(codes)[None], [None])[0].numpy()
+    audio = model.decode(mx.array(codes))
+    assert audio.dtype == mx.float32
+    assert audio.shape == expected.shape == (2, 1, 120 * 32)
+    assert relative_error(audio, expected) < 1e-4
+
+
+def test_encode_matches_reference(reference, model):
+    audio = random_audio(2, 3001)  # not a multiple of the hop (32)
+    with torch.no_grad():
+        expected = reference.encode(torch.from_numpy(audio))[0][0].numpy()
+    codes = model.encode(mx.array(audio))
+    assert codes.dtype == mx.int32
+    assert codes.shape == expected.shape == (2, 4, 94)
+    np.testing.assert_array_equal(np.array(codes), expected)
+    np.testing.assert_array_equal(np.array(model.encode(mx.array(audio), num_codebooks=2)), expected[:, :2])
+
+
+def test_round_trip_matches_reference(reference, model):
+    audio = random_audio(1, 2500)
+    with torch.no_grad():
+        codes = reference.encode(torch.from_numpy(audio))[0]
+        expected = reference.decode(codes, [None])[0].numpy()
+    assert relative_error(model.decode(model.encode(mx.array(audio))), expected) < 1e-4
+
+
+def test_lstm_state_carries_across_calls(model):
+    layer = model.decoder.layers[1].lstm[0]
+    x = mx.random.normal((2, 10, layer.Wh.shape[1]))
+    whole, _ = layer.run(x)
+    first, state = layer.run(x[:, :4])
+    second, _ = layer.run(x[:, 4:], state)
+    assert relative_error(mx.concatenate([first, second], axis=1), np.array(whole)) < 1e-6
+
+
+def test_conv_shortcut_matches_reference():
+    from transformers import EncodecModel as ReferenceModel
+
+    config = fixtures.musicgen_config(fixtures.Shape()).audio_encoder
+    config.use_conv_shortcut = True
+    torch.manual_seed(0)
+    reference = ReferenceModel(config).eval()
+    model = EncodecModel(EncodecConfig.from_dict(config.to_dict()))
+    model.load_weights(list(EncodecModel.sanitize(state_dict(reference)).items()), strict=True)
+    audio = random_audio(1, 1000)
+    with torch.no_grad():
+        codes = reference.encode(torch.from_numpy(audio))[0]
+        expected = reference.decode(codes, [None])[0].numpy()
+    np.testing.assert_array_equal(np.array(model.encode(mx.array(audio))), codes[0].numpy())
+    assert relative_error(model.decode(mx.array(codes[0].numpy())), expected) < 1e-4
+
+
+@pytest.mark.parametrize("ratios", [(4, 4, 2), (3, 5, 2)])
+def test_chunks_give_the_same_result_as_one_piece(ratios):
+    shape = dataclasses.replace(fixtures.Shape(), upsampling_ratios=ratios)
+    config = EncodecConfig.from_dict(fixtures.musicgen_config(shape).audio_encoder.to_dict())
+    model = EncodecModel(config)
+    mx.random.seed(0)
+    params = tree_flatten(model.parameters())
+    model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.5 / v.shape[-1] ** 0.5) for k, v in params]))
+    audio = mx.random.normal((1, 13 * config.hop_length + 5, 1))
+    embeddings = mx.random.normal((1, 11, config.hidden_size))
+    whole_encoded = model.encoder(audio, chunk_frames=1000)
+    whole_decoded = model.decoder(embeddings, chunk_frames=1000)
+    for chunk_frames in (1, 2, 3):
+        assert relative_error(model.encoder(audio, chunk_frames=chunk_frames), whole_encoded) < 1e-5
+        assert relative_error(model.decoder(embeddings, chunk_frames=chunk_frames), whole_decoded) < 1e-5
+
+
+def test_both_weight_norm_spellings_sanitize_alike(reference):
+    new = state_dict(reference)
+    old = {
+        k.replace(".parametrizations.weight.original0", ".weight_g").replace(
+            ".parametrizations.weight.original1", ".weight_v"
+        ): v
+        for k, v in new.items()
+    }
+    assert any(k.endswith(".weight_g") for k in old)
+    new, old = EncodecModel.sanitize(new), EncodecModel.sanitize(old)
+    assert new.keys() == old.keys()
+    for key in new:
+        np.testing.assert_array_equal(np.array(new[key]), np.array(old[key]))
+    assert not any("inited" in k or "cluster_size" in k or "embed_avg" in k for k in new)
+
+
+def test_unknown_key_passes_through_and_fails_strict_loading(reference, model):
+    weights = state_dict(reference)
+    weights["decoder.layers.0.conv.surprise"] = mx.zeros((3,))
+    sanitized = EncodecModel.sanitize(weights)
+    assert "decoder.layers.0.conv.surprise" in sanitized
+    with pytest.raises(ValueError):
+        model.load_weights(list(sanitized.items()), strict=True)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"use_causal_conv": True}, {"normalize": True}, {"chunk_length_s": 1.0}, {"norm_type": "time_group_norm"}],
+)
+def test_unsupported_settings_are_refused(setting):
+    config = EncodecConfig(**{"use_causal_conv": False, **setting})
+    with pytest.raises(ValueError, match=next(iter(setting))):
+        EncodecModel(config)
