@@ -12,8 +12,6 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from .encodec import parallel_streams
-
 
 @dataclass
 class DecoderConfig:
@@ -80,56 +78,6 @@ class KVCache:
         return self.keys[:, :, :end], self.values[:, :, :end]
 
 
-class BlockedLinear(nn.Module):
-    """A bias-free Linear for CPU decoding, its weight kept as column blocks of W.T: (blocks, in, out / blocks).
-
-    A decoding step multiplies 1-8 rows by each weight, which is bound by memory bandwidth. OpenBLAS's gemm
-    repacks the whole weight for such products (reading it ~3 times over) on one core; products with blocks
-    this size skip the repacking, and the two halves of the blocks run on two streams, i.e. two cores. Measured
-    on a 2-core CPU: 20 GB/s against 6 GB/s for x @ W.T. Larger row counts (a prefill) take one product.
-    """
-
-    MAX_ROWS = 8
-
-    def __init__(self, weight: mx.array, blocks: int = 64):
-        super().__init__()
-        out_dims, in_dims = weight.shape
-        self.blocks = mx.contiguous(weight.T.reshape(in_dims, blocks, out_dims // blocks).transpose(1, 0, 2))
-
-    def __call__(self, x: mx.array) -> mx.array:
-        *lead, in_dims = x.shape
-        blocks, _, width = self.blocks.shape
-        x = x.reshape(-1, in_dims)
-        if x.shape[0] > self.MAX_ROWS:
-            y = x @ self.blocks.transpose(1, 0, 2).reshape(in_dims, blocks * width)
-        else:
-            halves = []
-            for stream, half in zip(parallel_streams(), (self.blocks[: blocks // 2], self.blocks[blocks // 2 :])):
-                with mx.stream(stream):
-                    halves.append(x @ half)
-            y = mx.concatenate(halves).transpose(1, 0, 2).reshape(-1, blocks * width)
-        return y.reshape(*lead, blocks * width)
-
-
-def use_blocked_linears(module: nn.Module, blocks: int = 64) -> None:
-    """Swap every float32 bias-free nn.Linear under `module` for a BlockedLinear (for the CPU)."""
-    for name, child in module.named_modules():
-        for attr, value in list(child.items()):
-            items = value if isinstance(value, list) else [value]
-            for i, item in enumerate(items):
-                if (
-                    type(item) is nn.Linear
-                    and "bias" not in item
-                    and item.weight.dtype == mx.float32
-                    and item.weight.shape[0] % blocks == 0
-                ):
-                    blocked = BlockedLinear(item.weight, blocks)
-                    if isinstance(value, list):
-                        value[i] = blocked
-                    else:
-                        setattr(child, attr, blocked)
-
-
 class Attention(nn.Module):
     def __init__(self, dims: int, heads: int):
         super().__init__()
@@ -166,6 +114,15 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(D, eps=1e-5)
         self.activation = ACTIVATIONS[config.activation_function]
 
+    def text_kv(self, states: mx.array) -> tuple[mx.array, mx.array]:
+        """The text's keys and values for this layer's cross-attention."""
+        attn = self.encoder_attn
+        return attn.split_heads(attn.k_proj(states)), attn.split_heads(attn.v_proj(states))
+
+    def make_cache(self, batch: int, max_length: int, dtype: mx.Dtype) -> KVCache:
+        head_dim = self.self_attn.q_proj.weight.shape[0] // self.self_attn.heads
+        return KVCache(batch, self.self_attn.heads, head_dim, max_length, dtype)
+
     def __call__(
         self,
         x: mx.array,
@@ -200,20 +157,11 @@ class MusicgenDecoder(nn.Module):
         and the padding mask in additive form."""
         dtype = self.layer_norm.weight.dtype
         states = states.astype(dtype)
-        kv = [
-            (
-                layer.encoder_attn.split_heads(layer.encoder_attn.k_proj(states)),
-                layer.encoder_attn.split_heads(layer.encoder_attn.v_proj(states)),
-            )
-            for layer in self.layers
-        ]
-        return TextContext(kv, additive_mask(mask, dtype))
+        return TextContext([layer.text_kv(states) for layer in self.layers], additive_mask(mask, dtype))
 
     def make_cache(self, batch: int, max_length: int) -> list[KVCache]:
-        c = self.config
         dtype = self.layer_norm.weight.dtype
-        head_dim = c.hidden_size // c.num_attention_heads
-        return [KVCache(batch, c.num_attention_heads, head_dim, max_length, dtype) for _ in self.layers]
+        return [layer.make_cache(batch, max_length, dtype) for layer in self.layers]
 
     def __call__(
         self,

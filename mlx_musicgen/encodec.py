@@ -21,6 +21,8 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
+from .cpu import parallel_streams
+
 
 @dataclass
 class EncodecConfig:
@@ -216,18 +218,6 @@ class EncodecConvTranspose1d(nn.Module):
         # Trim the stride extra samples: stride // 2 on the right, the rest on the left.
         right = self.stride // 2
         return y[:, self.stride - right : y.shape[1] - right]
-
-
-# Two streams of the default device, for work that can run in parallel on two CPU cores.
-_streams: dict[str, tuple[mx.Stream, mx.Stream]] = {}
-
-
-def parallel_streams() -> tuple[mx.Stream, mx.Stream]:
-    device = mx.default_device()
-    key = str(device)
-    if key not in _streams:
-        _streams[key] = (mx.new_stream(device), mx.new_stream(device))
-    return _streams[key]
 
 
 @mx.compile

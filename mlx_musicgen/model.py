@@ -15,7 +15,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import audio, delay, loading
-from .decoder import DecoderConfig, MusicgenDecoder, use_blocked_linears
+from .cpu import split_for_cpu
+from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .sampling import apply_guidance, check_tokens, sample
 from .streaming import StreamingDecoder
@@ -95,7 +96,7 @@ class MusicGen(nn.Module):
         if dtype is not None:
             model.set_decoder_dtype(dtype)
         if mx.default_device() == mx.cpu:
-            use_blocked_linears(model.decoder)
+            split_for_cpu(model.decoder)
         model.tokenizer = loading.load_tokenizer(folder)
         mx.eval(model.parameters())
         return model
