@@ -14,6 +14,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .decoder import DecoderLayer, KVCache
+
 MAX_BLOCKED_ROWS = 8  # more rows (a prefill) amortise the repacking: one ordinary product is faster
 BLOCK_WIDTH = 64  # output columns per block: small enough that OpenBLAS neither repacks nor spawns threads
 
@@ -71,7 +73,7 @@ class SplitCache:
 class SplitDecoderLayer(nn.Module):
     """A decoder.DecoderLayer as two halves on two streams (see the module's docstring)."""
 
-    def __init__(self, layer: nn.Module, heads: int):
+    def __init__(self, layer: DecoderLayer, heads: int):
         super().__init__()
         self.self_attn_layer_norm = layer.self_attn_layer_norm
         self.encoder_attn_layer_norm = layer.encoder_attn_layer_norm
@@ -97,8 +99,6 @@ class SplitDecoderLayer(nn.Module):
         return split_heads(self.text_k_proj(states), 2 * self.heads), split_heads(self.text_v_proj(states), 2 * self.heads)
 
     def make_cache(self, batch: int, max_length: int, dtype: mx.Dtype) -> SplitCache:
-        from .decoder import KVCache
-
         head_dim = self.qkv[0].shape[1] // (2 * self.heads)
         return SplitCache([KVCache(batch, self.heads, head_dim, max_length, dtype) for _ in range(2)])
 
