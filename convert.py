@@ -25,11 +25,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    from mlx_musicgen.convert import convert
+    from mlx_musicgen.cli import Bar
+    from mlx_musicgen.convert import STAGES, convert
 
     bits = args.q_bits or (4 if args.quantize else None)
-    out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, q_bits=bits, q_group_size=args.q_group_size,
-                  overwrite=args.overwrite)
+    with Bar(total=len(STAGES), desc="converting", unit="stage", dynamic_ncols=True,
+             bar_format="{desc}: {n}/{total} stages |{bar}| [{elapsed}{postfix}]") as bar:
+
+        def stage(name: str) -> None:
+            bar.update(STAGES.index(name) - bar.n)
+            bar.set_postfix_str(name)
+
+        out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, q_bits=bits, q_group_size=args.q_group_size,
+                      overwrite=args.overwrite, progress=stage)
+        bar.update(len(STAGES) - bar.n)
+        bar.set_postfix_str("done")
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -13,6 +14,7 @@ from mlx.utils import tree_flatten
 from . import atomic, loading
 from .model import MusicGen, MusicGenConfig
 
+STAGES = ("finding the checkpoint", "reading and mapping weights", "casting the decoder", "writing")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOKENIZER_FILES = (
     "spiece.model",
@@ -33,9 +35,12 @@ def convert(
     q_bits: int | None = None,
     q_group_size: int = 64,
     overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Convert a Hub id or Hub-layout folder. The decoder takes `dtype` (and optional quantization); T5 and
-    EnCodec stay float32. Returns the output folder, which appears complete or not at all."""
+    EnCodec stay float32. Returns the output folder, which appears complete or not at all.
+    `progress` is told each stage as it starts (see STAGES)."""
+    report = progress or (lambda stage: None)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     if q_bits not in (None, 4, 8):
@@ -43,13 +48,16 @@ def convert(
     out = Path(mlx_path).expanduser()
     check_destination(out, overwrite)
 
+    report(STAGES[0])
     folder = loading.resolve(hf_path)
     config = loading.read_config(folder)
     if loading.is_converted(config):
         raise loading.CheckpointError(f"{folder} is already converted; load it directly.")
     generation = loading.read_generation_config(folder)
     model = MusicGen(MusicGenConfig.from_dict(config, generation))
+    report(STAGES[1])
     model.load_checked(MusicGen.sanitize(loading.load_hf_weights(folder)), folder)
+    report(STAGES[2])
     model.set_decoder_dtype(DTYPES[dtype])
     quantization = None
     if q_bits is not None:
@@ -63,6 +71,7 @@ def convert(
         "quantization": quantization,
         "max_length": generation.get("max_length", 1500),
     }
+    report(STAGES[3])
     write_atomically(out, model, config, folder)
     return out
 
