@@ -56,6 +56,7 @@ def test_cli_round_trip_matches_in_memory_path(tiny, expected, tmp_path):
     out = tmp_path / "mlx"
     result = run_convert("--hf-path", tiny.folder, "--mlx-path", out)
     assert result.returncode == 0, result.stderr
+    assert "converting: 4/4 stages" in result.stderr  # the progress bar
     config = json.loads((out / "config.json").read_text())
     assert config["mlx_musicgen"]["format_version"] == 1
     assert (out / "spiece.model").is_file() and not list(tmp_path.glob(".mlx*"))  # nothing left half-written
