@@ -17,6 +17,9 @@ def load_optimized_blas() -> str | None:
         return None
     if os.environ.get("MLX_MUSICGEN_NO_BLAS_FIX"):
         return None
+    # Our CPU code runs its own two streams of small products (cpu.py); OpenBLAS's worker threads would only
+    # spin against them (EnCodec decodes ~10% faster with one).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     for name in CANDIDATES:
         try:
             ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
