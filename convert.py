@@ -5,6 +5,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 import mlx_musicgen  # noqa: F401  (first: loads an optimized BLAS before mlx on Linux)
 from mlx_musicgen.cli import run_main
@@ -24,6 +25,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def read_torch_bin(files: list[Path]) -> dict:
+    """Older checkpoints (pytorch_model.bin): torch's safe loader (tensors only, no code). Conversion is the
+    only place torch is used outside tests and benchmarks."""
+    import mlx.core as mx
+
+    from mlx_musicgen.loading import CheckpointError
+
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{files[0].parent} has only pytorch_model.bin weights: install torch to convert it once "
+            "(`pip install torch`), then use the converted folder."
+        ) from None
+    weights = {}
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        weights.update({k: mx.array(v.float().numpy()) for k, v in state.items()})
+    return weights
+
+
 def main(args: argparse.Namespace) -> None:
     from mlx_musicgen.cli import Bar
     from mlx_musicgen.convert import STAGES, convert
@@ -37,7 +59,7 @@ def main(args: argparse.Namespace) -> None:
             bar.set_postfix_str(name)
 
         out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, q_bits=bits, q_group_size=args.q_group_size,
-                      overwrite=args.overwrite, progress=stage)
+                      overwrite=args.overwrite, progress=stage, read_bin=read_torch_bin)
         bar.update(len(STAGES) - bar.n)
         bar.set_postfix_str("done")
     print(f"wrote {out}", file=sys.stderr)

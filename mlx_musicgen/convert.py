@@ -36,10 +36,12 @@ def convert(
     q_group_size: int = 64,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    read_bin: loading.BinReader | None = None,
 ) -> Path:
     """Convert a Hub id or Hub-layout folder. The decoder takes `dtype` (and optional quantization); T5 and
     EnCodec stay float32. Returns the output folder, which appears complete or not at all.
-    `progress` is told each stage as it starts (see STAGES)."""
+    `progress` is told each stage as it starts (see STAGES); `read_bin` reads torch .bin checkpoints (the
+    convert.py script passes one that uses torch)."""
     report = progress or (lambda stage: None)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
@@ -56,7 +58,7 @@ def convert(
     generation = loading.read_generation_config(folder)
     model = MusicGen(MusicGenConfig.from_dict(config, generation))
     report(STAGES[1])
-    model.load_checked(MusicGen.sanitize(loading.load_hf_weights(folder)), folder)
+    model.load_checked(MusicGen.sanitize(loading.load_hf_weights(folder, read_bin)), folder)
     report(STAGES[2])
     model.set_decoder_dtype(DTYPES[dtype])
     quantization = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import mlx.core as mx
 
@@ -116,8 +117,13 @@ def load_safetensors(file: Path) -> dict[str, mx.array]:
         raise CheckpointError(f"{file} is truncated or corrupt ({e}); download or convert it again.") from None
 
 
-def load_hf_weights(folder: Path) -> dict[str, mx.array]:
-    """All tensors of a Hub-layout checkpoint: one safetensors file, shards with an index, or a torch .bin."""
+BinReader = Callable[[list[Path]], dict[str, mx.array]]
+
+
+def load_hf_weights(folder: Path, read_bin: BinReader | None = None) -> dict[str, mx.array]:
+    """All tensors of a Hub-layout checkpoint: one safetensors file, or shards with an index. A checkpoint with
+    only torch .bin files needs `read_bin`, which only the conversion script supplies (torch is not a run-time
+    dependency)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -131,25 +137,14 @@ def load_hf_weights(folder: Path) -> dict[str, mx.array]:
     if (folder / "model.safetensors").is_file():
         return load_safetensors(folder / "model.safetensors")
     bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins and read_bin is not None:
+        return read_bin(bins)
     if bins:
-        return load_torch_bin(bins)
-    raise CheckpointError(f"{folder} has no model.safetensors (or shards, or pytorch_model.bin).")
-
-
-def load_torch_bin(files: list[Path]) -> dict[str, mx.array]:
-    """Older checkpoints: read with torch's safe loader (tensors only, no code), conversion time only."""
-    try:
-        import torch
-    except ImportError:
         raise CheckpointError(
-            f"{files[0].parent} has only pytorch_model.bin weights: install torch to convert it once "
-            "(`pip install torch`), then use the converted folder."
-        ) from None
-    weights = {}
-    for file in files:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        weights.update({k: mx.array(v.float().numpy()) for k, v in state.items()})
-    return weights
+            f"{folder} has only pytorch_model.bin weights: convert it once with "
+            f"`python convert.py --hf-path {folder} --mlx-path FOLDER` (needs torch) and load FOLDER."
+        )
+    raise CheckpointError(f"{folder} has no model.safetensors (or shards, or pytorch_model.bin).")
 
 
 def load_tokenizer(folder: Path):

@@ -96,6 +96,14 @@ def test_torch_bin_checkpoint_converts(tiny, expected, tmp_path):
     assert_matches(MusicGen.from_pretrained(out), expected)
 
 
+def test_torch_bin_checkpoint_is_not_loaded_at_run_time(tiny, tmp_path):
+    """torch is a conversion-time dependency only: loading a .bin-only folder directly says to convert it."""
+    folder = copy_without_weights(tiny.folder, tmp_path / "bin-direct")
+    torch.save(load_file(tiny.folder / "model.safetensors"), folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="only pytorch_model.bin.*convert.py"):
+        MusicGen.from_pretrained(folder)
+
+
 def test_half_precision_and_quantized_decoders(tiny, tmp_path):
     """The decoder takes the dtype (or quantization); T5 and EnCodec stay float32; logits drift a little."""
     ref = MusicGen.from_pretrained(tiny.folder)
