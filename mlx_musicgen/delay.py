@@ -57,8 +57,10 @@ def frames_out(length: int, num_codebooks: int, audio_channels: int) -> int:
     return length - num_codebooks // audio_channels
 
 
-def undelay(sequence: np.ndarray, audio_channels: int, length: int | None = None) -> np.ndarray:
-    """(B, K, n) delayed sequence with its start column -> (B, K, frames) aligned codes.
+def undelay(
+    sequence: np.ndarray, audio_channels: int, length: int | None = None, first_frame: int = 0
+) -> np.ndarray:
+    """(B, K, n) delayed sequence with its start column -> (B, K, frames) aligned codes, from `first_frame` on.
 
     `length` is the full length of the generation when `sequence` is only its first n columns (streaming):
     then only the frames whose every codebook is known are returned.
@@ -66,7 +68,7 @@ def undelay(sequence: np.ndarray, audio_channels: int, length: int | None = None
     B, K, n = sequence.shape
     length = n if length is None else length
     if not applies(length, K, audio_channels):
-        return sequence[:, :, 1:]
-    frames = max(0, n - K // audio_channels)
+        return sequence[:, :, 1 + first_frame :]
+    frames = max(first_frame, n - K // audio_channels)
     delays = codebook_delays(K, audio_channels)
-    return np.stack([sequence[:, k, d + 1 : d + 1 + frames] for k, d in enumerate(delays)], axis=1)
+    return np.stack([sequence[:, k, d + 1 + first_frame : d + 1 + frames] for k, d in enumerate(delays)], axis=1)

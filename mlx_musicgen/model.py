@@ -256,16 +256,16 @@ class MusicGen(nn.Module):
             forced = known[:, :, position]
             return mx.where(forced == delay.UNSET, tokens, forced)[:, :, None]
 
-        columns = [pattern[:, :, :start]]
+        sequence = pattern.copy()  # decoded columns are written in as they arrive
+        filled = start
         emitted = prompt.shape[-1] - 1  # the prompt's frames are the caller's already
 
         def new_frames() -> np.ndarray | None:
+            """Only the frames completed since the last call (no per-step work over the whole sequence)."""
             nonlocal emitted
-            frames = delay.undelay(np.concatenate(columns, axis=2), C, length)
-            if frames.shape[-1] <= emitted:
-                return None
-            fresh, emitted = frames[:, :, emitted:], frames.shape[-1]
-            return fresh
+            fresh = delay.undelay(sequence[:, :, :filled], C, length, emitted)
+            emitted += fresh.shape[-1]
+            return fresh if fresh.shape[-1] else None
 
         codes, in_flight = known[:, :, :start], None
         for position in range(start, length):
@@ -273,12 +273,14 @@ class MusicGen(nn.Module):
             codes = step(codes, position, step_key)
             mx.async_eval(codes)  # the next step's graph is built while this one computes
             if in_flight is not None:  # keep one step in flight, not the whole loop
-                columns.append(np.array(in_flight))
+                sequence[:, :, filled] = np.array(in_flight)[:, :, 0]
+                filled += 1
                 if (fresh := new_frames()) is not None:
                     yield fresh
             in_flight = codes
         if in_flight is not None:
-            columns.append(np.array(in_flight))
+            sequence[:, :, filled] = np.array(in_flight)[:, :, 0]
+            filled += 1
         if (fresh := new_frames()) is not None:
             yield fresh
 
