@@ -16,7 +16,7 @@ What it does, in one command:
    the converted decoder's logits from the float32 model's (when the dtype is not float32 or it is quantized).
 Each side gets one short warm-up generation first (excluded from every number) and runs alone, one after the
 other, so each child's peak RSS is its own. Timings are the median over --repeats timed generations. The
-reference's child never imports mlx_musicgen: its global OpenBLAS preload would also take over torch's BLAS
+reference's child never imports mlx_musicgen: its global BLAS preload would also take over torch's BLAS
 calls (MKL), halving the reference's matmul speed.
 
 Definitions (also printed): tokens/s = batch * decoder steps / wall seconds of the whole generate (text encoding,
@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO / "tests"))  # fixtures.py builds the random checkpo
 import fixtures  # noqa: E402  (light: no torch or mlx at import time)
 
 # Nothing here imports mlx or torch at module level: each child imports what it needs, and the MLX side imports
-# mlx_musicgen before mlx.core (it loads OpenBLAS into the process first on Linux).
+# mlx_musicgen before mlx.core (it loads MKL or OpenBLAS into the process first on Linux).
 
 SHAPES = {
     "tiny": fixtures.Shape(),
@@ -526,26 +526,15 @@ def drift(cfg: dict, variant_folder: str, positions: int = 32) -> dict:
     }
 
 
-def preload_blas(paths: list[str]) -> str:
-    """Load the given BLAS libraries into this process's global namespace, in order, before mlx: MLX's CPU
-    matmuls then resolve to them instead of the OpenBLAS that mlx_musicgen would load (an experiment switch)."""
-    import ctypes
-
-    os.environ["MLX_MUSICGEN_NO_BLAS_FIX"] = "1"
-    for path in paths:
-        ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
-    return " + ".join(Path(p).name for p in paths)
-
-
 def mlx_worker(cfg: dict) -> dict:
-    if cfg.get("threads"):  # read when the BLAS loads
-        for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, str(cfg["threads"]))
-    blas = preload_blas(cfg["blas"]) if cfg.get("blas") else None
-    import mlx_musicgen  # noqa: F401  (loads OpenBLAS before mlx.core, unless --blas gave another BLAS)
+    if cfg.get("threads"):  # read when MKL loads (OpenBLAS keeps mlx_musicgen's one thread: see _blas.py)
+        os.environ.setdefault("MKL_NUM_THREADS", str(cfg["threads"]))
+    if cfg.get("blas"):
+        os.environ["MLX_MUSICGEN_BLAS"] = cfg["blas"]
+    import mlx_musicgen  # noqa: F401  (loads the optimized BLAS before mlx.core)
     import mlx.core as mx
 
-    blas = blas or mlx_musicgen.BLAS
+    blas = mlx_musicgen.BLAS
 
     from mlx_musicgen import MusicGen
 
@@ -792,12 +781,11 @@ def main(argv=None) -> int:
     length.add_argument("--duration", type=float, default=None, help="seconds of audio instead of --tokens")
     p.add_argument("--repeats", type=int, default=1, help="timed generations per side (median reported)")
     p.add_argument("--warmup-tokens", type=int, default=10)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (and OpenBLAS threads)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (and MKL threads)")
     p.add_argument("--reference-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--skip-reference", action="store_true")
-    p.add_argument("--blas", action="append", default=None, metavar="LIBRARY",
-                   help="experiment: load this shared library (repeat, in order) globally before mlx in our child, "
-                        "instead of mlx_musicgen's OpenBLAS, e.g. libiomp5.so then libmkl_rt.so from the mkl wheel")
+    p.add_argument("--blas", choices=["mkl", "openblas"], default=None,
+                   help="our side's BLAS on Linux (default: MKL when installed, else OpenBLAS; see mlx_musicgen/_blas.py)")
     p.add_argument("--cache-dir", type=Path, default=REPO / ".bench_cache")
     p.add_argument("--bandwidth-mb", type=int, default=512,
                    help="array size of the copy-bandwidth measurement (twice it for sgemv); keep it above the L3")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .decoder import DecoderLayer, KVCache
+from .decoder import ACTIVATIONS, DecoderLayer, KVCache, split_heads
 
 MAX_BLOCKED_ROWS = 8  # more rows (a prefill) amortise the repacking: one ordinary product is faster
 BLOCK_WIDTH = 64  # output columns per block: small enough that OpenBLAS neither repacks nor spawns threads
@@ -78,7 +78,7 @@ class SplitDecoderLayer(nn.Module):
         self.self_attn_layer_norm = layer.self_attn_layer_norm
         self.encoder_attn_layer_norm = layer.encoder_attn_layer_norm
         self.final_layer_norm = layer.final_layer_norm
-        self.activation = layer.activation
+        self.activation = ACTIVATIONS[layer.activation]
         self.heads = heads // 2  # per half
         self.scale = layer.self_attn.scale
         # The text's keys and values are made once per generation, with many rows: plain weights.
@@ -140,11 +140,6 @@ class SplitDecoderLayer(nn.Module):
         h = self.final_layer_norm(x)
         return x + self.in_halves(lambda half: blocked_matmul(self.activation(blocked_matmul(h, self.fc1[half])),
                                                               self.fc2[half]))
-
-
-def split_heads(x: mx.array, heads: int) -> mx.array:
-    B, L, _ = x.shape
-    return x.reshape(B, L, heads, -1).transpose(0, 2, 1, 3)
 
 
 def split_for_cpu(decoder: nn.Module) -> None:

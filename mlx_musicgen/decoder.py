@@ -88,20 +88,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dims, dims, bias=False)
         self.out_proj = nn.Linear(dims, dims, bias=False)
 
-    def split_heads(self, x: mx.array) -> mx.array:
-        B, L, _ = x.shape
-        return x.reshape(B, L, self.heads, -1).transpose(0, 2, 1, 3)
-
-    def __call__(
-        self, x: mx.array, keys: mx.array, values: mx.array, mask: mx.array | str | None = None
-    ) -> mx.array:
-        B, L, D = x.shape
-        queries = self.split_heads(self.q_proj(x))
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
-
 
 class DecoderLayer(nn.Module):
+    """Pre-LN: x += SelfAttn(LN(x)); x += CrossAttn(LN(x), text); x += FFN(LN(x)).
+
+    Everything but the self-attention over the KV cache (whose length grows every step) runs as two compiled
+    functions of fixed shapes: MLX then fuses their element-wise ops and replays them without Python, which
+    matters on a CPU, where a step is ~40 small ops per layer around the matrix products.
+    """
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         D = config.hidden_size
@@ -112,12 +107,12 @@ class DecoderLayer(nn.Module):
         self.fc1 = nn.Linear(D, config.ffn_dim, bias=False)
         self.fc2 = nn.Linear(config.ffn_dim, D, bias=False)
         self.final_layer_norm = nn.LayerNorm(D, eps=1e-5)
-        self.activation = ACTIVATIONS[config.activation_function]
+        self.activation = config.activation_function
 
     def text_kv(self, states: mx.array) -> tuple[mx.array, mx.array]:
         """The text's keys and values for this layer's cross-attention."""
         attn = self.encoder_attn
-        return attn.split_heads(attn.k_proj(states)), attn.split_heads(attn.v_proj(states))
+        return split_heads(project(states, attn.k_proj), attn.heads), split_heads(project(states, attn.v_proj), attn.heads)
 
     def make_cache(self, batch: int, max_length: int, dtype: mx.Dtype) -> KVCache:
         head_dim = self.self_attn.q_proj.weight.shape[0] // self.self_attn.heads
@@ -130,15 +125,62 @@ class DecoderLayer(nn.Module):
         text_mask: mx.array,
         cache: KVCache | None,
     ) -> mx.array:
-        h = self.self_attn_layer_norm(x)
-        keys = self.self_attn.split_heads(self.self_attn.k_proj(h))
-        values = self.self_attn.split_heads(self.self_attn.v_proj(h))
+        sa, ca = self.self_attn, self.encoder_attn
+        queries, keys, values = self_attention_inputs(
+            x, self.self_attn_layer_norm, sa.q_proj, sa.k_proj, sa.v_proj, sa.heads
+        )
         if cache is not None:
             keys, values = cache.update(keys, values)
         causal = "causal" if x.shape[1] > 1 else None
-        x = x + self.self_attn(h, keys, values, mask=causal)
-        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), *text_kv, mask=text_mask)
-        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
+        attended = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=sa.scale, mask=causal)
+        return layer_output(
+            x, attended, sa.out_proj, self.encoder_attn_layer_norm, ca.q_proj, *text_kv, text_mask, ca.out_proj,
+            ca.heads, ca.scale, self.final_layer_norm, self.fc1, self.fc2, self.activation,
+        )
+
+
+def project(x: mx.array, linear: nn.Module) -> mx.array:
+    """A bias-free Linear or QuantizedLinear as a pure function of its parameters (so that it compiles with them
+    as inputs); a quantized layer's bits and group size follow from its shapes."""
+    weight = linear["weight"]
+    if "scales" not in linear:
+        return x @ weight.T
+    in_dims = x.shape[-1]
+    return mx.quantized_matmul(
+        x, weight, linear["scales"], linear["biases"], transpose=True,
+        group_size=in_dims // linear["scales"].shape[-1], bits=32 * weight.shape[-1] // in_dims,
+    )
+
+
+def layer_norm(x: mx.array, norm: nn.Module) -> mx.array:
+    return mx.fast.layer_norm(x, norm["weight"], norm["bias"], 1e-5)
+
+
+def split_heads(x: mx.array, heads: int) -> mx.array:
+    B, L, _ = x.shape
+    return x.reshape(B, L, heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    B, _, L, _ = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+@mx.compile
+def self_attention_inputs(x, norm, q_proj, k_proj, v_proj, heads: int):
+    h = layer_norm(x, norm)
+    return tuple(split_heads(project(h, proj), heads) for proj in (q_proj, k_proj, v_proj))
+
+
+@mx.compile
+def layer_output(x, attended, out_proj, cross_norm, cross_q_proj, text_keys, text_values, text_mask,
+                 cross_out_proj, heads: int, scale: float, final_norm, fc1, fc2, activation: str):
+    """The rest of a layer after self-attention: its output projection, cross-attention and the FFN."""
+    x = x + project(merge_heads(attended), out_proj)
+    queries = split_heads(project(layer_norm(x, cross_norm), cross_q_proj), heads)
+    attended = mx.fast.scaled_dot_product_attention(queries, text_keys, text_values, scale=scale, mask=text_mask)
+    x = x + project(merge_heads(attended), cross_out_proj)
+    return x + project(ACTIVATIONS[activation](project(layer_norm(x, final_norm), fc1)), fc2)
 
 
 class MusicgenDecoder(nn.Module):
