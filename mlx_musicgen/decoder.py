@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -41,7 +42,36 @@ class DecoderConfig:
         return self.vocab_size
 
 
-ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "gelu_new": nn.gelu_approx, "silu": nn.silu}
+# erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4], and +-1 beyond (as in float32): the float32 rational approximation that
+# Eigen and XLA use. Plain arithmetic, so MLX's compiled CPU kernels vectorise it (mx.erf runs element by element
+# there, ~6x slower); as close to the exact GELU as torch's own (max error 1.4e-6 vs torch's 1.2e-6).
+ERF_P = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05,
+         -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)
+ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
+         -1.45660718464996e-05)
+
+
+def erf(x: mx.array) -> mx.array:
+    x = mx.clip(x, -4.0, 4.0)
+    x2 = x * x
+    return x * polynomial(x2, ERF_P) / polynomial(x2, ERF_Q)
+
+
+def polynomial(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
+    """sum(c[i] * x**i), by Horner's rule."""
+    result = coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        result = result * x + c
+    return result
+
+
+@partial(mx.compile, shapeless=True)
+def gelu(x: mx.array) -> mx.array:
+    """The exact (erf) GELU of the reference."""
+    return x * (1 + erf(x * math.sqrt(0.5))) / 2
+
+
+ACTIVATIONS = {"gelu": gelu, "relu": nn.relu, "gelu_new": nn.gelu_approx, "silu": nn.silu}
 
 
 def sinusoids(positions: mx.array, dims: int) -> mx.array:
