@@ -95,7 +95,7 @@ class SplitDecoderLayer(nn.Module):
         self.fc1 = [column_blocks(layer.fc1.weight[u]) for u in units]
         self.fc2 = [column_blocks(layer.fc2.weight[:, u]) for u in units]
 
-    def text_kv(self, states: mx.array) -> tuple[mx.array, mx.array]:
+    def text_kv(self, states: mx.array, text_rows: int | None = None) -> tuple[mx.array, mx.array]:
         return split_heads(self.text_k_proj(states), 2 * self.heads), split_heads(self.text_v_proj(states), 2 * self.heads)
 
     def make_cache(self, batch: int, max_length: int, dtype: mx.Dtype) -> SplitCache:

@@ -75,6 +75,19 @@ def test_fully_masked_text_gives_no_cross_attention(model, tiny):
     np.testing.assert_allclose(actual, reference_logits(tiny, codes, zero_states, zero_mask), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("text_len, form", [(5, "folded_keys"), (40, "keys")])
+def test_both_cross_attention_forms_match(model, tiny, text_len, form):
+    """Guidance's layout (a row with text, then one without): short text folds the query and output projections
+    into the text's keys and values (1 row x 2 heads x 5 <= 64 wide), long text keeps them (80 > 64)."""
+    codes, states, mask = random_inputs(seed=3, text_len=text_len)
+    mask[1], states[1] = 0, 0
+    text = model.decoder.text_context(mx.array(states), mx.array(mask))
+    if isinstance(text.kv[0], dict):  # the plain layers (the CPU's split layers always project)
+        assert form in text.kv[0]
+    actual = np.array(model.decoder(mx.array(codes), text))
+    np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
+
+
 def test_guided_logits_match_reference_scores(model, tiny):
     """Greedy generation in the reference records the guided scores of every step; ours agree, step by step."""
     texts = ["80s pop track with bassy drums and synth", "lofi"]
@@ -99,3 +112,12 @@ def test_guided_logits_match_reference_scores(model, tiny):
     doubled = mx.array(np.concatenate([inputs_ours, inputs_ours]))
     logits = apply_guidance(model.decoder(doubled, text), 3.0)
     np.testing.assert_allclose(np.array(logits), expected, atol=ATOL, rtol=0)
+
+
+def test_gelu_matches_the_exact_gelu():
+    """Our GELU computes erf with a rational approximation: within 3e-6 of torch's exact (erf) GELU everywhere."""
+    from mlx_musicgen.decoder import gelu
+
+    xs = np.linspace(-12, 12, 240_001, dtype=np.float32)
+    expected = torch.nn.functional.gelu(torch.from_numpy(xs)).numpy()
+    np.testing.assert_allclose(np.array(gelu(mx.array(xs))), expected, atol=3e-6, rtol=0)
