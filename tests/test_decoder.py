@@ -7,20 +7,23 @@ import torch
 
 from mlx_musicgen import MusicGen
 from mlx_musicgen import model as model_module
+from mlx_musicgen.cpu import SplitDecoderLayer, split_for_cpu
 from mlx_musicgen.sampling import apply_guidance
 
 ATOL = 1e-4  # float32 logits
 
 
-@pytest.fixture(scope="module", params=["as loaded here", "plain layers"])
+@pytest.fixture(scope="module", params=["plain layers", "split layers"])
 def model(tiny, request):
-    """On a CPU, loading splits each layer in two halves for two cores (cpu.py); the plain layers are what
-    Metal and CUDA run. Both must match the reference."""
-    if request.param == "plain layers":
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(model_module, "split_for_cpu", lambda decoder: None)
-            return MusicGen.from_pretrained(tiny.folder)
-    return MusicGen.from_pretrained(tiny.folder)
+    """Metal, CUDA and CPUs with MKL run the plain layers; with OpenBLAS a CPU splits each layer in two halves
+    on two streams (cpu.py). Both must match the reference, whichever BLAS this machine loaded."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model_module, "split_for_cpu", lambda decoder: None)
+        loaded = MusicGen.from_pretrained(tiny.folder)
+    if request.param == "split layers":
+        split_for_cpu(loaded.decoder)
+        assert isinstance(loaded.decoder.layers[0], SplitDecoderLayer)
+    return loaded
 
 
 def random_inputs(seed=0, batch=2, frames=9, text_len=5):
