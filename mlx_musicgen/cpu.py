@@ -23,6 +23,12 @@ BLOCK_WIDTH = 64  # output columns per block: small enough that OpenBLAS neither
 _streams: dict[str, tuple[mx.Stream, mx.Stream]] = {}
 
 
+def blas_threads_itself() -> bool:
+    """Whether the CPU's BLAS runs each product on every core by itself (MKL). If not (OpenBLAS, one thread),
+    our CPU code parallelises over two streams and splits the decoder's layers (split_for_cpu)."""
+    return _blas.LOADED == _blas.MKL
+
+
 def parallel_streams() -> tuple[mx.Stream, mx.Stream]:
     """Two streams of the default device, for work that can run on two CPU cores at once.
 
@@ -31,7 +37,7 @@ def parallel_streams() -> tuple[mx.Stream, mx.Stream]:
     device = mx.default_device()
     key = str(device)
     if key not in _streams:
-        if device == mx.cpu and _blas.LOADED == _blas.MKL:
+        if device == mx.cpu and blas_threads_itself():
             stream = mx.default_stream(device)
             _streams[key] = (stream, stream)
         else:

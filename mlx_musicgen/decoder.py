@@ -244,11 +244,11 @@ def cross_attention(h: mx.array, text: dict, text_mask: mx.array, heads: int, sc
     keys, values = text["folded_keys"], text["folded_values"]
     if keys is None:
         return mx.zeros_like(h)
-    rows, (B, L, D) = keys.shape[0], h.shape
+    rows, (B, L, _) = keys.shape[0], h.shape
     scores = (h[:rows] @ keys.swapaxes(-1, -2)).reshape(rows, L, heads, -1) + text_mask[:rows]
     weights = mx.softmax(scores, axis=-1, precise=True).reshape(rows, L, -1)
     out = weights @ values
-    return out if rows == B else mx.concatenate([out, mx.zeros((B - rows, L, D), dtype=out.dtype)])
+    return mx.pad(out, [(0, B - rows), (0, 0), (0, 0)])  # rows without text add 0
 
 
 class MusicgenDecoder(nn.Module):

@@ -21,8 +21,7 @@ from dataclasses import dataclass, fields
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _blas
-from .cpu import parallel_streams
+from .cpu import blas_threads_itself, parallel_streams
 
 
 @dataclass
@@ -248,7 +247,7 @@ class LSTM(nn.Module):
         """x (batch, time, dim) from state (h, c), zeros if None -> (outputs, the final (h, c))."""
         batch, length, dim = x.shape
         gates_x = mx.addmm(self.bias, x, self.Wx.T)  # the input's share of the gates, all steps at once
-        split = mx.default_device() == mx.cpu and _blas.LOADED != _blas.MKL  # MKL threads one product itself
+        split = mx.default_device() == mx.cpu and not blas_threads_itself()
         recurrent = self.split_recurrent_product() if split else lambda h: h @ self.Wh.T
         gate_scale = mx.concatenate([mx.ones(2 * dim), mx.full(dim, 2.0), mx.ones(dim)])
         h, c = state if state is not None else (mx.zeros((batch, dim)), mx.zeros((batch, dim)))

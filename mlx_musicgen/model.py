@@ -15,8 +15,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from . import audio, delay, loading
-from . import _blas
-from .cpu import split_for_cpu
+from .cpu import blas_threads_itself, split_for_cpu
 from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .sampling import apply_guidance, check_tokens, sample
@@ -96,8 +95,8 @@ class MusicGen(nn.Module):
         model.load_checked(weights, folder)
         if dtype is not None:
             model.set_decoder_dtype(dtype)
-        if mx.default_device() == mx.cpu and _blas.LOADED == _blas.OPENBLAS:
-            split_for_cpu(model.decoder)  # MKL streams these products at full speed on its own threads
+        if mx.default_device() == mx.cpu and not blas_threads_itself():
+            split_for_cpu(model.decoder)
         model.tokenizer = loading.load_tokenizer(folder)
         mx.eval(model.parameters())
         return model
