@@ -540,7 +540,7 @@ def drift(cfg: dict, variant_folder: str, positions: int = 32) -> dict:
 
 
 def mlx_worker(cfg: dict) -> dict:
-    if cfg.get("threads"):  # read when MKL loads (OpenBLAS keeps mlx_musicgen's one thread: see _blas.py)
+    if cfg.get("threads"):  # read when MKL loads (OpenBLAS keeps mlx_musicgen's one thread: see mlx_musicgen/_linux.py)
         os.environ.setdefault("MKL_NUM_THREADS", str(cfg["threads"]))
     if cfg.get("blas"):
         os.environ["MLX_MUSICGEN_BLAS"] = cfg["blas"]
@@ -802,7 +802,7 @@ def main(argv=None) -> int:
     p.add_argument("--reference-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--blas", choices=["mkl", "openblas"], default=None,
-                   help="our side's BLAS on Linux (default: MKL when installed, else OpenBLAS; see mlx_musicgen/_blas.py)")
+                   help="our side's BLAS on Linux (default: MKL when installed, else OpenBLAS; see mlx_musicgen/_linux.py)")
     p.add_argument("--cache-dir", type=Path, default=REPO / ".bench_cache")
     p.add_argument("--bandwidth-mb", type=int, default=512,
                    help="array size of the copy-bandwidth measurement (twice it for sgemv); keep it above the L3")

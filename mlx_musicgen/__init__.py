@@ -1,10 +1,11 @@
 """MusicGen text-to-music in MLX."""
 
-from ._blas import load_optimized_blas
+from . import _linux
 
 __version__ = "0.1.0"
 
-BLAS = load_optimized_blas()  # must run before the first `import mlx`
+BLAS = _linux.load_optimized_blas()  # must run before the first `import mlx`
+_linux.keep_freed_memory()
 
 from .model import MusicGen, MusicGenConfig  # noqa: E402
 

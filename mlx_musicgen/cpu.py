@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import _blas
+from . import _linux
 from .decoder import ACTIVATIONS, DecoderLayer, KVCache, split_heads
 
 MAX_BLOCKED_ROWS = 8  # more rows (a prefill) amortise the repacking: one ordinary product is faster
@@ -26,7 +26,7 @@ _streams: dict[str, tuple[mx.Stream, mx.Stream]] = {}
 def blas_threads_itself() -> bool:
     """Whether the CPU's BLAS runs each product on every core by itself (MKL). If not (OpenBLAS, one thread),
     our CPU code parallelises over two streams and splits the decoder's layers (split_for_cpu)."""
-    return _blas.LOADED == _blas.MKL
+    return _linux.LOADED == _linux.MKL
 
 
 def parallel_streams() -> tuple[mx.Stream, mx.Stream]:

@@ -8,7 +8,7 @@ Written for speed on a 2-core CPU as well as on a GPU, with portable MLX ops onl
   convolution is one matmul over all kernel taps plus, where needed, a sum of shifted slices.
 - The convolutions around the LSTMs run on overlapping chunks of frames, two streams at a time
   (exact, see run_in_chunks); the LSTMs split their recurrent product over two streams.
-- exp, in ELU and the LSTM's sigmoids, is a fused polynomial (MLX's CPU exp is scalar and slow).
+- exp, in ELU and the LSTM's sigmoids, is fused polynomial arithmetic (MLX's CPU exp is scalar and slow).
 """
 
 from __future__ import annotations
@@ -119,12 +119,37 @@ def sigmoid(x: mx.array) -> mx.array:
     return 1.0 / (1.0 + fast_exp(mx.minimum(-x, 88.0)))
 
 
+# ELU's negative part, expm1(-u) for u = max(-x, 0), from expm1(u) = e**u - 1: Taylor at v = u / 8, doubled
+# three times by expm1(2v) = expm1(v) * (expm1(v) + 2), then expm1(-u) = -1 / (1 + 1 / expm1(u)). Only plain
+# arithmetic, which MLX compiles into vectorised loops; exact at 0, accurate relative to tiny values, and -1 once
+# expm1(u) overflows. MLX fuses at most 11 dependent ops into a kernel: each function below is 10 deep, so an
+# ELU is two passes over memory (with fast_exp it was five, and took twice as long).
+ELU_DOUBLINGS = 3
+EXPM1_TAYLOR = tuple(1 / math.factorial(j + 1) for j in range(7))  # expm1(v) = v * (1 + v/2 + v**2/6 + ...)
+
+
 @mx.compile
+def elu_expm1_reduced(x: mx.array) -> mx.array:
+    """expm1(v) for v = max(-x, 0) / 8, by Taylor (in Estrin's scheme, which is shallow)."""
+    c = EXPM1_TAYLOR
+    v = (mx.abs(x) - x) * (0.5 / 2**ELU_DOUBLINGS)
+    v2 = v * v
+    low = (c[0] + v * c[1]) + v2 * (c[2] + v * c[3])
+    high = (c[4] + v * c[5]) + v2 * c[6]
+    return v * (low + (v2 * v2) * high)
+
+
+@mx.compile
+def elu_from_reduced(x: mx.array, d: mx.array) -> mx.array:
+    for _ in range(ELU_DOUBLINGS):
+        d = d * (d + 2.0)  # expm1(v) -> expm1(2v); after three, d = expm1(max(-x, 0)), inf far out
+    negative_part = -1.0 / (1.0 + 1.0 / d)  # expm1(-u) = -expm1(u) / (1 + expm1(u)): -1 at inf, -0 at 0
+    return (x + (mx.abs(x) - x) * 0.5) + negative_part  # max(x, 0) + expm1(min(x, 0))
+
+
 def elu(x: mx.array) -> mx.array:
-    # relu(x) + exp(min(x, 0)) - 1, with abs rather than minimum/maximum: those branch in compiled
-    # CPU code, and a branch on the sign of x is mispredicted half the time.
-    magnitude = mx.abs(x)
-    return (x + magnitude) * 0.5 + (fast_exp((x - magnitude) * 0.5) - 1.0)
+    """torch's ELU (alpha 1); max abs error 1.7e-7, relative 4e-7."""
+    return elu_from_reduced(x, elu_expm1_reduced(x))
 
 
 class ELU(nn.Module):

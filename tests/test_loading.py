@@ -2,7 +2,10 @@
 files, converted folders of another format, and Hub ids that are unreachable offline."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -61,3 +64,13 @@ def test_hub_id_offline_without_cache_says_how_to_get_it(tmp_path, monkeypatch):
 def test_path_that_is_neither_folder_nor_hub_id(tmp_path):
     with pytest.raises(CheckpointError, match="neither an existing folder nor a Hub id"):
         MusicGen.from_pretrained(str(tmp_path / "missing" / "deeper" / "model"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="only Linux's mlx wheels need a BLAS loaded first")
+@pytest.mark.parametrize("mlx_first", [True, False])
+def test_importing_mlx_first_warns_of_the_slow_blas(mlx_first):
+    imports = "import mlx.core; import mlx_musicgen" if mlx_first else "import mlx_musicgen; import mlx.core"
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MLX_MUSICGEN_NO_BLAS_FIX")}
+    result = subprocess.run([sys.executable, "-W", "always", "-c", imports], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert ("import mlx_musicgen first" in result.stderr) == mlx_first

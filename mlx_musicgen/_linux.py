@@ -1,0 +1,103 @@
+"""Process setup for MLX on Linux: an optimized BLAS, loaded before mlx, and a malloc that keeps freed memory.
+
+MLX's Linux wheels link a reference BLAS whose float32 matmul is ~60x slower than an optimized one. Loading one
+into the global symbol namespace before mlx is imported makes mlx's BLAS calls resolve to it. In order of speed:
+- MKL (pip package `mkl`, installed with the `cpu` extra on x86-64): a decoding step's products of 2-8 rows by
+  each weight stream at the memory bandwidth on its own threads, so the decoder runs as one stream.
+- OpenBLAS (Debian's libopenblas0-pthread): it repacks whole weights for such products, so the decoder works
+  around it with its own two streams (cpu.py) and OpenBLAS runs one thread.
+"""
+
+import ctypes
+import os
+import platform
+import sys
+import warnings
+from pathlib import Path
+
+MKL = "mkl"
+OPENBLAS = "openblas"
+OPENBLAS_NAMES = ("libopenblas.so.0", "libopenblas.so", "libopenblasp-r0.so")
+MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
+
+
+LOADED: str | None = None  # what load_optimized_blas loaded
+
+
+def load_optimized_blas() -> str | None:
+    """Returns MKL, OPENBLAS, or None (not Linux, turned off, or neither installed).
+
+    MLX_MUSICGEN_BLAS=openblas skips MKL; MLX_MUSICGEN_NO_BLAS_FIX=1 loads nothing. If mlx was imported first,
+    its BLAS is fixed for good: this reports a BLAS preloaded into the process (LD_PRELOAD), or warns."""
+    if not sys.platform.startswith("linux") or os.environ.get("MLX_MUSICGEN_NO_BLAS_FIX"):
+        return None
+    global LOADED
+    if "mlx.core" in sys.modules:
+        LOADED = preloaded_blas()
+        if LOADED is None:
+            warnings.warn(
+                "mlx was imported before mlx_musicgen, so MLX keeps its reference BLAS (matrix products ~60x slower "
+                "on Linux): import mlx_musicgen first",
+                stacklevel=2,
+            )
+        return LOADED
+    if os.environ.get("MLX_MUSICGEN_BLAS", MKL) == MKL and load_mkl():
+        LOADED = MKL
+    else:
+        # Our CPU code runs its own two streams of small products (cpu.py); OpenBLAS's worker threads would only
+        # spin against them (EnCodec decodes ~10% faster with one).
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        LOADED = OPENBLAS if load_first(OPENBLAS_NAMES) else None
+    return LOADED
+
+
+def preloaded_blas() -> str | None:
+    """MKL or OPENBLAS if the process has one of the libraries that load_optimized_blas would load."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    names = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
+    # Debian's libopenblas.so.0 resolves to libopenblasp-r0.*.so; numpy's bundled OpenBLAS has other names.
+    for blas, prefixes in ((MKL, ("libmkl_rt.so",)), (OPENBLAS, ("libopenblas.so", "libopenblasp-r0"))):
+        if any(name.startswith(prefixes) for name in names):
+            return blas
+    return None
+
+
+def load_mkl() -> bool:
+    # The pip wheel puts its libraries in the environment's lib/ folder, which the loader does not search.
+    folders = [Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib"]
+    candidates = [str(folder / name) for folder in folders for name in MKL_NAMES] + list(MKL_NAMES)
+    if load_first(("libgomp.so.1",)):
+        # GNU OpenMP: the runtime torch and compilers bring anyway, so a process never holds two of them.
+        os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
+    return load_first(candidates)
+
+
+def load_first(names) -> bool:
+    for name in names:
+        try:
+            ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def keep_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse rather than hand it back to the OS at once.
+
+    MLX's CPU allocator mallocs every buffer and caches only 32 MB of freed ones. glibc serves blocks over
+    128 KB with fresh mmaps and trims a freed heap top, so each large intermediate was page-faulted in anew:
+    a third of EnCodec's decode time on a 2-core CPU. Blocks up to 32 MB (glibc's most) now come from the
+    heap, and up to 256 MB of free heap stays mapped. Settings the user made through the environment win.
+    """
+    if platform.libc_ver()[0] != "glibc" or any(
+        name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    ):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
