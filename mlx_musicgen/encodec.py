@@ -90,66 +90,48 @@ class EncodecConfig:
                 raise ValueError(f"EnCodec setting {name}={getattr(self, name)!r} is not supported")
 
 
-LOG2_E = 1.4426950408889634
-ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 to an integer
-# 2**f for |f| <= 0.5 (Cephes' polynomial, relative error ~1e-7).
-EXP2_COEFFS = (
-    1.0, 6.931472028550421e-1, 2.402264791363012e-1, 5.550332471162809e-2,
-    9.618437357674640e-3, 1.339887440266574e-3, 1.535336188319500e-4,
-)  # fmt: skip
-
-
-def fast_exp(x: mx.array) -> mx.array:
-    """exp(x) for x <= 88, as 2**n * 2**f with n an integer and |f| <= 0.5; relative error < 4e-6.
-
-    On a CPU, MLX's exp costs ~13 ns an element (scalar code calling libm); in a compiled function
-    this costs ~2 ns.
-    """
-    t = mx.maximum(x * LOG2_E, -126.0)  # below 2**-126, flush to 2**-126 (a normal float)
-    n = (t + ROUND) - ROUND
-    f = t - n
-    c = EXP2_COEFFS
-    f2 = f * f
-    exp2_f = (c[0] + c[1] * f) + f2 * ((c[2] + c[3] * f) + f2 * ((c[4] + c[5] * f) + f2 * c[6]))
-    exp2_n = mx.view(((n + 127.0) * 2.0**23).astype(mx.int32), mx.float32)  # the float with exponent n
-    return exp2_f * exp2_n
-
-
-def sigmoid(x: mx.array) -> mx.array:
-    return 1.0 / (1.0 + fast_exp(mx.minimum(-x, 88.0)))
-
-
-# ELU's negative part, expm1(-u) for u = max(-x, 0), from expm1(u) = e**u - 1: Taylor at v = u / 8, doubled
-# three times by expm1(2v) = expm1(v) * (expm1(v) + 2), then expm1(-u) = -1 / (1 + 1 / expm1(u)). Only plain
-# arithmetic, which MLX compiles into vectorised loops; exact at 0, accurate relative to tiny values, and -1 once
-# expm1(u) overflows. MLX fuses at most 11 dependent ops into a kernel: each function below is 10 deep, so an
-# ELU is two passes over memory (with fast_exp it was five, and took twice as long).
-ELU_DOUBLINGS = 3
+# exp, for ELU and the LSTM's gates. MLX's CPU exp is scalar code calling libm (~13 ns an element), so exp is
+# built from plain arithmetic, which MLX compiles into vectorised loops: expm1(u) for u >= 0 as Taylor at
+# v = u / 8, doubled three times by expm1(2v) = expm1(v) * (expm1(v) + 2). That keeps its accuracy relative to
+# tiny values, needs no exponent bits, and overflows to inf cleanly far out; exp(-u) and the rest follow from it.
+# MLX fuses at most 11 dependent ops into one kernel, so each function is two compiled halves: the Taylor part
+# (*_reduced) and the doublings with what follows, ~10 ops deep each.
+EXPM1_DOUBLINGS = 3
 EXPM1_TAYLOR = tuple(1 / math.factorial(j + 1) for j in range(7))  # expm1(v) = v * (1 + v/2 + v**2/6 + ...)
 
 
-@mx.compile
-def elu_expm1_reduced(x: mx.array) -> mx.array:
-    """expm1(v) for v = max(-x, 0) / 8, by Taylor (in Estrin's scheme, which is shallow)."""
+def expm1_reduced(u: mx.array, scale: float) -> mx.array:
+    """expm1(v) for v = u * scale / 8, u >= 0, by Taylor (in Estrin's scheme, which is shallow)."""
     c = EXPM1_TAYLOR
-    v = (mx.abs(x) - x) * (0.5 / 2**ELU_DOUBLINGS)
+    v = u * (scale / 2**EXPM1_DOUBLINGS)
     v2 = v * v
     low = (c[0] + v * c[1]) + v2 * (c[2] + v * c[3])
     high = (c[4] + v * c[5]) + v2 * c[6]
     return v * (low + (v2 * v2) * high)
 
 
+def expm1_doubled(d: mx.array) -> mx.array:
+    """expm1(8v) from d = expm1(v)."""
+    for _ in range(EXPM1_DOUBLINGS):
+        d = d * (d + 2.0)
+    return d
+
+
+@mx.compile
+def elu_reduced(x: mx.array) -> mx.array:
+    return expm1_reduced(mx.abs(x) - x, 0.5)  # u = max(-x, 0)
+
+
 @mx.compile
 def elu_from_reduced(x: mx.array, d: mx.array) -> mx.array:
-    for _ in range(ELU_DOUBLINGS):
-        d = d * (d + 2.0)  # expm1(v) -> expm1(2v); after three, d = expm1(max(-x, 0)), inf far out
-    negative_part = -1.0 / (1.0 + 1.0 / d)  # expm1(-u) = -expm1(u) / (1 + expm1(u)): -1 at inf, -0 at 0
+    negative_part = -1.0 / (1.0 + 1.0 / expm1_doubled(d))  # expm1(-u) = -expm1(u) / (1 + expm1(u)): -1 at inf
     return (x + (mx.abs(x) - x) * 0.5) + negative_part  # max(x, 0) + expm1(min(x, 0))
 
 
 def elu(x: mx.array) -> mx.array:
-    """torch's ELU (alpha 1); max abs error 1.7e-7, relative 4e-7."""
-    return elu_from_reduced(x, elu_expm1_reduced(x))
+    """torch's ELU (alpha 1), in two passes (five with an exp from exponent bits, twice as slow); max abs
+    error 1.7e-7, relative 4e-7."""
+    return elu_from_reduced(x, elu_reduced(x))
 
 
 class ELU(nn.Module):
@@ -245,13 +227,41 @@ class EncodecConvTranspose1d(nn.Module):
         return y[:, self.stride - right : y.shape[1] - right]
 
 
+# One LSTM step as four compiled functions: ~15 tasks for MLX's CPU scheduler rather than ~25. A step's
+# arrays are small, so the per-task cost (~4 us) is what counts.
 @mx.compile
-def lstm_cell(gates: mx.array, cell: mx.array, gate_scale: mx.array) -> tuple[mx.array, mx.array]:
-    """torch's LSTM update (gates in the order i, f, g, o), with tanh(g) = 2 * sigmoid(2 * g) - 1 so that
-    one sigmoid covers all gates (gate_scale is 2 for g, 1 for the others)."""
-    i, f, g, o = mx.split(sigmoid(gates * gate_scale), 4, axis=-1)
+def gates_reduced(gates_x: mx.array, gates_h: mx.array, gate_scale: mx.array) -> mx.array:
+    return expm1_reduced(mx.abs((gates_x + gates_h) * gate_scale), 1.0)
+
+
+@mx.compile
+def gates_sigmoid(gates_x: mx.array, gates_h: mx.array, gate_scale: mx.array, d: mx.array) -> mx.array:
+    """sigmoid(z) = step(z) - sign(z) / (2 + expm1(|z|)), for z = (gates_x + gates_h) * gate_scale."""
+    z = (gates_x + gates_h) * gate_scale
+    return (mx.sign(z) + 1.0) * 0.5 - mx.sign(z) / (2.0 + expm1_doubled(d))
+
+
+@mx.compile
+def cell_update(gates: mx.array, cell: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """torch's update (gates i, f, g, o), with tanh(g) = 2 * sigmoid(2g) - 1: gate_scale is 2 for g, so one
+    sigmoid covers all gates. Returns the new cell, o, and the Taylor part of tanh(cell)."""
+    i, f, g, o = mx.split(gates, 4, axis=-1)
     cell = f * cell + i * (2.0 * g - 1.0)
-    return o * (2.0 * sigmoid(2.0 * cell) - 1.0), cell
+    return cell, o, expm1_reduced(mx.abs(cell), 2.0)
+
+
+@mx.compile
+def hidden_state(o: mx.array, cell: mx.array, d: mx.array) -> mx.array:
+    return o * (mx.sign(cell) * (1.0 - 2.0 / (2.0 + expm1_doubled(d))))  # tanh(c) = sign(c) * (1 - 2 / (e**2|c| + 1))
+
+
+def lstm_cell(
+    gates_x: mx.array, gates_h: mx.array, cell: mx.array, gate_scale: mx.array
+) -> tuple[mx.array, mx.array]:
+    """(h, c) after one step, from the input's and the hidden state's shares of the gates."""
+    gates = gates_sigmoid(gates_x, gates_h, gate_scale, gates_reduced(gates_x, gates_h, gate_scale))
+    cell, o, d = cell_update(gates, cell)
+    return hidden_state(o, cell, d), cell
 
 
 class LSTM(nn.Module):
@@ -278,7 +288,7 @@ class LSTM(nn.Module):
         h, c = state if state is not None else (mx.zeros((batch, dim)), mx.zeros((batch, dim)))
         outputs = []
         for t in range(length):
-            h, c = lstm_cell(gates_x[:, t] + recurrent(h), c, gate_scale)
+            h, c = lstm_cell(gates_x[:, t], recurrent(h), c, gate_scale)
             outputs.append(h)
         return mx.stack(outputs, axis=1), (h, c)
 

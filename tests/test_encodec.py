@@ -48,12 +48,30 @@ def test_elu_matches_torch():
     """Our ELU computes expm1 from a polynomial: within 3e-7 of torch's ELU, relative error 1e-6 near 0, -1 far out."""
     from mlx_musicgen.encodec import elu
 
-    xs = np.concatenate([np.linspace(-40, 8, 480_001), np.geomspace(1e-30, 1e-2, 1001), -np.geomspace(1e-30, 1e-2, 1001),
-                         [0.0, -1e4, -1e30]]).astype(np.float32)
+    tiny = np.geomspace(1e-30, 1e-2, 1001)
+    xs = np.concatenate([np.linspace(-40, 8, 480_001), tiny, -tiny, [0.0, -1e4, -1e30]]).astype(np.float32)
     expected = torch.nn.functional.elu(torch.from_numpy(xs).double()).numpy()
     actual = np.array(elu(mx.array(xs)))
     np.testing.assert_allclose(actual, expected, atol=3e-7, rtol=1e-6)
     assert np.isnan(np.array(elu(mx.array([np.nan])))).all()
+
+
+def test_lstm_matches_torch_with_saturated_gates():
+    """Our LSTM's sigmoid and tanh come from the same polynomial expm1; large inputs drive gates to 0 and 1."""
+    from mlx_musicgen.encodec import LSTM
+
+    torch.manual_seed(0)
+    reference = torch.nn.LSTM(16, 16, batch_first=True)
+    x = torch.randn(2, 30, 16) * 8
+    with torch.no_grad():
+        expected, (h, c) = reference(x)
+    layer = LSTM(16)
+    weights = {name: mx.array(value.detach().numpy()) for name, value in reference.named_parameters()}
+    layer.Wx, layer.Wh = weights["weight_ih_l0"], weights["weight_hh_l0"]
+    layer.bias = weights["bias_ih_l0"] + weights["bias_hh_l0"]
+    actual, (h_actual, c_actual) = layer.run(mx.array(x.numpy()))
+    np.testing.assert_allclose(np.array(actual), expected.numpy(), atol=1e-6)  # measured 3e-7
+    np.testing.assert_allclose(np.array(c_actual), c[0].numpy(), atol=1e-6)
 
 
 def test_config_arithmetic_matches_reference(reference):
