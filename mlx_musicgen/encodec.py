@@ -442,11 +442,13 @@ class EncodecDecoder(nn.Module):
     def __call__(self, x: mx.array, chunk_frames: int = CHUNK_FRAMES) -> mx.array:
         """(batch, frames, hidden) embeddings -> (batch, frames * hop_length, audio_channels) audio.
 
-        The first conv and the LSTM run over all frames, the upsampling layers in chunks (see run_in_chunks).
+        The first conv, the LSTM and the first upsampling run over all frames (in chunks, that one would read
+        its large weight once a chunk), the other upsampling layers in chunks (see run_in_chunks).
         """
-        first, lstm, *upsampling = self.layers
-        x = lstm(first(x))
-        return run_in_chunks(upsampling, x, x.shape[1], 1, self.hop_length, self.context, chunk_frames)
+        first, lstm, activation, upsample, *rest = self.layers
+        num_frames = x.shape[1]
+        x = upsample(activation(lstm(first(x))))
+        return run_in_chunks(rest, x, num_frames, upsample.stride, self.hop_length, self.context, chunk_frames)
 
 
 class EncodecCodebook(nn.Module):
