@@ -97,8 +97,8 @@ class MusicGen(nn.Module):
             model.set_decoder_dtype(dtype)
         if mx.default_device() == mx.cpu:
             model.warn_if_slow_on_cpu()
-        if mx.default_device() == mx.cpu and not blas_threads_itself():
-            split_for_cpu(model.decoder)
+            if not blas_threads_itself():
+                split_for_cpu(model.decoder)
         model.tokenizer = loading.load_tokenizer(folder)
         mx.eval(model.parameters())
         return model
