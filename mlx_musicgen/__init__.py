@@ -4,9 +4,10 @@ from . import _linux
 
 __version__ = "0.1.0"
 
-BLAS = _linux.load_optimized_blas()  # must run before the first `import mlx`
+_linux.load_optimized_blas()  # must run before the first `import mlx`
 _linux.keep_freed_memory()
 
+from .generation import GenerationConfig  # noqa: E402
 from .model import MusicGen, MusicGenConfig  # noqa: E402
 
-__all__ = ["MusicGen", "MusicGenConfig", "BLAS"]
+__all__ = ["MusicGen", "MusicGenConfig", "GenerationConfig"]

@@ -1,8 +1,14 @@
-"""Hugging Face MusicGen checkpoint -> MLX folder (safetensors + config + tokenizer), written atomically."""
+"""Hugging Face MusicGen checkpoint -> MLX folder (safetensors + config + tokenizer), written atomically
+(the `mlx_musicgen.convert` command; convert.py runs it too).
+
+    mlx_musicgen.convert --hf-path facebook/musicgen-small --mlx-path mlx_model [--dtype float16] [-q --q-bits 4]
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,7 +18,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import atomic, loading
-from .model import MusicGen, MusicGenConfig
+from .cli import Bar, run_main
+from .model import MusicGen
 
 STAGES = ("finding the checkpoint", "reading and mapping weights", "casting the decoder", "writing")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -52,13 +59,10 @@ def convert(
 
     report(STAGES[0])
     folder = loading.resolve(hf_path)
-    config = loading.read_config(folder)
-    if loading.is_converted(config):
+    if loading.is_converted(loading.read_config(folder)):
         raise loading.CheckpointError(f"{folder} is already converted; load it directly.")
-    generation = loading.read_generation_config(folder)
-    model = MusicGen(MusicGenConfig.from_dict(config, generation))
     report(STAGES[1])
-    model.load_checked(MusicGen.sanitize(loading.load_hf_weights(folder, read_bin)), folder)
+    model, config = loading.build_model(folder, read_bin)
     report(STAGES[2])
     model.set_decoder_dtype(DTYPES[dtype])
     quantization = None
@@ -71,7 +75,7 @@ def convert(
         "source": str(hf_path),
         "dtype": dtype,
         "quantization": quantization,
-        "max_length": generation.get("max_length", 1500),
+        "max_length": model.config.max_length,
     }
     report(STAGES[3])
     write_atomically(out, model, config, folder)
@@ -108,3 +112,59 @@ def write_atomically(out: Path, model: MusicGen, config: dict, source: Path) -> 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf-path", default="facebook/musicgen-small", help="Hub id or Hub-layout folder")
+    p.add_argument("--mlx-path", default="mlx_model", help="output folder (default mlx_model)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="decoder precision; T5 and EnCodec stay float32 (default float32)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize the decoder (4 bits unless --q-bits)")
+    p.add_argument("--q-bits", type=int, choices=[4, 8], help="bits per decoder weight (implies -q)")
+    p.add_argument("--q-group-size", type=int, default=64, help="quantization group size (default 64)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --mlx-path")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def read_torch_bin(files: list[Path]) -> dict[str, mx.array]:
+    """Older checkpoints (pytorch_model.bin): torch's safe loader (tensors only, no code). Conversion is the
+    only place torch is used outside tests and benchmarks."""
+    try:
+        import torch
+    except ImportError:
+        raise loading.CheckpointError(
+            f"{files[0].parent} has only pytorch_model.bin weights: install torch to convert it once "
+            "(`pip install torch`), then use the converted folder."
+        ) from None
+    weights = {}
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        weights.update({k: mx.array(v.float().numpy()) for k, v in state.items()})
+    return weights
+
+
+def run(args: argparse.Namespace) -> None:
+    bits = args.q_bits or (4 if args.quantize else None)
+    with Bar(total=len(STAGES), desc="converting", unit="stage", dynamic_ncols=True,
+             bar_format="{desc}: {n}/{total} stages |{bar}| [{elapsed}{postfix}]") as bar:
+
+        def stage(name: str) -> None:
+            bar.update(STAGES.index(name) - bar.n)
+            bar.set_postfix_str(name)
+
+        out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, q_bits=bits, q_group_size=args.q_group_size,
+                      overwrite=args.overwrite, progress=stage, read_bin=read_torch_bin)
+        bar.update(len(STAGES) - bar.n)
+        bar.set_postfix_str("done")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_main(lambda: run(args), args.debug)
+
+
+if __name__ == "__main__":
+    main()

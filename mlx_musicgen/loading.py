@@ -1,14 +1,22 @@
-"""Finding a checkpoint (Hub id or folder), reading its config, tensors and tokenizer."""
+"""Loading a model: resolve (Hub id or folder) -> config -> model -> sanitize -> quantize -> strict load.
+
+Every file the model needs must be there and every parameter filled by a tensor of its shape; what is wrong
+is named in a one-line CheckpointError that says what to do.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
-FORMAT_VERSION = 1  # of converted folders; bump when the layout of weights or config changes
+if TYPE_CHECKING:
+    from .model import MusicGen
+
+FORMAT_VERSION = 2  # of converted folders; bump when the layout of weights or config changes (2: portable layout)
 CONVERTED_KEY = "mlx_musicgen"  # the converted config.json's own section
 SUPPORTED_MODEL_TYPES = ("musicgen",)
 
@@ -161,3 +169,47 @@ def load_tokenizer(folder: Path):
         raise CheckpointError(f"Could not load the tokenizer from {folder} ({e}).") from None
     finally:
         logging.set_verbosity(verbosity)
+
+
+def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicGen, dict]:
+    """The model a checkpoint folder describes, its weights loaded strictly, and its raw config."""
+    from .model import MusicGen, MusicGenConfig
+
+    raw = read_config(folder)
+    config = MusicGenConfig.from_dict(raw, read_generation_config(folder))
+    model = MusicGen(config)
+    if is_converted(raw):
+        if config.quantization:
+            model.quantize_decoder(**config.quantization)
+        weights = load_safetensors(folder / "model.safetensors")
+    else:
+        # Contiguous, as a converted folder's are: the same layouts give the same kernels, hence the same bits.
+        weights = {k: mx.contiguous(v) for k, v in MusicGen.sanitize(load_hf_weights(folder, read_bin)).items()}
+    load_weights(model, weights, folder)
+    return model, raw
+
+
+def load_model(path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> MusicGen:
+    """A converted folder, a Hub-layout folder (converted in memory) or a Hub id -> MusicGen with its tokenizer,
+    the decoder in `dtype` if given (the portable model: see MusicGen.from_pretrained for the device's)."""
+    folder = resolve(path_or_id)
+    model, _ = build_model(folder)
+    if dtype is not None:
+        model.set_decoder_dtype(dtype)
+    model.tokenizer = load_tokenizer(folder)
+    return model
+
+
+def load_weights(model: MusicGen, weights: dict[str, mx.array], source: Path | str) -> None:
+    """Strict loading: every tensor must fill a parameter of the same shape, and every parameter be filled."""
+    expected = dict(tree_flatten(model.parameters()))
+    unexpected = sorted(set(weights) - set(expected))
+    missing = sorted(set(expected) - set(weights))
+    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+    problems = []
+    for what, names in (("unexpected tensors", unexpected), ("missing tensors", missing), ("wrong shapes", wrong)):
+        if names:
+            problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if problems:
+        raise CheckpointError(f"{source} does not match the MusicGen architecture of its config: {'; '.join(problems)}.")
+    model.load_weights(list(weights.items()), strict=True)

@@ -1,5 +1,5 @@
-"""benchmarks/bench_generate.py end to end on the tiny shape: it runs, and its JSON holds sane numbers.
-Not a timing test: the numbers are only checked for being present, finite and positive."""
+"""benchmarks/bench_generate.py end to end on the tiny shape, and benchmarks/step_bytes.py against sizes computed by
+hand. Not timing tests: the benchmark's numbers are only checked for being present, finite and positive."""
 
 import json
 import math
@@ -7,65 +7,101 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "benchmarks" / "bench_generate.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from step_bytes import step_bytes  # noqa: E402
+
+SIDE_KEYS = ("tokens_per_s", "ms_per_step", "first_frame_s", "encodec_s", "t5_s", "peak_rss_mb", "floor_ms",
+             "floor_share")
 
 
-def run_bench(tmp_path, *args):
-    out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--shape", "tiny", "--tokens", "8", "--cache-dir", str(tmp_path / "cache"),
-         "--bandwidth-mb", "32", "--json", str(out), *args],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_cache")  # the tiny checkpoint, built by the first run, shared
+
+
+def run(tool, *args):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / tool), *map(str, args)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(out.read_text()), result.stdout
+    return result.stdout
+
+
+def bench(cache, tmp_path, *args):
+    out = tmp_path / "bench.json"
+    stdout = run("bench_generate.py", "--shape", "tiny", "--tokens", 8, "--cache-dir", cache, "--bandwidth-mb", 32,
+                 "--json", out, *args)
+    return json.loads(out.read_text()), stdout
 
 
 def positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_bench_reports_both_sides(tmp_path):
-    report, stdout = run_bench(tmp_path)
-    assert "tokens/s" in stdout and "warm-up" in stdout and "bandwidth floor" in stdout
+@pytest.fixture(scope="module")
+def float32_report(cache, tmp_path_factory):
+    return bench(cache, tmp_path_factory.mktemp("float32"))
+
+
+@pytest.fixture(scope="module")
+def q8_report(cache, tmp_path_factory):
+    return bench(cache, tmp_path_factory.mktemp("q8"), "--skip-reference", "-q", 8, "--portable")
+
+
+def test_bench_reports_both_sides_and_ratios(float32_report):
+    report, stdout = float32_report
+    assert "tokens/s" in stdout and "ours/ref" in stdout and "floor_share:" in stdout
     config = report["config"]
-    assert config["tokens"] == 8 and config["batch"] == 1 and config["variant"] == "float32"
-    assert config["frames"] == 8 + 1 - 4
+    assert config["tokens"] == 8 and config["frames"] == 8 + 1 - 4 and config["variant"] == "float32"
+    assert positive(report["bandwidth_gbps"])
     for side in ("reference", "ours"):
-        s = report[side]["summary"]
-        for key in ("tokens_per_s", "real_time_factor", "time_to_first_audio_s", "time_to_first_frame_s",
-                    "t5_s", "steps_s", "encodec_s", "ms_per_step_mean"):
-            assert positive(s[key]), (side, key, s[key])
-        assert s["time_to_first_audio_s"] == s["total_s"]  # neither side streams
-        assert s["t5_s"] + s["encodec_s"] < s["total_s"]
-        assert s["time_to_first_frame_s"] < s["total_s"]
-        assert math.isclose(s["audio_s"], 5 * 32 / 32000)  # 5 frames of the tiny codec's 32-sample hop
-        memory = report[side]["memory"]
-        assert positive(memory["peak_rss_mb"]) and memory["peak_rss_mb"] >= memory["rss_after_load_mb"]
-    assert report["reference"]["runs"][0]["decoder_calls"] in (8, 9)  # one forward per step (+ a prefill)
-    assert 1 <= report["ours"]["runs"][0]["progress_calls"] <= 5  # frames come out as they complete
-    assert report["ours"]["device"] and report["reference"]["device"]
-    floor = report["floor"]
-    for key in ("weight_gb_per_step", "bandwidth_gbps", "floor_ms_per_step", "ours_ms_per_step", "fraction_of_floor"):
-        assert positive(floor[key]), (key, floor[key])
-    weights = report["ours"]["weight_bytes"]
-    assert weights["per_step"] == weights["layers"] + weights["heads"] + weights["embeddings"] + weights["norm"]
-    assert weights["cross_kv_once"] > 0
-    assert "drift" not in report["ours"]  # float32 is the baseline
-    assert set(report["targets"]) and not any(t["applicable"] for t in report["targets"].values())
+        for key in SIDE_KEYS:
+            assert positive(report[side][key]), (side, key, report[side][key])
+        assert report[side]["first_frame_s"] < report[side]["total_s"]
+        assert report[side]["step_bytes"]["per_step"] > 0
+    for key in SIDE_KEYS:
+        assert positive(report["ratios"][key]), key
+    # the same float32 weights, read from the Hub layout (reference) and the converted folder (ours)
+    assert report["reference"]["step_bytes"] == report["ours"]["step_bytes"]
+    assert "drift" not in report["ours"]
 
 
-def test_bench_quantized_reports_drift(tmp_path):
-    report, stdout = run_bench(tmp_path, "--skip-reference", "-q", "8")
-    assert report["reference"] is None and report["config"]["variant"] == "float32-q8g64"
-    assert positive(report["ours"]["summary"]["tokens_per_s"])
+def test_bench_quantized_portable_reports_drift(q8_report):
+    report, stdout = q8_report
+    assert report["reference"] is None and report["ratios"] == {}
+    assert report["config"]["variant"] == "float32-q8g64" and report["config"]["portable"]
+    assert "(portable)" in report["ours"]["framework"]
+    for key in SIDE_KEYS:
+        assert positive(report["ours"][key]), key
     drift = report["ours"]["drift"]
-    assert 0 < drift["first_step_max_rel_err"] < 0.05  # 8-bit groups of 64: well under a percent in practice
-    assert 0 < drift["teacher_forced_32_max_rel_err"] < 0.05
-    assert 0.5 < drift["top1_agreement_guided"] <= 1
-    assert "drift" in stdout
-    # the float32 conversion (the drift baseline) and the quantized one are both cached
-    cache = Path(report["config"]["cache"])
-    assert (cache / "mlx-float32" / "model.safetensors").is_file()
-    assert (cache / "mlx-float32-q8g64" / "model.safetensors").is_file()
+    assert 0 < drift["max_rel_err"] < 0.05 and 0.5 < drift["top1_agreement_guided"] <= 1
+    assert "logits drift" in stdout
+
+
+def by_hand(folder, rows, quantized=False):
+    """Per-step bytes from config.json's sizes: float32 weights, or 8-bit groups of 64 with float32 scales/biases."""
+    c = json.loads((Path(folder) / "config.json").read_text())["decoder"]
+    H, F, L, K, V = (c[k] for k in ("hidden_size", "ffn_dim", "num_hidden_layers", "num_codebooks", "vocab_size"))
+    matrix = (lambda n: n * (1 + 2 * 4 / 64)) if quantized else (lambda n: 4 * n)  # bytes of n weights
+    return {
+        "layers": L * (matrix(4 * H * H + 2 * H * H + 2 * H * F) + 4 * 3 * 2 * H),  # self q,k,v,o; cross q,o; fc; norms
+        "cross_kv_once": L * matrix(2 * H * H),
+        "norm": 4 * 2 * H,
+        "heads": matrix(K * V * H),
+        "embeddings": matrix(K * rows * H),
+        "other": 0,
+    }
+
+
+def test_step_bytes_matches_the_config(float32_report, q8_report):
+    folders = {**float32_report[0]["config"]["folders"], **q8_report[0]["config"]["folders"]}
+    for rows in (2, 4):
+        for name, quantized in (("hf", False), ("float32", False), ("float32-q8g64", True)):
+            got = step_bytes(folders[name], rows)
+            want = by_hand(folders["float32"], rows, quantized)
+            assert got == {**want, "per_step": want["layers"] + want["norm"] + want["heads"] + want["embeddings"]}
+    stdout = run("step_bytes.py", folders["float32"], "--rows", 2, "--bandwidth", 10)
+    assert "per_step" in stdout and "ms/step" in stdout

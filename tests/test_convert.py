@@ -59,7 +59,7 @@ def test_cli_round_trip_matches_in_memory_path(tiny, expected, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "converting: 4/4 stages" in result.stderr  # the progress bar
     config = json.loads((out / "config.json").read_text())
-    assert config["mlx_musicgen"]["format_version"] == 1
+    assert config["mlx_musicgen"]["format_version"] == 2
     assert (out / "spiece.model").is_file() and not list(tmp_path.glob(".mlx*"))  # nothing left half-written
     converted = MusicGen.from_pretrained(out)
     in_memory = MusicGen.from_pretrained(tiny.folder)

@@ -6,23 +6,24 @@ import pytest
 import torch
 
 from mlx_musicgen import MusicGen
-from mlx_musicgen import model as model_module
-from mlx_musicgen.cpu import SplitDecoderLayer, split_for_cpu
+from mlx_musicgen.cpu.decoder import CompiledDecoderLayer, SplitDecoderLayer, optimize_decoder
+from mlx_musicgen.decoder import DecoderLayer
 from mlx_musicgen.sampling import apply_guidance
 
 ATOL = 1e-4  # float32 logits
+LAYERS = {"portable": DecoderLayer, "compiled": CompiledDecoderLayer, "split": SplitDecoderLayer}
 
 
-@pytest.fixture(scope="module", params=["plain layers", "split layers"])
+@pytest.fixture(scope="module", params=list(LAYERS))
 def model(tiny, request):
-    """Metal, CUDA and CPUs with MKL run the plain layers; with OpenBLAS a CPU splits each layer in two halves
-    on two streams (cpu.py). Both must match the reference, whichever BLAS this machine loaded."""
+    """Metal and CUDA run the portable layers; a CPU runs compiled layers (MKL) or layers split in two halves
+    on two streams (OpenBLAS). All must match the reference, whichever BLAS this machine loaded."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(model_module, "split_for_cpu", lambda decoder: None)
+        patch.setenv("MLX_MUSICGEN_PORTABLE", "1")
         loaded = MusicGen.from_pretrained(tiny.folder)
-    if request.param == "split layers":
-        split_for_cpu(loaded.decoder)
-        assert isinstance(loaded.decoder.layers[0], SplitDecoderLayer)
+    if request.param != "portable":
+        optimize_decoder(loaded.decoder, split=request.param == "split")
+    assert all(type(layer) is LAYERS[request.param] for layer in loaded.decoder.layers)
     return loaded
 
 
@@ -85,8 +86,8 @@ def test_both_cross_attention_forms_match(model, tiny, text_len, form):
     codes, states, mask = random_inputs(seed=3, text_len=text_len)
     mask[1], states[1] = 0, 0
     text = model.decoder.text_context(mx.array(states), mx.array(mask))
-    if isinstance(text.kv[0], dict):  # the plain layers (the CPU's split layers always project)
-        assert form in text.kv[0]
+    if isinstance(text[0], dict):  # the compiled layers (the others always project)
+        assert form in text[0]
     actual = np.array(model.decoder(mx.array(codes), text))
     np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
 
@@ -118,8 +119,8 @@ def test_guided_logits_match_reference_scores(model, tiny):
 
 
 def test_gelu_matches_the_exact_gelu():
-    """Our GELU computes erf with a rational approximation: within 3e-6 of torch's exact (erf) GELU everywhere."""
-    from mlx_musicgen.decoder import gelu
+    """The CPU's GELU computes erf with a rational approximation: within 3e-6 of torch's exact (erf) GELU everywhere."""
+    from mlx_musicgen.cpu.decoder import gelu
 
     xs = np.linspace(-12, 12, 240_001, dtype=np.float32)
     expected = torch.nn.functional.gelu(torch.from_numpy(xs)).numpy()

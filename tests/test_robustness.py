@@ -31,7 +31,7 @@ from safetensors.numpy import load_file, save_file
 from mlx_musicgen import MusicGen, atomic
 from mlx_musicgen.audio import write_audio
 from mlx_musicgen.loading import CheckpointError
-from mlx_musicgen.model import MAX_DURATION, check_sampling
+from mlx_musicgen.prompt import MAX_DURATION, check_sampling
 from mlx_musicgen.sampling import NonFiniteLogitsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ CASES = [
     Case("model-other-converter-version",
          gen(model=lambda t, w: edit_config(copy_checkpoint(t, w / "m"),
                                             lambda c: c.update(mlx_musicgen={"format_version": 999}))),
-         r"converted by another version of mlx-musicgen \(format 999, this one reads 1\): convert the original"),
+         r"converted by another version of mlx-musicgen \(format 999, this one reads 2\): convert the original"),
     Case("model-nan-weights", gen(model=lambda t, w: poisoned(t, w / "m")),
          r"the model produced NaN/inf logits.*try float32"),
     # duration

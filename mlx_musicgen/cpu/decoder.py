@@ -1,0 +1,323 @@
+"""The decoder on a CPU: compiled layers, folded cross-attention, and (with OpenBLAS) layers split over two
+streams with products that read each weight once. Each swapped module has the interface of the one it
+replaces (decoder.DecoderLayer: text_kv, make_cache, __call__) and computes the same function.
+
+A decoding step multiplies 1-8 rows by every weight of the decoder, so it is bound by memory bandwidth, and a
+step is ~40 small ops per layer around the products. On a CPU:
+- mx.compile fuses a layer's element-wise ops and replays them without Python (CompiledDecoderLayer).
+- Cross-attention to a short text reads fewer bytes with the query and output projections folded into the
+  text's keys and values (fold_text).
+- mx.erf runs element by element on a CPU; a rational erf in plain arithmetic vectorises (gelu).
+- OpenBLAS repacks whole weights for products this small, and one core does not saturate memory: with it,
+  each layer is split Megatron-style into two halves on two streams, whose products use column blocks of W.T
+  (SplitDecoderLayer). MKL threads each product itself, so there the compiled layer runs on one stream.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..decoder import (
+    ACTIVATIONS,
+    DecoderLayer,
+    KVCache,
+    MusicgenDecoder,
+    TextKV,
+    additive_mask,
+    merge_heads,
+    split_heads,
+)
+from . import blas_threads_itself, parallel_streams
+
+MAX_BLOCKED_ROWS = 8  # more rows (a prefill) amortise the repacking: one ordinary product is faster
+BLOCK_WIDTH = 64  # output columns per block: small enough that OpenBLAS neither repacks nor spawns threads
+
+# erf(x) ~ x P(x^2) / Q(x^2) on [-4, 4], and +-1 beyond (as in float32): the float32 rational approximation that
+# Eigen and XLA use; as close to the exact GELU as torch's own.
+ERF_P = (-1.60960333262415e-02, -2.95459980854025e-03, -7.34990630326855e-04, -5.69250639462346e-05,
+         -2.10102402082508e-06, 2.77068142495902e-08, -2.72614225801306e-10)
+ERF_Q = (-1.42647390514189e-02, -7.37332916720468e-03, -1.68282697438203e-03, -2.13374055278905e-04,
+         -1.45660718464996e-05)
+
+
+def polynomial(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
+    """sum(c[i] * x**i), by Horner's rule."""
+    result = coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        result = result * x + c
+    return result
+
+
+def erf(x: mx.array) -> mx.array:
+    x = mx.clip(x, -4.0, 4.0)
+    x2 = x * x
+    return x * polynomial(x2, ERF_P) / polynomial(x2, ERF_Q)
+
+
+@partial(mx.compile, shapeless=True)
+def gelu(x: mx.array) -> mx.array:
+    """The exact (erf) GELU, with the rational erf."""
+    return x * (1 + erf(x * math.sqrt(0.5))) / 2
+
+
+CPU_ACTIVATIONS = {**ACTIVATIONS, "gelu": gelu}
+
+
+def activation_name(layer: DecoderLayer) -> str:
+    return next(name for name, fn in ACTIVATIONS.items() if fn is layer.activation)
+
+
+# ---- compiled layers (every CPU; the whole layer on MKL's threads)
+
+
+def project(x: mx.array, linear: nn.Module) -> mx.array:
+    """A bias-free Linear or QuantizedLinear as a pure function of its parameters (so that it compiles with them
+    as inputs); a quantized layer's bits and group size follow from its shapes."""
+    weight = linear["weight"]
+    if "scales" not in linear:
+        return x @ weight.T
+    in_dims = x.shape[-1]
+    return mx.quantized_matmul(
+        x, weight, linear["scales"], linear["biases"], transpose=True,
+        group_size=in_dims // linear["scales"].shape[-1], bits=32 * weight.shape[-1] // in_dims,
+    )
+
+
+def layer_norm(x: mx.array, norm: nn.Module) -> mx.array:
+    return mx.fast.layer_norm(x, norm["weight"], norm["bias"], 1e-5)
+
+
+@mx.compile
+def self_attention_inputs(x, norm, q_proj, k_proj, v_proj, heads: int):
+    h = layer_norm(x, norm)
+    return tuple(split_heads(project(h, proj), heads) for proj in (q_proj, k_proj, v_proj))
+
+
+@mx.compile
+def layer_output(x, attended, layer: dict, text: dict, heads: int, scale: float, activation: str):
+    """The rest of a layer after self-attention: its output projection, cross-attention and the FFN."""
+    x = x + project(merge_heads(attended), layer["self_attn"]["out_proj"])
+    x = x + cross_attention(layer_norm(x, layer["encoder_attn_layer_norm"]), text, heads, scale)
+    h = project(layer_norm(x, layer["final_layer_norm"]), layer["fc1"])
+    return x + project(CPU_ACTIVATIONS[activation](h), layer["fc2"])
+
+
+def cross_attention(h: mx.array, text: dict, heads: int, scale: float) -> mx.array:
+    """h (B, L, D) attending to the text, in one of the forms of CompiledDecoderLayer.text_kv."""
+    if "q_proj" in text:
+        queries = split_heads(project(h, text["q_proj"]), heads)
+        attended = mx.fast.scaled_dot_product_attention(queries, text["keys"], text["values"], scale=scale,
+                                                        mask=text["mask"])
+        return project(merge_heads(attended), text["out_proj"])
+    keys, values = text["folded_keys"], text["folded_values"]
+    if keys is None:
+        return mx.zeros_like(h)
+    rows, (B, L, _) = keys.shape[0], h.shape
+    scores = (h[:rows] @ keys.swapaxes(-1, -2)).reshape(rows, L, heads, -1) + text["mask"][:rows]
+    weights = mx.softmax(scores, axis=-1, precise=True).reshape(rows, L, -1)
+    return mx.pad(weights @ values, [(0, B - rows), (0, 0), (0, 0)])  # rows without text add 0
+
+
+def text_rows(mask: mx.array) -> int | None:
+    """How many leading rows of a (B, S) mask have text when all later rows have none (guidance's layout,
+    whose unconditional rows attend to nothing and add exactly 0); else None."""
+    has_text = np.array(mask).any(axis=1)
+    rows = int(has_text.sum())
+    return rows if has_text[:rows].all() else None
+
+
+def fold_text(attn: nn.Module, states: mx.array, rows: int) -> dict:
+    """Cross-attention of a short text with the query and output projections folded in, per head:
+        q_h . k = x . (Wq_h^T k)        and        sum_h p_h V_h Wo_h^T = sum_h p_h (V_h Wo_h^T),
+    so a step reads rows * heads * S * D keys and as many values instead of the two D x D weights."""
+    heads, D = attn.heads, states.shape[-1]
+    if rows == 0:  # unconditional: no row attends to anything
+        return {"folded_keys": None, "folded_values": None}
+    states = states[:rows]
+    keys = split_heads(project(states, attn.k_proj), heads) * attn.scale  # (rows, heads, S, head_dim)
+    values = split_heads(project(states, attn.v_proj), heads)
+    q_by_head = attn.q_proj.weight.reshape(heads, -1, D)  # (heads, head_dim, D), as stored
+    # Wo's columns by head, (heads, D, head_dim): on a CPU a 7x cheaper copy than Wo.T's rows by head.
+    out_by_head = attn.out_proj.weight.reshape(D, heads, -1).transpose(1, 0, 2)
+    folded_values = (out_by_head @ values.swapaxes(-1, -2)).swapaxes(-1, -2)  # (rows, heads, S, D)
+    return {"folded_keys": (keys @ q_by_head).reshape(rows, heads * states.shape[1], D),
+            "folded_values": folded_values.reshape(rows, heads * states.shape[1], D)}
+
+
+class CompiledDecoderLayer(nn.Module):
+    """decoder.DecoderLayer as two compiled functions of fixed shapes around the self-attention over the KV
+    cache (whose length grows every step), with folded cross-attention for short texts."""
+
+    def __init__(self, layer: DecoderLayer):
+        super().__init__()
+        self.self_attn = layer.self_attn
+        self.self_attn_layer_norm = layer.self_attn_layer_norm
+        self.encoder_attn = layer.encoder_attn
+        self.encoder_attn_layer_norm = layer.encoder_attn_layer_norm
+        self.fc1, self.fc2 = layer.fc1, layer.fc2
+        self.final_layer_norm = layer.final_layer_norm
+        self.activation = activation_name(layer)
+        self.make_cache = layer.make_cache
+
+    def text_kv(self, states: mx.array, mask: mx.array) -> dict:
+        attn = self.encoder_attn
+        rows, (_, S, D) = text_rows(mask), states.shape
+        text = {"mask": additive_mask(mask, states.dtype)}
+        if rows is None or rows * attn.heads * S > D or "scales" in attn.q_proj or "scales" in attn.out_proj:
+            plain = attn.text_kv(states, mask)
+            return {**text, "keys": plain.keys, "values": plain.values, "q_proj": attn.q_proj,
+                    "out_proj": attn.out_proj}
+        return {**text, **fold_text(attn, states, rows)}
+
+    def __call__(self, x: mx.array, text: dict, cache: KVCache | None = None) -> mx.array:
+        sa = self.self_attn
+        queries, keys, values = self_attention_inputs(
+            x, self.self_attn_layer_norm, sa.q_proj, sa.k_proj, sa.v_proj, sa.heads
+        )
+        if cache is not None:
+            keys, values = cache.update(keys, values)
+        causal = "causal" if x.shape[1] > 1 else None
+        attended = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=sa.scale, mask=causal)
+        return layer_output(x, attended, self, text, self.encoder_attn.heads, self.encoder_attn.scale,
+                            self.activation)
+
+
+# ---- split layers (OpenBLAS: two halves on two streams)
+
+
+def column_blocks(weight: mx.array) -> mx.array:
+    """A Linear weight (out, in) -> column blocks of its transpose, (out / BLOCK_WIDTH, in, BLOCK_WIDTH)."""
+    out_dims, in_dims = weight.shape
+    blocks = max(1, out_dims // BLOCK_WIDTH)
+    return mx.contiguous(weight.T.reshape(in_dims, blocks, out_dims // blocks).transpose(1, 0, 2))
+
+
+def blocked_matmul(x: mx.array, blocks: mx.array) -> mx.array:
+    """x (..., in) @ W.T for W held as column_blocks(W)."""
+    *lead, in_dims = x.shape
+    count, _, width = blocks.shape
+    x = x.reshape(-1, in_dims)
+    if x.shape[0] > MAX_BLOCKED_ROWS:
+        y = x @ blocks.transpose(1, 0, 2).reshape(in_dims, count * width)
+    else:
+        y = (x @ blocks).transpose(1, 0, 2).reshape(-1, count * width)
+    return y.reshape(*lead, count * width)
+
+
+class BlockedLinear(nn.Module):
+    """A bias-free nn.Linear whose products skip OpenBLAS's repacking."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.blocks = column_blocks(linear.weight)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return blocked_matmul(x, self.blocks)
+
+
+class SplitCache:
+    """The self-attention KV caches of a split layer's two halves."""
+
+    def __init__(self, halves: list[KVCache]):
+        self.halves = halves
+
+    @property
+    def offset(self) -> int:
+        return self.halves[0].offset
+
+
+class SplitDecoderLayer(nn.Module):
+    """decoder.DecoderLayer as two halves on two streams: each half holds half the heads of both attentions and
+    half the feed-forward units, and the halves meet only to add their outputs, once per block. The arithmetic
+    is the layer's own, reordered."""
+
+    def __init__(self, layer: DecoderLayer):
+        super().__init__()
+        sa, ca = layer.self_attn, layer.encoder_attn
+        self.self_attn_layer_norm = layer.self_attn_layer_norm
+        self.encoder_attn_layer_norm = layer.encoder_attn_layer_norm
+        self.final_layer_norm = layer.final_layer_norm
+        self.activation = CPU_ACTIVATIONS[activation_name(layer)]
+        self.heads = sa.heads // 2  # per half
+        self.scale = sa.scale
+        # The text's keys and values are made once per generation, with many rows: plain weights.
+        self.text_k_proj, self.text_v_proj = ca.k_proj, ca.v_proj
+        D, F = sa.q_proj.weight.shape[0], layer.fc1.weight.shape[0]
+        rows = [slice(0, D // 2), slice(D // 2, D)]  # a half's heads: rows of q, k, v; columns of out
+        units = [slice(0, F // 2), slice(F // 2, F)]  # a half's feed-forward units
+        self.qkv = [column_blocks(mx.concatenate([sa.q_proj.weight[r], sa.k_proj.weight[r], sa.v_proj.weight[r]]))
+                    for r in rows]
+        self.out = [column_blocks(sa.out_proj.weight[:, r]) for r in rows]
+        self.cross_q = [column_blocks(ca.q_proj.weight[r]) for r in rows]
+        self.cross_out = [column_blocks(ca.out_proj.weight[:, r]) for r in rows]
+        self.fc1 = [column_blocks(layer.fc1.weight[u]) for u in units]
+        self.fc2 = [column_blocks(layer.fc2.weight[:, u]) for u in units]
+
+    def text_kv(self, states: mx.array, mask: mx.array) -> TextKV:
+        keys, values = (split_heads(proj(states), 2 * self.heads) for proj in (self.text_k_proj, self.text_v_proj))
+        return TextKV(keys, values, additive_mask(mask, keys.dtype))
+
+    def make_cache(self, batch: int, max_length: int, dtype: mx.Dtype) -> SplitCache:
+        head_dim = self.qkv[0].shape[1] // (2 * self.heads)
+        return SplitCache([KVCache(batch, self.heads, head_dim, max_length, dtype) for _ in range(2)])
+
+    def in_halves(self, block) -> mx.array:
+        """Run block(half) for both halves on their streams; their outputs add up to the whole block's."""
+        parts = []
+        for half, stream in enumerate(parallel_streams()):
+            with mx.stream(stream):
+                parts.append(block(half))
+        return parts[0] + parts[1]
+
+    def attention(self, queries: mx.array, keys: mx.array, values: mx.array, mask) -> mx.array:
+        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        return merge_heads(out)
+
+    def __call__(self, x: mx.array, text: TextKV, cache: SplitCache | None = None) -> mx.array:
+        causal = "causal" if x.shape[1] > 1 else None
+        heads = slice(0, self.heads), slice(self.heads, 2 * self.heads)
+
+        h = self.self_attn_layer_norm(x)
+
+        def self_attention(half: int) -> mx.array:
+            q, k, v = mx.split(split_heads(blocked_matmul(h, self.qkv[half]), 3 * self.heads), 3, axis=1)
+            if cache is not None:
+                k, v = cache.halves[half].update(k, v)
+            return blocked_matmul(self.attention(q, k, v, causal), self.out[half])
+
+        x = x + self.in_halves(self_attention)
+        h = self.encoder_attn_layer_norm(x)
+
+        def cross_attention(half: int) -> mx.array:
+            q = split_heads(blocked_matmul(h, self.cross_q[half]), self.heads)
+            k, v = text.keys[:, heads[half]], text.values[:, heads[half]]
+            return blocked_matmul(self.attention(q, k, v, text.mask), self.cross_out[half])
+
+        x = x + self.in_halves(cross_attention)
+        h = self.final_layer_norm(x)
+        return x + self.in_halves(lambda half: blocked_matmul(self.activation(blocked_matmul(h, self.fc1[half])),
+                                                              self.fc2[half]))
+
+
+def can_split(decoder: MusicgenDecoder) -> bool:
+    """Split layers need float32 weights (half precision and quantized weights have no BLAS path on a CPU:
+    nothing to gain) and an even number of heads."""
+    plain = isinstance(decoder.lm_heads[0], nn.Linear) and not isinstance(decoder.lm_heads[0], nn.QuantizedLinear)
+    return decoder.dtype == mx.float32 and plain and decoder.config.num_attention_heads % 2 == 0
+
+
+def optimize_decoder(decoder: MusicgenDecoder, split: bool | None = None) -> None:
+    """Swap a loaded decoder's layers for their CPU forms, in place: split layers and blocked heads when the
+    BLAS does not thread itself (`split`, by default), else compiled layers."""
+    split = (not blas_threads_itself() and can_split(decoder)) if split is None else split
+    for i, layer in enumerate(decoder.layers):
+        decoder.layers[i] = SplitDecoderLayer(layer) if split else CompiledDecoderLayer(layer)
+        if split:
+            mx.eval(decoder.layers[i].parameters())  # one layer at a time: the old copy is freed as we go
+    if split:
+        decoder.lm_heads = [BlockedLinear(head) for head in decoder.lm_heads]

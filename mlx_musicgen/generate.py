@@ -1,0 +1,197 @@
+"""Generate music from text with MusicGen on MLX (the `mlx_musicgen.generate` command; generate.py runs it too).
+
+    mlx_musicgen.generate --text "80s pop track with bassy drums and synth" --duration 8 --output out.wav
+    mlx_musicgen.generate --text "lofi" --text "epic strings" --output clips/take.wav     # take-1.wav, take-2.wav
+    mlx_musicgen.generate --prompts-file prompts.txt --duration 30 --stream --play
+"""
+
+import argparse
+import json
+import secrets
+import sys
+from pathlib import Path
+
+from . import __version__
+from .audio import (
+    NORMALIZATIONS,
+    ProgressiveWriter,
+    check_output,
+    check_prompt,
+    normalize,
+    read_audio,
+    write_audio,
+)
+from .cli import player, progress_bar, run_main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="facebook/musicgen-small",
+                   help="Hub id, Hub-layout folder or converted folder (default: facebook/musicgen-small)")
+    p.add_argument("--text", action="append",
+                   help="what the music should be (repeat for several clips); leave out for unconditional music")
+    p.add_argument("--prompts-file", help="a text file with one description per line, one clip each")
+    p.add_argument("--audio-prompt", help="a wav/flac/ogg file to continue (the output starts with it)")
+    p.add_argument("--duration", type=float, default=10.0,
+                   help="seconds of audio in all, an audio prompt included (default 10)")
+    p.add_argument("--output", default="musicgen.wav",
+                   help="a .wav or .flac file (default musicgen.wav); several clips are numbered NAME-1, NAME-2, ...")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--seed", type=int, help="the same seed gives the same music")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (default 3)")
+    p.add_argument("--top-k", type=int, default=250, help="sample from the k most likely codes (0: off; default 250)")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0: off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely code")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="decoder precision when loading an unconverted model")
+    p.add_argument("--bits", choices=["16", "24", "float"], default="16", help="sample format (default 16)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS, default="peak",
+                   help="peak: to -1 dBFS (default); loudness: to -14 LUFS (ITU-R BS.1770); none: as generated")
+    p.add_argument("--extend-stride", type=float, default=18.0,
+                   help="beyond the model's 30 s window, seconds each next window moves on (default 18)")
+    p.add_argument("--batch-size", type=int, default=4, help="clips generated together (default 4)")
+    p.add_argument("--stream", action="store_true",
+                   help="write the .wav as it is made (a valid, growing file), then normalise it at the end")
+    p.add_argument("--play", action="store_true",
+                   help="play while generating (the first clip), if sounddevice and an output device exist")
+    p.add_argument("--chunk", type=float, default=1.0, help="seconds of audio per streamed chunk (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p.parse_args(argv)
+
+
+def read_texts(args: argparse.Namespace) -> list[str | None]:
+    """The descriptions to make, one clip each: --text (repeated), then --prompts-file lines; [None] when neither
+    (one unconditional clip). An empty description means unconditional music, said once."""
+    texts = list(args.text or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist.")
+        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ValueError(f"prompts file {path} has no descriptions (one per line).")
+    if not texts:
+        return [None]
+    for i, text in enumerate(texts):
+        if not text.strip():
+            which = "the text is" if len(texts) == 1 else f"text {i + 1} is"
+            print(f"note: {which} empty: generating unconditional music.", file=sys.stderr)
+    return [t if t.strip() else None for t in texts]
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(1, count + 1)]
+
+
+def run(args: argparse.Namespace) -> None:
+    import mlx.core as mx
+
+    from .model import MusicGen
+    from .prompt import check_duration, check_sampling
+
+    # Everything that can be checked without the model fails here, before the (slow) load.
+    texts = read_texts(args)
+    outputs = [check_output(p, overwrite=args.overwrite, bits=args.bits) for p in output_paths(args.output, len(texts))]
+    if args.stream and any(p.suffix.lower() != ".wav" for p in outputs):
+        raise ValueError("--stream writes WAV files (their header can be kept valid as they grow): use .wav.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if not args.chunk > 0:
+        raise ValueError(f"--chunk must be a positive number of seconds, got {args.chunk}.")
+    check_duration(args.duration)
+    check_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                   temperature=args.temperature)
+    if args.audio_prompt:
+        check_prompt(*read_audio(args.audio_prompt), f"audio prompt {args.audio_prompt}")
+
+    dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
+    model = MusicGen.from_pretrained(args.model, dtype=dtype)
+    check_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
+                   temperature=args.temperature, vocab_size=model.config.decoder.vocab_size)
+    seed = args.seed if args.seed is not None else secrets.randbits(31)  # recorded, so every clip can be remade
+    speaker = player(model.sampling_rate, model.audio_channels) if args.play else None
+    for start in range(0, len(texts), args.batch_size):
+        batch = texts[start : start + args.batch_size]
+        paths = outputs[start : start + args.batch_size]
+        settings = {
+            "model": str(args.model),
+            "duration": args.duration,
+            "seed": seed,
+            "batch": batch,
+            "audio_prompt": args.audio_prompt,
+            "do_sample": not args.greedy,
+            "guidance_scale": args.guidance_scale,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "temperature": args.temperature,
+            "extend_stride": args.extend_stride,
+            "normalize": args.normalize,
+            "sampling_rate": model.sampling_rate,
+            "mlx_musicgen": __version__,
+        }
+        clips = make_clips(model, args, batch, paths, seed, speaker)
+        for i, (path, audio) in enumerate(zip(paths, clips)):
+            record = {"text": batch[i], "batch_index": i, **settings}
+            comment = json.dumps(record, ensure_ascii=False)
+            write_audio(path, normalize(audio, model.sampling_rate, args.normalize), model.sampling_rate,
+                        bits=args.bits, comment=comment)
+            sidecar = path.with_suffix(".json")
+            sidecar.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            seconds = audio.shape[-1] / model.sampling_rate
+            print(f"wrote {path} and {sidecar.name} ({seconds:.2f} s, {model.sampling_rate} Hz, "
+                  f"{audio.shape[0]} channel(s))", file=sys.stderr)
+    if speaker is not None:
+        speaker.close()
+
+
+def make_clips(model, args, batch, paths, seed, speaker) -> list:
+    """Generate one batch of clips as a stream: with --stream each chunk is appended to its file at once, with
+    --play the first clip's chunks are played; the whole clips are returned for normalising and writing."""
+    import numpy as np
+
+    conditional = any(t is not None for t in batch)
+    bar, update = progress_bar(args.duration, "generating")
+    writers = [ProgressiveWriter(p, model.sampling_rate, model.audio_channels, args.bits) for p in paths] \
+        if args.stream else []
+    pieces: list[list] = [[] for _ in batch]
+    try:
+        with bar:
+            for chunk in model.generate_stream(
+                [t or "" for t in batch] if conditional else None,
+                num_samples=len(batch),
+                audio_prompt=[args.audio_prompt] * len(batch) if args.audio_prompt else None,
+                duration=args.duration,
+                chunk_duration=args.chunk,
+                do_sample=not args.greedy,
+                guidance_scale=args.guidance_scale,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                temperature=args.temperature,
+                seed=seed,
+                extend_stride=args.extend_stride,
+                progress=None if args.quiet else update,
+            ):
+                for i, item in enumerate(chunk):
+                    pieces[i].append(item)
+                    if writers:
+                        writers[i].write(item)
+                if speaker is not None:
+                    speaker.play(chunk[0])
+    finally:
+        for writer in writers:
+            writer.close()
+    return [np.concatenate(p, axis=-1) for p in pieces]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    run_main(lambda: run(args), args.debug)
+
+
+if __name__ == "__main__":
+    main()

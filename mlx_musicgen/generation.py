@@ -1,0 +1,165 @@
+"""Decoding codes: the step loop over the delay pattern, with classifier-free guidance and sampling.
+
+One window of generation: the sequence starts with a column of pad ids (and any prompt codes, delayed);
+each step feeds the newest column through the decoder (its KV cache holds the past), guides the logits,
+samples a column of K codes and overwrites the positions the delay pattern fixes. Frames come out, undelayed,
+as soon as all their codebooks are decoded. Codes stay MLX arrays throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from . import delay, longform
+from .prompt import Request, check_sampling
+from .sampling import apply_guidance, sample
+
+if TYPE_CHECKING:
+    from .model import MusicGen
+
+Progress = Callable[[int, int], None]  # called with (frames done, frames in all), the prompt's not counted
+Sampler = Callable[[mx.array, mx.array], mx.array]  # (logits (B, K, vocab), key) -> tokens (B, K)
+
+
+@dataclass
+class GenerationConfig:
+    """The sampling and length settings that generate and generate_stream share.
+
+    duration: seconds of audio in all, the prompt included (round(duration * frame_rate) frames); beyond the
+        model's window, windows of extension continue the last (window - extend_stride) seconds.
+    max_new_tokens: decoder steps, as the reference counts them (give this or duration; neither: one window).
+    do_sample / temperature / top_k / top_p: sampling (greedy when do_sample is False or temperature is 0).
+    guidance_scale: classifier-free guidance; 1 or less is none. seed: the same seed gives the same audio.
+    """
+
+    duration: float | None = None
+    max_new_tokens: int | None = None
+    do_sample: bool = True
+    guidance_scale: float = 3.0
+    top_k: int = 250
+    top_p: float = 0.0
+    temperature: float = 1.0
+    seed: int | None = None
+    extend_stride: float = 18.0
+
+    @classmethod
+    def with_settings(cls, config: GenerationConfig | None, settings: dict) -> GenerationConfig:
+        """`config` (or the defaults) with keyword settings applied over it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise TypeError(f"unknown generation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        return dataclasses.replace(config or cls(), **settings)
+
+    def check(self, vocab_size: int | None = None) -> None:
+        check_sampling(guidance_scale=self.guidance_scale, top_k=self.top_k, top_p=self.top_p,
+                       temperature=self.temperature, vocab_size=vocab_size)
+
+
+def make_sampler(config: GenerationConfig) -> Sampler:
+    """The next-token rule of `config`: temperature, top-k, top-p and a draw, or argmax when greedy."""
+
+    def sampler(logits: mx.array, key: mx.array) -> mx.array:
+        return sample(logits, do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k,
+                      top_p=config.top_p, key=key)
+
+    return sampler
+
+
+def generate_window(
+    model: MusicGen,
+    texts: list[str] | None,
+    num_samples: int,
+    prompt_codes: mx.array | None,
+    max_new_tokens: int,
+    config: GenerationConfig,
+    seed: int | None,
+) -> Iterator[mx.array]:
+    """One generation window continuing `prompt_codes` (B, K, P): yields the new frames (B, K, n) as soon as
+    all their codebooks are decoded."""
+    guided = texts is not None and config.guidance_scale > 1.0  # as the reference: no guidance without text
+    batch = len(texts) if texts is not None else num_samples
+    text = model.decoder.text_context(*model.conditioning(texts, num_samples, guided))
+    sampler = make_sampler(config)
+
+    K, C, pad = model.num_codebooks, model.audio_channels, model.config.decoder.pad_token_id
+    prompt = np.full((batch, K, 1), pad, dtype=np.int32)  # the start column
+    if prompt_codes is not None:
+        prompt = np.concatenate([prompt, np.array(prompt_codes, dtype=np.int32)], axis=2)
+    length = prompt.shape[-1] + max_new_tokens
+    pattern = delay.delay_pattern(prompt, length, pad, C)
+    start = delay.first_free_position(pattern, prompt.shape[-1])
+    known = mx.array(pattern)
+    delays = delay.codebook_delays(K, C) if delay.applies(length, K, C) else np.zeros(K, dtype=int)
+    total = delay.frames_out(length, K, C)
+    cache = model.decoder.make_cache(batch * (2 if guided else 1), length)
+    key = mx.random.key(seed if seed is not None else secrets.randbits(63))
+
+    columns = [known[:, :, i] for i in range(start)]  # the sequence so far, one (B, K) column per position
+    emitted = prompt.shape[-1] - 1  # frames already out: the prompt's are the caller's
+
+    def frames_until(ready: int) -> mx.array | None:
+        """Undelay frames [emitted, ready): frame f of codebook k sits at position f + delay_k + 1."""
+        nonlocal emitted
+        ready = min(ready, total)
+        if ready <= emitted:
+            return None
+        frames = mx.stack([mx.stack([columns[f + d + 1][:, k] for f in range(emitted, ready)], axis=-1)
+                           for k, d in enumerate(delays)], axis=1)
+        emitted = ready
+        return frames
+
+    inputs = known[:, :, :start]
+    for position in range(start, length):
+        key, step_key = mx.random.split(key)
+        logits = model.decoder(mx.concatenate([inputs, inputs]) if guided else inputs, text, cache)[:, :, -1]
+        if guided:
+            logits = apply_guidance(logits, config.guidance_scale)
+        forced = known[:, :, position]
+        column = mx.where(forced == delay.UNSET, sampler(logits, step_key), forced)
+        mx.async_eval(column)  # the next step's graph is built while this one computes
+        columns.append(column)
+        inputs = column[:, :, None]
+        if position > start:  # keep one step in flight: wait for the previous one only
+            mx.eval(columns[-2])
+            if (frames := frames_until(position - 1 - int(delays[-1]))) is not None:
+                yield frames
+    mx.eval(columns[-1])
+    if (frames := frames_until(length - int(delays[-1]))) is not None:
+        yield frames
+
+
+def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
+                    progress: Progress | None = None) -> Iterator[mx.array]:
+    """Codes (B, K, n) in order, the prompt's first, as they are decoded.
+
+    With `max_new_tokens`: one window of that many decoder steps, as the reference counts them. With
+    `total_frames` beyond one window: long form (see longform), each window continuing the last."""
+    K, C = model.num_codebooks, model.audio_channels
+    prompt_frames = request.prompt_frames
+    if request.max_new_tokens is not None:
+        expected = delay.frames_out(1 + prompt_frames + request.max_new_tokens, K, C)
+        windows = [longform.Window(0, prompt_frames, expected)]
+    else:
+        expected = request.total_frames
+        stride = round(config.extend_stride * model.frame_rate)
+        windows = longform.plan_windows(expected, model.window_frames, stride, prompt_frames)
+    done = prompt_frames
+
+    def window(index: int, context: mx.array | None, window: longform.Window) -> Iterator[mx.array]:
+        nonlocal done
+        steps = request.max_new_tokens or window.span - window.known + K // C - 1
+        seed = None if config.seed is None else (config.seed + index * 1_000_003) % 2**63
+        for frames in generate_window(model, request.texts, request.num_samples, context, steps, config, seed):
+            done += frames.shape[-1]
+            if progress is not None:
+                progress(done - prompt_frames, expected - prompt_frames)
+            yield frames
+
+    yield from longform.extend(window, windows, request.prompt_codes)

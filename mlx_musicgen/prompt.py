@@ -1,0 +1,158 @@
+"""What a generation is asked for, checked once at the boundary: texts, settings, audio prompts.
+
+Every check raises a ValueError whose one-line message says what is wrong and what is allowed; notices
+(empty texts) are warnings.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from . import audio
+
+MAX_DURATION = 3600.0  # seconds: longer requests are refused as mistakes (an hour of music is a day on a laptop)
+MAX_GUIDANCE = 100.0  # guidance scales above this only amplify logits towards overflow (3 is typical)
+PromptInput = str | Path | np.ndarray  # an audio file, or samples
+
+
+def is_real(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_sampling(
+    *, guidance_scale: float, top_k: int, top_p: float, temperature: float, vocab_size: int | None = None
+) -> None:
+    """Reject sampling settings that cannot mean anything, with the valid range in the message.
+    Without `vocab_size` (before a model is loaded) top_k is checked against 0 only."""
+    if not (is_real(guidance_scale) and 0 <= guidance_scale <= MAX_GUIDANCE):
+        raise ValueError(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g} (3 is typical; 1 or less: no "
+                         f"guidance), got {guidance_scale}.")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+        raise ValueError(f"top_k must be a whole number (0: off), got {top_k!r}.")
+    if top_k < 0 or (vocab_size is not None and top_k > vocab_size):
+        upper = f"the vocabulary size {vocab_size}" if vocab_size is not None else "the vocabulary size"
+        raise ValueError(f"top_k must be between 0 (off) and {upper}, got {top_k}.")
+    if not (is_real(top_p) and 0.0 <= top_p <= 1.0):
+        raise ValueError(f"top_p must be between 0 (off) and 1, got {top_p}.")
+    if not (is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
+
+
+def check_duration(duration: float) -> None:
+    """A duration in seconds must be a number > 0 and at most MAX_DURATION."""
+    if not (is_real(duration) and 0 < duration <= MAX_DURATION):
+        raise ValueError(f"duration must be a number of seconds above 0 and at most {MAX_DURATION:g} (one hour), "
+                         f"got {duration}.")
+
+
+def check_texts(texts: list[str] | str | None, num_samples: int) -> tuple[list[str] | None, int]:
+    """Validate generate's texts and num_samples -> (texts, num_samples). All texts empty or whitespace:
+    unconditional music (None), with a warning; some of them: those rows are unconditional, with a warning."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}.")
+    if texts is None:
+        return None, int(num_samples)
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("texts is an empty list: give at least one text, or None for unconditional music.")
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be strings (or None for unconditional music).")
+    blank = [i + 1 for i, t in enumerate(texts) if not t.strip()]
+    if len(blank) == len(texts):
+        warnings.warn("the text is empty: generating unconditional music." if len(texts) == 1 else
+                      "all texts are empty: generating unconditional music.", stacklevel=4)
+        return None, len(texts)
+    if blank:
+        warnings.warn(f"text(s) {', '.join(map(str, blank))} are empty: generated unconditionally.", stacklevel=4)
+    return texts, len(texts)
+
+
+def load_audio_prompts(
+    prompts: PromptInput | list[PromptInput], sampling_rate: int | None, *, model_rate: int, channels: int,
+    window_seconds: float,
+) -> tuple[np.ndarray, list[int]]:
+    """Audio prompt(s) -> (batch, channels, samples) at the model's rate, left-padded with silence to the
+    longest as the reference's processor pads them, and each item's padding in samples.
+
+    Refused: an empty list, unreadable files, odd sample rates, empty, silent or non-finite audio, and a
+    prompt that does not fit in the model's window with room to continue it."""
+    items = prompts if isinstance(prompts, list) else [prompts]
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 3:
+        items = list(prompts)
+    if not items:
+        raise ValueError("the list of audio prompts is empty.")
+    loaded = []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            name = f"audio prompt {item}"
+            item, rate = audio.read_audio(item)
+        else:
+            name = f"audio prompt {i + 1}" if len(items) > 1 else "the audio prompt"
+            rate = model_rate if sampling_rate is None else sampling_rate
+        item = np.asarray(item, dtype=np.float32)
+        audio.check_prompt(item, rate, name)
+        seconds = item.shape[-1] / rate
+        if seconds >= window_seconds:
+            raise ValueError(
+                f"{name} is {seconds:.2f} s long, but the model's window is {window_seconds:.2f} s and the prompt "
+                f"must leave room in it to continue: trim the prompt to its last few seconds (e.g. 10 s)."
+            )
+        loaded.append(audio.resample(audio.to_channels(item, channels), rate, model_rate))
+    longest = max(p.shape[-1] for p in loaded)
+    padding = [longest - p.shape[-1] for p in loaded]
+    return np.stack([np.pad(p, ((0, 0), (n, 0))) for p, n in zip(loaded, padding)]), padding
+
+
+def trim_padding(audio: np.ndarray, padding: list[int]) -> np.ndarray | list[np.ndarray]:
+    """Unequal prompts: strip each item's leading silence, as the reference's processor does."""
+    if not any(padding):
+        return audio
+    return [item[:, pad:] for item, pad in zip(audio, padding)]
+
+
+@dataclass
+class Request:
+    """A checked generation request: the texts (None: unconditional), the batch size, the prompt's codes
+    (batch, codebooks, frames) and each item's prompt padding in samples, and how long to generate: a total
+    number of frames or a number of decoder steps."""
+
+    texts: list[str] | None
+    num_samples: int
+    prompt_codes: mx.array | None = None
+    padding: tuple[int, ...] = ()
+    total_frames: int | None = None
+    max_new_tokens: int | None = None
+
+    @property
+    def prompt_frames(self) -> int:
+        return 0 if self.prompt_codes is None else self.prompt_codes.shape[-1]
+
+
+def plan_length(request: Request, duration: float | None, max_new_tokens: int | None, *, frame_rate: float,
+                max_length: int) -> Request:
+    """How long to generate: a duration gives round(duration * frame_rate) frames in all, the prompt included;
+    max_new_tokens counts decoder steps as the reference does (frames out = prompt frames + steps + 1 - codebooks
+    per channel). Neither: one full window of the checkpoint's max_length positions."""
+    prompt_frames = request.prompt_frames
+    if max_new_tokens is not None and duration is not None:
+        raise ValueError("Give duration or max_new_tokens, not both.")
+    if duration is not None:
+        check_duration(duration)
+        frames = round(duration * frame_rate)
+        if frames <= prompt_frames:
+            raise ValueError(f"duration {duration} s is not longer than the audio prompt "
+                             f"({prompt_frames / frame_rate:.2f} s): ask for more.")
+        request.total_frames = frames
+        return request
+    if max_new_tokens is None:
+        max_new_tokens = max_length - 1 - prompt_frames
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
+    request.max_new_tokens = int(max_new_tokens)
+    return request
