@@ -22,9 +22,9 @@ class NonFiniteLogitsError(FloatingPointError):
         )
 
 
-def check_tokens(codes) -> None:
+def check_tokens(codes: mx.array | np.ndarray) -> None:
     """Raise NonFiniteLogitsError if any code was sampled from non-finite logits (see NONFINITE)."""
-    if np.asarray(codes).min(initial=0) < 0:
+    if codes.size and codes.min().item() < 0:
         raise NonFiniteLogitsError()
 
 

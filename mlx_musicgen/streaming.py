@@ -1,33 +1,32 @@
-"""Decoding EnCodec codes that arrive a few frames at a time, into exactly the audio of a one-shot decode.
+"""Decoding EnCodec codes that arrive a stretch at a time, into exactly the audio of a one-shot decode.
 
 The SEANet decoder is a frame-rate conv (7 taps: 3 frames of look-ahead), a causal LSTM (unbounded memory),
-then upsampling convs whose reach is a few frames either side. So: the first conv runs on each new stretch
-with 3 frames of context either side; the LSTM carries its state from stretch to stretch; the upsampling
-stack runs with `context` frames either side, whose samples are thrown away. Only the true ends of the
-stream see the reference's reflect padding, so chunk seams are exact (no clicks), and memory stays flat
-however long the stream.
+then an upsampling stack whose reach is a few frames either side (encodec.context_frames). So: the first conv
+runs on each new stretch with its reach of context either side; the LSTM carries its state from stretch to
+stretch; the upsampling stack runs with `context` frames either side, whose samples are thrown away. Only the
+true ends of the stream see the reference's reflect padding, so seams are exact (no clicks), and memory stays
+flat however long the stream. Whatever form the model's modules have (portable or CPU), this runs them.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from .encodec import EncodecModel
+from .encodec import EncodecModel, LSTMState, context_frames
 
 
 class StreamingDecoder:
-    def __init__(self, model: EncodecModel, context: int = 8):
-        layers = model.decoder.layers
+    def __init__(self, model: EncodecModel):
         self.quantizer = model.quantizer
-        self.conv_in, self.lstm, self.upsample = layers[0], layers[1], layers[2:]
+        self.decoder = model.decoder
         self.hop = model.config.hop_length
-        self.reach = (self.conv_in.kernel_size - 1) // 2  # frames the first conv looks ahead and back
-        self.context = context
+        self.reach = (self.decoder.conv_in.kernel_size - 1) // 2  # frames the first conv looks ahead and back
+        self.context = context_frames(model.config)
 
         self.embeddings = None  # quantized frames not yet through the first conv, with `reach` behind them
         self.embeddings_start = 0  # frame index of embeddings[:, 0]
         self.conv_done = 0  # frames through the first conv and the LSTM
-        self.lstm_state: list[tuple[mx.array, mx.array] | None] = [None] * len(self.lstm.lstm)
+        self.lstm_state: LSTMState | None = None
         self.features = None  # LSTM output frames not yet turned into audio, with `context` behind them
         self.features_start = 0
         self.audio_done = 0  # frames turned into audio
@@ -46,7 +45,7 @@ class StreamingDecoder:
         total = self.embeddings_start + self.embeddings.shape[1]
         ready = total if final else total - self.reach
         if ready > self.conv_done:
-            self.run_lstm(ready, total)
+            self.run_lstm(ready)
         features_end = self.features_start + (0 if self.features is None else self.features.shape[1])
         audible = features_end if final else features_end - self.context
         if audible <= self.audio_done:
@@ -55,15 +54,12 @@ class StreamingDecoder:
         mx.eval(audio)
         return audio
 
-    def run_lstm(self, ready: int, total: int) -> None:
+    def run_lstm(self, ready: int) -> None:
         """First conv for frames [conv_done, ready), then the LSTM from its carried state."""
         lo = max(0, self.conv_done - self.reach)
         x = self.embeddings[:, lo - self.embeddings_start :]
-        y = self.conv_in(x)[:, self.conv_done - lo : ready - lo]
-        h = y
-        for i, layer in enumerate(self.lstm.lstm):
-            h, self.lstm_state[i] = layer.run(h, self.lstm_state[i])
-        y = h + y
+        y = self.decoder.conv_in(x)[:, self.conv_done - lo : ready - lo]
+        y, self.lstm_state = self.decoder.lstm(y, self.lstm_state)
         self.features = y if self.features is None else mx.concatenate([self.features, y], axis=1)
         self.conv_done = ready
         # keep only what the first conv still needs behind the next frames
@@ -75,9 +71,7 @@ class StreamingDecoder:
         """Audio for frames [audio_done, audible), computed with up to `context` frames either side."""
         lo = max(self.features_start, self.audio_done - self.context)
         hi = min(features_end, audible + self.context)
-        x = self.features[:, lo - self.features_start : hi - self.features_start]
-        for layer in self.upsample:
-            x = layer(x)
+        x = self.decoder.upsample(self.features[:, lo - self.features_start : hi - self.features_start])
         audio = x[:, (self.audio_done - lo) * self.hop : (audible - lo) * self.hop]
         self.audio_done = audible
         keep_from = max(self.features_start, audible - self.context)

@@ -1,4 +1,5 @@
-"""EnCodec parity with transformers' EncodecModel, on the tiny random MusicGen of the fixtures."""
+"""EnCodec parity with transformers' EncodecModel, on the tiny random MusicGen of the fixtures: every parity test runs
+on the portable model and on its CPU form (optimize_encodec)."""
 
 import dataclasses
 
@@ -7,8 +8,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_musicgen.cpu.encodec import CompiledLSTM, optimize_encodec
 from mlx_musicgen.encodec import EncodecConfig, EncodecModel
 
 
@@ -29,11 +32,23 @@ def state_dict(reference) -> dict[str, mx.array]:
     return {k: mx.array(v.numpy()) for k, v in reference.state_dict().items()}
 
 
-@pytest.fixture(scope="module")
-def model(reference):
+def load(reference, variant: str) -> EncodecModel:
+    """Our EncodecModel with the reference's weights; "cpu": then optimize_encodec'd."""
     model = EncodecModel(EncodecConfig.from_dict(reference.config.to_dict()))
     model.load_weights(list(EncodecModel.sanitize(state_dict(reference)).items()), strict=True)
+    if variant == "cpu":
+        optimize_encodec(model)
     return model
+
+
+@pytest.fixture(scope="module", params=["portable", "cpu"])
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(reference, variant):
+    return load(reference, variant)
 
 
 def relative_error(actual, expected) -> float:
@@ -44,10 +59,9 @@ def random_audio(batch: int, samples: int) -> np.ndarray:
     return (np.random.default_rng(0).standard_normal((batch, 1, samples)) * 0.1).astype(np.float32)
 
 
-def test_elu_matches_torch():
-    """Our ELU computes expm1 from a polynomial: within 3e-7 of torch's ELU, relative error 1e-6 near 0, -1 far out."""
-    from mlx_musicgen.encodec import elu
-
+def test_elu_matches_torch(model):
+    """Within 3e-7 of torch's ELU, relative error 1e-6 near 0, -1 far out: nn.ELU, and the CPU's polynomial expm1."""
+    elu = model.decoder.layers[2]
     tiny = np.geomspace(1e-30, 1e-2, 1001)
     xs = np.concatenate([np.linspace(-40, 8, 480_001), tiny, -tiny, [0.0, -1e4, -1e30]]).astype(np.float32)
     expected = torch.nn.functional.elu(torch.from_numpy(xs).double()).numpy()
@@ -56,22 +70,24 @@ def test_elu_matches_torch():
     assert np.isnan(np.array(elu(mx.array([np.nan])))).all()
 
 
-def test_lstm_matches_torch_with_saturated_gates():
-    """Our LSTM's sigmoid and tanh come from the same polynomial expm1; large inputs drive gates to 0 and 1."""
-    from mlx_musicgen.encodec import LSTM
-
+@pytest.mark.parametrize("form", ["portable", "cpu", "cpu, split"])
+def test_lstm_matches_torch_with_saturated_gates(form):
+    """Large inputs drive the gates to 0 and 1: nn.LSTM, and the CPU's, whose sigmoid and tanh come from a
+    polynomial expm1, with the recurrent product whole or split over two streams (as without MKL)."""
     torch.manual_seed(0)
     reference = torch.nn.LSTM(16, 16, batch_first=True)
     x = torch.randn(2, 30, 16) * 8
     with torch.no_grad():
         expected, (h, c) = reference(x)
-    layer = LSTM(16)
     weights = {name: mx.array(value.detach().numpy()) for name, value in reference.named_parameters()}
+    layer = nn.LSTM(16, 16)
     layer.Wx, layer.Wh = weights["weight_ih_l0"], weights["weight_hh_l0"]
     layer.bias = weights["bias_ih_l0"] + weights["bias_hh_l0"]
-    actual, (h_actual, c_actual) = layer.run(mx.array(x.numpy()))
-    np.testing.assert_allclose(np.array(actual), expected.numpy(), atol=1e-6)  # measured 3e-7
-    np.testing.assert_allclose(np.array(c_actual), c[0].numpy(), atol=1e-6)
+    if form != "portable":
+        layer = CompiledLSTM(layer, split=form.endswith("split"))
+    hidden, cell = layer(mx.array(x.numpy()))
+    np.testing.assert_allclose(np.array(hidden), expected.numpy(), atol=1e-6)  # measured: 3e-7 cpu, 1.8e-7 portable
+    np.testing.assert_allclose(np.array(cell[:, -1]), c[0].numpy(), atol=1e-6)
 
 
 def test_config_arithmetic_matches_reference(reference):
@@ -112,23 +128,22 @@ def test_round_trip_matches_reference(reference, model):
 
 
 def test_lstm_state_carries_across_calls(model):
-    layer = model.decoder.layers[1].lstm[0]
-    x = mx.random.normal((2, 10, layer.Wh.shape[1]))
-    whole, _ = layer.run(x)
-    first, state = layer.run(x[:, :4])
-    second, _ = layer.run(x[:, 4:], state)
+    lstm = model.decoder.lstm
+    x = mx.random.normal((2, 10, lstm.lstm[0].Wh.shape[1]))
+    whole, _ = lstm(x)
+    first, state = lstm(x[:, :4])
+    second, _ = lstm(x[:, 4:], state)
     assert relative_error(mx.concatenate([first, second], axis=1), np.array(whole)) < 1e-6
 
 
-def test_conv_shortcut_matches_reference():
+def test_conv_shortcut_matches_reference(variant):
     from transformers import EncodecModel as ReferenceModel
 
     config = fixtures.musicgen_config(fixtures.Shape()).audio_encoder
     config.use_conv_shortcut = True
     torch.manual_seed(0)
     reference = ReferenceModel(config).eval()
-    model = EncodecModel(EncodecConfig.from_dict(config.to_dict()))
-    model.load_weights(list(EncodecModel.sanitize(state_dict(reference)).items()), strict=True)
+    model = load(reference, variant)
     audio = random_audio(1, 1000)
     with torch.no_grad():
         codes = reference.encode(torch.from_numpy(audio))[0]
@@ -138,7 +153,7 @@ def test_conv_shortcut_matches_reference():
 
 
 @pytest.mark.parametrize("ratios", [(4, 4, 2), (3, 5, 2)])
-def test_chunks_give_the_same_result_as_one_piece(ratios):
+def test_cpu_chunks_give_the_same_result_as_the_portable_model(ratios):
     shape = dataclasses.replace(fixtures.Shape(), upsampling_ratios=ratios)
     config = EncodecConfig.from_dict(fixtures.musicgen_config(shape).audio_encoder.to_dict())
     model = EncodecModel(config)
@@ -147,11 +162,20 @@ def test_chunks_give_the_same_result_as_one_piece(ratios):
     model.update(tree_unflatten([(k, mx.random.normal(v.shape) * 0.5 / v.shape[-1] ** 0.5) for k, v in params]))
     audio = mx.random.normal((1, 13 * config.hop_length + 5, 1))
     embeddings = mx.random.normal((1, 11, config.hidden_size))
-    whole_encoded = model.encoder(audio, chunk_frames=1000)
-    whole_decoded = model.decoder(embeddings, chunk_frames=1000)
-    for chunk_frames in (1, 2, 3):
-        assert relative_error(model.encoder(audio, chunk_frames=chunk_frames), whole_encoded) < 1e-5
-        assert relative_error(model.decoder(embeddings, chunk_frames=chunk_frames), whole_decoded) < 1e-5
+    whole_encoded, whole_decoded = model.encoder(audio), model.decoder(embeddings)
+    mx.eval(whole_encoded, whole_decoded)
+    optimize_encodec(model)
+    for chunk_frames in (1, 2, 3, 1000):
+        model.encoder.chunk_frames = model.decoder.chunk_frames = chunk_frames
+        assert relative_error(model.encoder(audio), whole_encoded) < 1e-5
+        assert relative_error(model.decoder(embeddings), whole_decoded) < 1e-5
+
+
+def test_saved_parameters_are_the_portable_layout(reference):
+    """Converted folders are device-neutral: a transposed conv's weight is nn.ConvTranspose1d's (out, kernel, in)."""
+    portable = dict(tree_flatten(load(reference, "portable").parameters()))
+    in_channels, out_channels, kernel = reference.decoder.layers[3].conv.weight.shape
+    assert portable["decoder.layers.3.conv.weight"].shape == (out_channels, kernel, in_channels)
 
 
 def test_both_weight_norm_spellings_sanitize_alike(reference):
@@ -170,7 +194,8 @@ def test_both_weight_norm_spellings_sanitize_alike(reference):
     assert not any("inited" in k or "cluster_size" in k or "embed_avg" in k for k in new)
 
 
-def test_unknown_key_passes_through_and_fails_strict_loading(reference, model):
+def test_unknown_key_passes_through_and_fails_strict_loading(reference):
+    model = load(reference, "portable")
     weights = state_dict(reference)
     weights["decoder.layers.0.conv.surprise"] = mx.zeros((3,))
     sanitized = EncodecModel.sanitize(weights)
