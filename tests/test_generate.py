@@ -10,9 +10,14 @@ from mlx_musicgen import MusicGen
 AUDIO_RTOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def model(tiny):
-    return MusicGen.from_pretrained(tiny.folder)
+@pytest.fixture(scope="module", params=["device", "portable"])
+def model(tiny, request):
+    """The model as from_pretrained makes it for this device (on a CPU: its fast CPU forms), and the portable
+    model that Metal and CUDA run (MLX_MUSICGEN_PORTABLE=1)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "portable":
+            patch.setenv("MLX_MUSICGEN_PORTABLE", "1")
+        return MusicGen.from_pretrained(tiny.folder)
 
 
 def test_greedy_guided_padded_batch_matches_reference(model, tiny):
