@@ -94,8 +94,10 @@ def prepare(cfg: dict) -> dict:
     import mlx_musicgen  # (BLAS before mlx)
     from mlx_musicgen.convert import convert
 
-    sources = sorted(p for p in Path(mlx_musicgen.__file__).parent.glob("*.py") if p.stem in ("convert", "loading"))
-    stamp = hashlib.sha1(b"".join(p.read_bytes() for p in sources)).hexdigest()  # the format version is in there
+    # What writes a converted folder: the converter, the format version, each part's sanitize.
+    names = ("convert", "loading", "model", "t5", "decoder", "encodec")
+    sources = sorted(p for p in Path(mlx_musicgen.__file__).parent.glob("*.py") if p.stem in names)
+    stamp = hashlib.sha1(b"".join(p.read_bytes() for p in sources)).hexdigest()
     root = Path(cfg["root"])
     hf = root / "hf"
     if not (hf / "COMPLETE").is_file():
@@ -161,7 +163,7 @@ def reference(cfg: dict) -> dict:
 def ours(cfg: dict) -> dict:
     import mlx_musicgen
     import mlx.core as mx
-    from mlx_musicgen import MusicGen
+    from mlx_musicgen import MusicGen, cpu
 
     t = time.perf_counter()
     model = MusicGen.from_pretrained(cfg["folder"])
@@ -178,7 +180,7 @@ def ours(cfg: dict) -> dict:
     blas = getattr(getattr(mlx_musicgen, "_linux", None), "LOADED", None)
     result.update(load_s=load_s, device=str(mx.default_device()),
                   framework=f"mlx {mx.__version__}" + (f" + {blas}" if blas else "")
-                  + (" (portable)" if os.environ.get("MLX_MUSICGEN_PORTABLE") else ""))
+                  + (" (portable)" if cpu.portable_requested() else ""))
     if cfg["drift_from"]:
         from step_bytes import logits_drift
 

@@ -90,7 +90,7 @@ def keep_freed_memory() -> None:
 
     MLX's CPU allocator mallocs every buffer and caches only 32 MB of freed ones. glibc serves blocks over
     128 KB with fresh mmaps and trims a freed heap top, so each large intermediate was page-faulted in anew:
-    a third of EnCodec's decode time on a 2-core CPU. Blocks up to 32 MB (glibc's most) now come from the
+    much of EnCodec's decode time (docs/PERFORMANCE.md). Blocks up to 32 MB (glibc's most) now come from the
     heap, and up to 256 MB of free heap stays mapped. Settings the user made through the environment win.
     """
     if platform.libc_ver()[0] != "glibc" or any(

@@ -128,13 +128,17 @@ class Attention(nn.Module):
         return self.out_proj(merge_heads(out))
 
 
+def text_kv(k_proj: nn.Module, v_proj: nn.Module, heads: int, states: mx.array, mask: mx.array) -> TextKV:
+    """states (B, S, D), mask (B, S) 0/1 -> the text's keys and values by head, and its additive mask."""
+    keys, values = (split_heads(proj(states), heads) for proj in (k_proj, v_proj))
+    return TextKV(keys, values, additive_mask(mask, keys.dtype))
+
+
 class CrossAttention(Attention):
     """Attention from the codes to the text; the text's keys and values are computed once per generation."""
 
     def text_kv(self, states: mx.array, mask: mx.array) -> TextKV:
-        """states (B, S, D), mask (B, S) 0/1 -> the text's keys, values and additive mask."""
-        keys, values = (split_heads(proj(states), self.heads) for proj in (self.k_proj, self.v_proj))
-        return TextKV(keys, values, additive_mask(mask, keys.dtype))
+        return text_kv(self.k_proj, self.v_proj, self.heads, states, mask)
 
     def __call__(self, x: mx.array, text: TextKV) -> mx.array:
         queries = split_heads(self.q_proj(x), self.heads)
@@ -172,6 +176,8 @@ class DecoderLayer(nn.Module):
 
 
 class MusicgenDecoder(nn.Module):
+    """Embeddings of K codebooks (summed), sinusoidal positions, the layers, a final LayerNorm and K heads."""
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.config = config
@@ -186,7 +192,7 @@ class MusicgenDecoder(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.layer_norm.weight.dtype
 
-    def text_context(self, states: mx.array, mask: mx.array) -> list:
+    def text_context(self, states: mx.array, mask: mx.array) -> list[TextKV]:
         """Each layer's view of the text (B, S, D) with its (B, S) padding mask, computed once per generation
         rather than once per step."""
         states = states.astype(self.dtype)

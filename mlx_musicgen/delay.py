@@ -7,6 +7,7 @@ codebooks of a pair share one delay.
 
 from __future__ import annotations
 
+import mlx.core as mx
 import numpy as np
 
 UNSET = -1  # a position the decoder must predict
@@ -58,9 +59,10 @@ def frames_out(length: int, num_codebooks: int, audio_channels: int) -> int:
 
 
 def undelay(
-    sequence: np.ndarray, audio_channels: int, length: int | None = None, first_frame: int = 0
-) -> np.ndarray:
-    """(B, K, n) delayed sequence with its start column -> (B, K, frames) aligned codes, from `first_frame` on.
+    sequence: np.ndarray | mx.array, audio_channels: int, length: int | None = None, first_frame: int = 0
+) -> np.ndarray | mx.array:
+    """(B, K, n) delayed sequence with its start column -> (B, K, frames) aligned codes, from `first_frame` on
+    (numpy or MLX, as given).
 
     `length` is the full length of the generation when `sequence` is only its first n columns (streaming):
     then only the frames whose every codebook is known are returned.
@@ -71,4 +73,5 @@ def undelay(
         return sequence[:, :, 1 + first_frame :]
     frames = max(first_frame, n - K // audio_channels)
     delays = codebook_delays(K, audio_channels)
-    return np.stack([sequence[:, k, d + 1 + first_frame : d + 1 + frames] for k, d in enumerate(delays)], axis=1)
+    stack = mx.stack if isinstance(sequence, mx.array) else np.stack
+    return stack([sequence[:, k, d + 1 + first_frame : d + 1 + frames] for k, d in enumerate(delays.tolist())], axis=1)

@@ -110,9 +110,7 @@ def run(args: argparse.Namespace) -> None:
         check_prompt(*read_audio(args.audio_prompt), f"audio prompt {args.audio_prompt}")
 
     dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
-    model = MusicGen.from_pretrained(args.model, dtype=dtype)
-    check_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                   temperature=args.temperature, vocab_size=model.config.decoder.vocab_size)
+    model = MusicGen.from_pretrained(args.model, dtype=dtype)  # generate_stream checks top_k against its vocabulary
     seed = args.seed if args.seed is not None else secrets.randbits(31)  # recorded, so every clip can be remade
     speaker = player(model.sampling_rate, model.audio_channels) if args.play else None
     for start in range(0, len(texts), args.batch_size):

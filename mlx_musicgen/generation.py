@@ -50,11 +50,15 @@ class GenerationConfig:
 
     @classmethod
     def with_settings(cls, config: GenerationConfig | None, settings: dict) -> GenerationConfig:
-        """`config` (or the defaults) with keyword settings applied over it."""
+        """`config` (or the defaults) with keyword settings applied over it; a length given as a keyword
+        (duration or max_new_tokens) replaces the config's length of either kind."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(settings) - names)
         if unknown:
             raise TypeError(f"unknown generation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        lengths = {"duration", "max_new_tokens"}
+        if config is not None and any(settings.get(name) is not None for name in lengths):
+            settings = {**{name: None for name in lengths}, **settings}
         return dataclasses.replace(config or cls(), **settings)
 
     def check(self, vocab_size: int | None = None) -> None:
@@ -74,44 +78,35 @@ def make_sampler(config: GenerationConfig) -> Sampler:
 
 def generate_window(
     model: MusicGen,
-    texts: list[str] | None,
-    num_samples: int,
-    prompt_codes: mx.array | None,
+    text: list,
+    guidance_scale: float | None,
+    sampler: Sampler,
+    prompt_codes: mx.array,
     max_new_tokens: int,
-    config: GenerationConfig,
-    seed: int | None,
+    key: mx.array,
 ) -> Iterator[mx.array]:
-    """One generation window continuing `prompt_codes` (B, K, P): yields the new frames (B, K, n) as soon as
-    all their codebooks are decoded."""
-    guided = texts is not None and config.guidance_scale > 1.0  # as the reference: no guidance without text
-    batch = len(texts) if texts is not None else num_samples
-    text = model.decoder.text_context(*model.conditioning(texts, num_samples, guided))
-    sampler = make_sampler(config)
-
+    """One generation window continuing `prompt_codes` (B, K, P) (the start column first): yields the new
+    frames (B, K, n) as soon as all their codebooks are decoded. `text` is the decoder's text context (doubled
+    rows when guided, with `guidance_scale`; None: no guidance)."""
     K, C, pad = model.num_codebooks, model.audio_channels, model.config.decoder.pad_token_id
-    prompt = np.full((batch, K, 1), pad, dtype=np.int32)  # the start column
-    if prompt_codes is not None:
-        prompt = np.concatenate([prompt, np.array(prompt_codes, dtype=np.int32)], axis=2)
-    length = prompt.shape[-1] + max_new_tokens
-    pattern = delay.delay_pattern(prompt, length, pad, C)
-    start = delay.first_free_position(pattern, prompt.shape[-1])
+    batch, length = prompt_codes.shape[0], prompt_codes.shape[-1] + max_new_tokens
+    pattern = delay.delay_pattern(np.array(prompt_codes), length, pad, C)
+    start = delay.first_free_position(pattern, prompt_codes.shape[-1])
     known = mx.array(pattern)
-    delays = delay.codebook_delays(K, C) if delay.applies(length, K, C) else np.zeros(K, dtype=int)
-    total = delay.frames_out(length, K, C)
+    last_delay = int(delay.codebook_delays(K, C)[-1]) if delay.applies(length, K, C) else 0
+    guided = guidance_scale is not None
     cache = model.decoder.make_cache(batch * (2 if guided else 1), length)
-    key = mx.random.key(seed if seed is not None else secrets.randbits(63))
 
     columns = [known[:, :, i] for i in range(start)]  # the sequence so far, one (B, K) column per position
-    emitted = prompt.shape[-1] - 1  # frames already out: the prompt's are the caller's
+    emitted = prompt_codes.shape[-1] - 1  # frames already out: the prompt's are the caller's
 
-    def frames_until(ready: int) -> mx.array | None:
-        """Undelay frames [emitted, ready): frame f of codebook k sits at position f + delay_k + 1."""
+    def frames_until(position: int) -> mx.array | None:
+        """The frames completed by the columns up to `position`, undelayed from the columns since the last."""
         nonlocal emitted
-        ready = min(ready, total)
+        ready = min(position - last_delay, length - K // C if last_delay else length - 1)
         if ready <= emitted:
             return None
-        frames = mx.stack([mx.stack([columns[f + d + 1][:, k] for f in range(emitted, ready)], axis=-1)
-                           for k, d in enumerate(delays)], axis=1)
+        frames = delay.undelay(mx.stack(columns[emitted : ready + last_delay + 1], axis=-1), C, length)
         emitted = ready
         return frames
 
@@ -120,7 +115,7 @@ def generate_window(
         key, step_key = mx.random.split(key)
         logits = model.decoder(mx.concatenate([inputs, inputs]) if guided else inputs, text, cache)[:, :, -1]
         if guided:
-            logits = apply_guidance(logits, config.guidance_scale)
+            logits = apply_guidance(logits, guidance_scale)
         forced = known[:, :, position]
         column = mx.where(forced == delay.UNSET, sampler(logits, step_key), forced)
         mx.async_eval(column)  # the next step's graph is built while this one computes
@@ -128,10 +123,10 @@ def generate_window(
         inputs = column[:, :, None]
         if position > start:  # keep one step in flight: wait for the previous one only
             mx.eval(columns[-2])
-            if (frames := frames_until(position - 1 - int(delays[-1]))) is not None:
+            if (frames := frames_until(position - 1)) is not None:
                 yield frames
     mx.eval(columns[-1])
-    if (frames := frames_until(length - int(delays[-1]))) is not None:
+    if (frames := frames_until(length - 1)) is not None:
         yield frames
 
 
@@ -140,9 +135,13 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
     """Codes (B, K, n) in order, the prompt's first, as they are decoded.
 
     With `max_new_tokens`: one window of that many decoder steps, as the reference counts them. With
-    `total_frames` beyond one window: long form (see longform), each window continuing the last."""
-    K, C = model.num_codebooks, model.audio_channels
-    prompt_frames = request.prompt_frames
+    `total_frames` beyond one window: long form (see longform), each window continuing the last. The text is
+    encoded and the sampler built once; each window has its own KV cache and seed."""
+    K, C, pad = model.num_codebooks, model.audio_channels, model.config.decoder.pad_token_id
+    guided = request.texts is not None and config.guidance_scale > 1.0  # as the reference: no guidance without text
+    text = model.decoder.text_context(*model.conditioning(request.texts, request.num_samples, guided))
+    sampler = make_sampler(config)
+    batch, prompt_frames = request.num_samples, request.prompt_frames
     if request.max_new_tokens is not None:
         expected = delay.frames_out(1 + prompt_frames + request.max_new_tokens, K, C)
         windows = [longform.Window(0, prompt_frames, expected)]
@@ -152,14 +151,17 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
         windows = longform.plan_windows(expected, model.window_frames, stride, prompt_frames)
     done = prompt_frames
 
-    def window(index: int, context: mx.array | None, window: longform.Window) -> Iterator[mx.array]:
+    def generate(index: int, context: mx.array | None, window: longform.Window) -> Iterator[mx.array]:
         nonlocal done
         steps = request.max_new_tokens or window.span - window.known + K // C - 1
-        seed = None if config.seed is None else (config.seed + index * 1_000_003) % 2**63
-        for frames in generate_window(model, request.texts, request.num_samples, context, steps, config, seed):
+        seed = secrets.randbits(63) if config.seed is None else (config.seed + index * 1_000_003) % 2**63
+        start = mx.full((batch, K, 1), pad, dtype=mx.int32)
+        prompt = start if context is None else mx.concatenate([start, context.astype(mx.int32)], axis=2)
+        for frames in generate_window(model, text, config.guidance_scale if guided else None, sampler, prompt,
+                                      steps, mx.random.key(seed)):
             done += frames.shape[-1]
             if progress is not None:
                 progress(done - prompt_frames, expected - prompt_frames)
             yield frames
 
-    yield from longform.extend(window, windows, request.prompt_codes)
+    yield from longform.extend(generate, windows, request.prompt_codes)

@@ -179,8 +179,6 @@ def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicG
     config = MusicGenConfig.from_dict(raw, read_generation_config(folder))
     model = MusicGen(config)
     if is_converted(raw):
-        if config.quantization:
-            model.quantize_decoder(**config.quantization)
         weights = load_safetensors(folder / "model.safetensors")
     else:
         # Contiguous, as a converted folder's are: the same layouts give the same kernels, hence the same bits.

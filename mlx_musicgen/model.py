@@ -12,13 +12,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import delay, loading
+from . import cpu, delay, loading
 from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .generation import GenerationConfig, Progress, generate_frames
-from .prompt import PromptInput, Request, check_texts, load_audio_prompts, plan_length, trim_padding
+from .prompt import PromptInput, prepare, trim_padding
 from .sampling import check_tokens
-from .streaming import StreamingDecoder
+from .streaming import StreamingDecoder, regroup
 from .t5 import T5Config, T5Encoder
 
 DECODE_FRAMES = 500  # codes are decoded a stretch of this many frames (10 s) at a time, in flat memory
@@ -56,6 +56,8 @@ class MusicGen(nn.Module):
             self.enc_to_dec_proj = nn.Linear(config.text_encoder.d_model, config.decoder.hidden_size)
         self.decoder = MusicgenDecoder(config.decoder)
         self.audio_encoder = EncodecModel(config.audio_encoder)
+        if config.quantization:
+            self.quantize_decoder(**config.quantization)
         self.tokenizer = None
 
     @classmethod
@@ -63,8 +65,6 @@ class MusicGen(nn.Module):
         """A converted folder, a Hub-layout folder (converted in memory) or a Hub id such as facebook/musicgen-small.
 
         On a CPU, the modules are swapped for their fast CPU forms (see cpu), unless MLX_MUSICGEN_PORTABLE=1."""
-        from . import cpu
-
         model = loading.load_model(path_or_id, dtype=dtype)
         if mx.default_device() == mx.cpu:
             cpu.warn_if_slow(model)
@@ -164,23 +164,23 @@ class MusicGen(nn.Module):
 
     # ---- audio <-> codes
 
-    def encode_audio(self, samples: np.ndarray | mx.array) -> mx.array:
+    def encode_audio(self, samples: np.ndarray | mx.array) -> np.ndarray:
         """(batch, channels, samples) at the model's rate -> codes (batch, codebooks, frames); stereo channels are
         encoded apart and their codebooks interleaved L0, R0, L1, ..."""
         samples = mx.array(samples)
         C = self.audio_channels
         per_channel = self.num_codebooks // C
         codes = [self.audio_encoder.encode(samples[:, c : c + 1], per_channel) for c in range(C)]
-        return mx.stack(codes, axis=2).reshape(samples.shape[0], self.num_codebooks, -1)
+        return np.array(mx.stack(codes, axis=2).reshape(samples.shape[0], self.num_codebooks, -1))
 
-    def decode_stream(self, codes: Iterable[mx.array | np.ndarray]) -> Iterator[mx.array]:
+    def decode_stream(self, codes: Iterable[mx.array | np.ndarray]) -> Iterator[np.ndarray]:
         """Codes arriving a stretch (batch, codebooks, n) at a time -> the audio (batch, channels, samples) that
         each makes final; the audio joined is the whole decode, sample-exact at the seams."""
         C = self.audio_channels
         decoders = [StreamingDecoder(self.audio_encoder) for _ in range(C)]
 
-        def joined(pieces: list[mx.array]) -> mx.array:
-            return mx.concatenate(pieces, axis=1).astype(mx.float32)
+        def joined(pieces: list[mx.array]) -> np.ndarray:
+            return np.array(mx.concatenate(pieces, axis=1).astype(mx.float32))
 
         for stretch in codes:
             check_tokens(stretch)  # NaN/inf logits are reported, not decoded into noise
@@ -198,38 +198,9 @@ class MusicGen(nn.Module):
         Decoded a stretch of DECODE_FRAMES at a time, so memory does not grow with the duration."""
         codes = mx.array(codes)
         stretches = (codes[:, :, i : i + DECODE_FRAMES] for i in range(0, codes.shape[-1], DECODE_FRAMES))
-        return np.concatenate([np.array(audio) for audio in self.decode_stream(stretches)], axis=-1)
+        return np.concatenate(list(self.decode_stream(stretches)), axis=-1)
 
     # ---- generation
-
-    def prepare(
-        self,
-        texts: list[str] | str | None,
-        audio_prompt: PromptInput | list[PromptInput] | None,
-        audio_prompt_sr: int | None,
-        num_samples: int,
-        config: GenerationConfig,
-    ) -> Request:
-        """Check and normalise a generation request, once, before any generation work."""
-        texts, num_samples = check_texts(texts, num_samples)
-        config.check(self.config.decoder.vocab_size)
-        request = Request(texts, num_samples)
-        if audio_prompt is not None:
-            prompt_audio, padding = load_audio_prompts(
-                audio_prompt, audio_prompt_sr, model_rate=self.sampling_rate, channels=self.audio_channels,
-                window_seconds=self.window_frames / self.frame_rate,
-            )
-            if texts is not None and len(texts) != len(prompt_audio):
-                raise ValueError(f"{len(texts)} texts for {len(prompt_audio)} audio prompts: give one text per prompt.")
-            request = Request(texts, len(prompt_audio), self.encode_audio(prompt_audio), tuple(padding))
-        request = plan_length(request, config.duration, config.max_new_tokens, frame_rate=self.frame_rate,
-                              max_length=self.config.max_length)
-        window, prompt_frames = self.window_frames, request.prompt_frames
-        stride = round(config.extend_stride * self.frame_rate)
-        if (request.total_frames or 0) > window and not 0 < stride < window - prompt_frames:
-            raise ValueError(f"extend_stride must be between 0 and the window less the audio prompt "
-                             f"({(window - prompt_frames) / self.frame_rate:.2f} s), got {config.extend_stride}.")
-        return request
 
     def generate_tokens(
         self,
@@ -243,17 +214,10 @@ class MusicGen(nn.Module):
         **settings,
     ) -> np.ndarray:
         """Codes in, codes out: continue `prompt_codes` (batch, codebooks, frames) to `total_frames` frames in all
-        (or by `max_new_tokens` steps) -> (batch, codebooks, frames), the prompt's first."""
+        (or by the config's duration or max_new_tokens) -> (batch, codebooks, frames), the prompt's first."""
         config = GenerationConfig.with_settings(config, settings)
-        texts, num_samples = check_texts(texts, num_samples)
-        config.check(self.config.decoder.vocab_size)
-        prompt = None if prompt_codes is None else mx.array(prompt_codes)
-        request = Request(texts, num_samples if prompt is None else prompt.shape[0], prompt)
-        if total_frames is not None:
-            request.total_frames = int(total_frames)
-        else:
-            request = plan_length(request, None, config.max_new_tokens, frame_rate=self.frame_rate,
-                                  max_length=self.config.max_length)
+        request = prepare(self, config, texts, num_samples=num_samples, prompt_codes=prompt_codes,
+                          total_frames=total_frames)
         return np.array(mx.concatenate(list(generate_frames(self, request, config, progress)), axis=2))
 
     def generate(
@@ -279,7 +243,8 @@ class MusicGen(nn.Module):
         without its padding, as a list of (channels, samples) arrays.
         """
         config = GenerationConfig.with_settings(config, settings)
-        request = self.prepare(texts, audio_prompt, audio_prompt_sr, num_samples, config)
+        request = prepare(self, config, texts, num_samples=num_samples, audio_prompt=audio_prompt,
+                          audio_prompt_sr=audio_prompt_sr)
         codes = mx.concatenate(list(generate_frames(self, request, config, progress)), axis=2)
         audio = trim_padding(self.decode(codes), list(request.padding))
         return (audio, np.array(codes)) if return_tokens else audio
@@ -299,36 +264,21 @@ class MusicGen(nn.Module):
         """generate, heard while it is made: yields audio chunks (batch, channels, samples), each about
         `chunk_duration` seconds, as soon as they are final; joined, they are exactly generate's output.
         With prompts of different lengths, each chunk is a list with one (channels, samples) array per item."""
-        if not (isinstance(chunk_duration, (int, float)) and math.isfinite(chunk_duration) and chunk_duration > 0):
+        if not (math.isfinite(chunk_duration) and chunk_duration > 0):
             raise ValueError(f"chunk_duration must be a positive number of seconds, got {chunk_duration}.")
         config = GenerationConfig.with_settings(config, settings)
-        request = self.prepare(texts, audio_prompt, audio_prompt_sr, num_samples, config)
+        request = prepare(self, config, texts, num_samples=num_samples, audio_prompt=audio_prompt,
+                          audio_prompt_sr=audio_prompt_sr)
         frames = generate_frames(self, request, config, progress)
         chunk_frames = max(1, round(chunk_duration * self.frame_rate))
-        padding = list(request.padding)
+        padding = list(request.padding)  # samples of each item's padding still to drop
         for audio in self.decode_stream(regroup(frames, chunk_frames)):
-            audio = np.array(audio)
-            if not any(padding):
+            if not any(request.padding):
                 yield audio
                 continue
             items = []
-            for i, item in enumerate(audio):  # drop what is left of each item's padding
+            for i, item in enumerate(audio):
                 drop = min(padding[i], item.shape[-1])
                 padding[i] -= drop
                 items.append(item[:, drop:])
             yield items
-
-
-def regroup(frames: Iterable[mx.array], size: int) -> Iterator[mx.array]:
-    """Code stretches (B, K, n) of any lengths -> stretches of `size` frames (the last may be shorter)."""
-    pending: list[mx.array] = []
-    held = 0
-    for stretch in frames:
-        pending.append(stretch)
-        held += stretch.shape[-1]
-        while held >= size:
-            joined = mx.concatenate(pending, axis=-1)
-            yield joined[..., :size]
-            pending, held = [joined[..., size:]], held - size
-    if held:
-        yield mx.concatenate(pending, axis=-1)

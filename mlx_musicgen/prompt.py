@@ -10,11 +10,16 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
-from . import audio
+from . import audio, delay
+
+if TYPE_CHECKING:
+    from .generation import GenerationConfig
+    from .model import MusicGen
 
 MAX_DURATION = 3600.0  # seconds: longer requests are refused as mistakes (an hour of music is a day on a laptop)
 MAX_GUIDANCE = 100.0  # guidance scales above this only amplify logits towards overflow (3 is typical)
@@ -134,25 +139,61 @@ class Request:
         return 0 if self.prompt_codes is None else self.prompt_codes.shape[-1]
 
 
-def plan_length(request: Request, duration: float | None, max_new_tokens: int | None, *, frame_rate: float,
-                max_length: int) -> Request:
-    """How long to generate: a duration gives round(duration * frame_rate) frames in all, the prompt included;
-    max_new_tokens counts decoder steps as the reference does (frames out = prompt frames + steps + 1 - codebooks
-    per channel). Neither: one full window of the checkpoint's max_length positions."""
-    prompt_frames = request.prompt_frames
-    if max_new_tokens is not None and duration is not None:
-        raise ValueError("Give duration or max_new_tokens, not both.")
-    if duration is not None:
-        check_duration(duration)
-        frames = round(duration * frame_rate)
-        if frames <= prompt_frames:
-            raise ValueError(f"duration {duration} s is not longer than the audio prompt "
+def prepare(
+    model: MusicGen,
+    config: GenerationConfig,
+    texts: list[str] | str | None,
+    *,
+    num_samples: int = 1,
+    audio_prompt: PromptInput | list[PromptInput] | None = None,
+    audio_prompt_sr: int | None = None,
+    prompt_codes: mx.array | np.ndarray | None = None,
+    total_frames: int | None = None,
+) -> Request:
+    """Check a generation request, once, before any generation work, and say how long to generate.
+
+    A duration gives round(duration * frame_rate) frames in all, the prompt included; max_new_tokens counts
+    decoder steps as the reference does (frames out = prompt frames + steps + 1 - codebooks per channel);
+    `total_frames` (codes in, codes out) is a frame count. None of them: one window of the checkpoint's
+    max_length positions."""
+    texts, num_samples = check_texts(texts, num_samples)
+    config.check(model.config.decoder.vocab_size)
+    lengths = {"duration": config.duration, "max_new_tokens": config.max_new_tokens, "total_frames": total_frames}
+    given = [name for name, value in lengths.items() if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"Give {' or '.join(given)}, not both.")
+    if config.duration is not None:
+        check_duration(config.duration)
+    request = Request(texts, num_samples)
+    if audio_prompt is not None:
+        window_seconds = model.window_frames / model.frame_rate
+        prompt_audio, padding = load_audio_prompts(audio_prompt, audio_prompt_sr, model_rate=model.sampling_rate,
+                                                   channels=model.audio_channels, window_seconds=window_seconds)
+        if texts is not None and len(texts) != len(prompt_audio):
+            raise ValueError(f"{len(texts)} texts for {len(prompt_audio)} audio prompts: give one text per prompt.")
+        request = Request(texts, len(prompt_audio), mx.array(model.encode_audio(prompt_audio)), tuple(padding))
+    elif prompt_codes is not None:
+        if texts is not None and len(texts) != prompt_codes.shape[0]:
+            raise ValueError(f"{len(texts)} texts for {prompt_codes.shape[0]} prompts: give one text per prompt.")
+        request = Request(texts, prompt_codes.shape[0], mx.array(prompt_codes))
+    prompt_frames, frame_rate = request.prompt_frames, model.frame_rate
+    if total_frames is not None:
+        request.total_frames = int(total_frames)
+    elif config.duration is not None:
+        request.total_frames = round(config.duration * frame_rate)
+        if request.total_frames <= prompt_frames:
+            raise ValueError(f"duration {config.duration} s is not longer than the audio prompt "
                              f"({prompt_frames / frame_rate:.2f} s): ask for more.")
-        request.total_frames = frames
-        return request
-    if max_new_tokens is None:
-        max_new_tokens = max_length - 1 - prompt_frames
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}.")
-    request.max_new_tokens = int(max_new_tokens)
+    else:
+        steps = config.max_new_tokens
+        steps = model.config.max_length - 1 - prompt_frames if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {steps}.")
+        request.max_new_tokens = int(steps)
+    expected = request.total_frames or delay.frames_out(1 + prompt_frames + request.max_new_tokens,
+                                                         model.num_codebooks, model.audio_channels)
+    window, stride = model.window_frames, round(config.extend_stride * frame_rate)
+    if expected > window and not 0 < stride < window - prompt_frames:
+        raise ValueError(f"extend_stride must be between 0 and the window less the audio prompt "
+                         f"({(window - prompt_frames) / frame_rate:.2f} s), got {config.extend_stride}.")
     return request

@@ -10,6 +10,8 @@ flat however long the stream. Whatever form the model's modules have (portable o
 
 from __future__ import annotations
 
+from typing import Iterable, Iterator
+
 import mlx.core as mx
 
 from .encodec import EncodecModel, LSTMState, context_frames
@@ -78,3 +80,18 @@ class StreamingDecoder:
         self.features = self.features[:, keep_from - self.features_start :]
         self.features_start = keep_from
         return audio.transpose(0, 2, 1)
+
+
+def regroup(frames: Iterable[mx.array], size: int) -> Iterator[mx.array]:
+    """Code stretches (B, K, n) of any lengths -> stretches of `size` frames (the last may be shorter)."""
+    pending: list[mx.array] = []
+    held = 0
+    for stretch in frames:
+        pending.append(stretch)
+        held += stretch.shape[-1]
+        while held >= size:
+            joined = mx.concatenate(pending, axis=-1)
+            yield joined[..., :size]
+            pending, held = [joined[..., size:]], held - size
+    if held:
+        yield mx.concatenate(pending, axis=-1)

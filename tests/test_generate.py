@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import reference
-from mlx_musicgen import MusicGen
+from mlx_musicgen import GenerationConfig, MusicGen
+from mlx_musicgen.cpu import optimize_for_cpu
 
 AUDIO_RTOL = 1e-4
 
@@ -59,3 +60,30 @@ def test_top_k_one_is_greedy(model):
     greedy = model.generate(["techno kick"], max_new_tokens=10, do_sample=False, return_tokens=True)[1]
     top1 = model.generate(["techno kick"], max_new_tokens=10, top_k=1, seed=3, return_tokens=True)[1]
     np.testing.assert_array_equal(greedy, top1)
+
+
+def test_a_config_object_and_keywords_mean_the_same(model):
+    config = GenerationConfig(max_new_tokens=10, top_k=50, seed=4)
+    by_keywords = model.generate(["lofi"], max_new_tokens=10, top_k=50, seed=4, return_tokens=True)[1]
+    np.testing.assert_array_equal(model.generate(["lofi"], config=config, return_tokens=True)[1], by_keywords)
+    # a keyword wins over the config, a length keyword over the config's length of either kind
+    longer = model.generate(["lofi"], config=config, duration=20 / model.frame_rate, return_tokens=True)[1]
+    assert longer.shape[-1] == 20
+    with pytest.raises(TypeError, match="unknown generation setting"):
+        model.generate(["lofi"], config=config, top_q=3)
+
+
+def test_generate_tokens_takes_a_duration(model):
+    codes = model.generate_tokens(["lofi"], duration=12 / model.frame_rate, do_sample=False)
+    assert codes.shape == (1, 4, 12)
+    with pytest.raises(ValueError, match="Give duration or total_frames, not both"):
+        model.generate_tokens(["lofi"], duration=0.01, total_frames=12)
+
+
+def test_optimizing_twice_changes_nothing(model):
+    before = model.generate(["techno"], max_new_tokens=8, do_sample=False, return_tokens=True)
+    optimize_for_cpu(model)
+    optimize_for_cpu(model)
+    after = model.generate(["techno"], max_new_tokens=8, do_sample=False, return_tokens=True)
+    np.testing.assert_array_equal(after[1], before[1])
+    assert reference.relative_error(after[0], before[0]) < AUDIO_RTOL

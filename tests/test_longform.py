@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_musicgen import MusicGen
+from mlx_musicgen.longform import Window, plan_windows
 
 STRIDE = 0.02  # seconds: 20 frames of the tiny codec (1000 frames/s)
 
@@ -78,3 +79,15 @@ def test_long_stereo_generation(tiny_stereo, tmp_path):
 def test_stride_must_leave_context(model):
     with pytest.raises(ValueError, match="extend_stride"):
         model.generate(["rock"], duration=0.1, extend_stride=0.05, do_sample=False)  # 50 frames > window 36
+
+
+def test_window_plan():
+    """(offset, frames continued, frames in all) of each window: the first continues the prompt, each next one
+    the last (window - stride) frames of the one before; the last is as long as what is left."""
+    assert plan_windows(30, 36, 20) == [Window(0, 0, 30)]
+    assert plan_windows(100, 36, 20) == [Window(0, 0, 36), Window(20, 16, 36), Window(40, 16, 36),
+                                         Window(60, 16, 36), Window(80, 16, 20)]
+    assert plan_windows(80, 36, 20, prompt_frames=10) == [Window(0, 10, 36), Window(20, 16, 36),
+                                                          Window(40, 16, 36), Window(60, 16, 20)]
+    with pytest.raises(ValueError, match="stride"):
+        plan_windows(100, 36, 36)

@@ -71,6 +71,7 @@ def test_stream_of_unequal_prompts_trims_each_item(model):
     kwargs = dict(audio_prompt=prompts, max_new_tokens=12, do_sample=False)
     expected = model.generate(["lofi", "rock"], **kwargs)
     chunks = list(model.generate_stream(["lofi", "rock"], chunk_duration=0.005, **kwargs))
+    assert all(isinstance(chunk, list) and len(chunk) == 2 for chunk in chunks)  # one type throughout
     for i in range(2):
         joined = np.concatenate([chunk[i] for chunk in chunks], axis=-1)
         assert joined.shape == expected[i].shape

@@ -53,7 +53,7 @@ def parallel_streams() -> tuple[mx.Stream, mx.Stream]:
     """Two streams of the default device, for work that can run on two CPU cores at once.
 
     With MKL, one stream twice: MKL's own threads already use every core, and MKL called from two threads
-    gets a thread team for each, after which every product runs ~2.5x slower (measured on 2 cores)."""
+    gets a thread team for each, after which every product runs slower (docs/PERFORMANCE.md)."""
     device = mx.default_device()
     key = str(device)
     if key not in _streams:

@@ -31,6 +31,7 @@ from ..decoder import (
     additive_mask,
     merge_heads,
     split_heads,
+    text_kv,
 )
 from . import blas_threads_itself, parallel_streams
 
@@ -142,7 +143,7 @@ def fold_text(attn: nn.Module, states: mx.array, rows: int) -> dict:
     keys = split_heads(project(states, attn.k_proj), heads) * attn.scale  # (rows, heads, S, head_dim)
     values = split_heads(project(states, attn.v_proj), heads)
     q_by_head = attn.q_proj.weight.reshape(heads, -1, D)  # (heads, head_dim, D), as stored
-    # Wo's columns by head, (heads, D, head_dim): on a CPU a 7x cheaper copy than Wo.T's rows by head.
+    # Wo's columns by head, (heads, D, head_dim): on a CPU a much cheaper copy than Wo.T's rows by head.
     out_by_head = attn.out_proj.weight.reshape(D, heads, -1).transpose(1, 0, 2)
     folded_values = (out_by_head @ values.swapaxes(-1, -2)).swapaxes(-1, -2)  # (rows, heads, S, D)
     return {"folded_keys": (keys @ q_by_head).reshape(rows, heads * states.shape[1], D),
@@ -162,17 +163,18 @@ class CompiledDecoderLayer(nn.Module):
         self.fc1, self.fc2 = layer.fc1, layer.fc2
         self.final_layer_norm = layer.final_layer_norm
         self.activation = activation_name(layer)
-        self.make_cache = layer.make_cache
+
+    def make_cache(self, batch: int, max_length: int, dtype: mx.Dtype) -> KVCache:
+        return DecoderLayer.make_cache(self, batch, max_length, dtype)
 
     def text_kv(self, states: mx.array, mask: mx.array) -> dict:
+        """The text as layer_output takes it: a dict (which compiles) holding TextKV's keys, values and mask and
+        the cross-attention's query and output projections, or, for short texts, the folded form."""
         attn = self.encoder_attn
         rows, (_, S, D) = text_rows(mask), states.shape
-        text = {"mask": additive_mask(mask, states.dtype)}
         if rows is None or rows * attn.heads * S > D or "scales" in attn.q_proj or "scales" in attn.out_proj:
-            plain = attn.text_kv(states, mask)
-            return {**text, "keys": plain.keys, "values": plain.values, "q_proj": attn.q_proj,
-                    "out_proj": attn.out_proj}
-        return {**text, **fold_text(attn, states, rows)}
+            return {**vars(attn.text_kv(states, mask)), "q_proj": attn.q_proj, "out_proj": attn.out_proj}
+        return {"mask": additive_mask(mask, states.dtype), **fold_text(attn, states, rows)}
 
     def __call__(self, x: mx.array, text: dict, cache: KVCache | None = None) -> mx.array:
         sa = self.self_attn
@@ -259,8 +261,7 @@ class SplitDecoderLayer(nn.Module):
         self.fc2 = [column_blocks(layer.fc2.weight[:, u]) for u in units]
 
     def text_kv(self, states: mx.array, mask: mx.array) -> TextKV:
-        keys, values = (split_heads(proj(states), 2 * self.heads) for proj in (self.text_k_proj, self.text_v_proj))
-        return TextKV(keys, values, additive_mask(mask, keys.dtype))
+        return text_kv(self.text_k_proj, self.text_v_proj, 2 * self.heads, states, mask)
 
     def make_cache(self, batch: int, max_length: int, dtype: mx.Dtype) -> SplitCache:
         head_dim = self.qkv[0].shape[1] // (2 * self.heads)
@@ -314,6 +315,8 @@ def can_split(decoder: MusicgenDecoder) -> bool:
 def optimize_decoder(decoder: MusicgenDecoder, split: bool | None = None) -> None:
     """Swap a loaded decoder's layers for their CPU forms, in place: split layers and blocked heads when the
     BLAS does not thread itself (`split`, by default), else compiled layers."""
+    if not all(type(layer) is DecoderLayer for layer in decoder.layers):
+        return  # already swapped
     split = (not blas_threads_itself() and can_split(decoder)) if split is None else split
     for i, layer in enumerate(decoder.layers):
         decoder.layers[i] = SplitDecoderLayer(layer) if split else CompiledDecoderLayer(layer)

@@ -24,7 +24,7 @@ from . import blas_threads_itself, parallel_streams
 CHUNK_FRAMES = 50  # 1 s at 50 Hz: the largest buffers stay at a few MB
 
 
-# exp, for ELU and the LSTM's gates. MLX's CPU exp is scalar code calling libm (~13 ns an element), so exp is
+# exp, for ELU and the LSTM's gates. MLX's CPU exp is scalar code calling libm, so exp is
 # built from plain arithmetic, which MLX compiles into vectorised loops: expm1(u) for u >= 0 as Taylor at
 # v = u / 8, doubled three times by expm1(2v) = expm1(v) * (expm1(v) + 2). That keeps its accuracy relative to
 # tiny values, needs no exponent bits, and overflows to inf cleanly far out; exp(-u) and the rest follow from it.
@@ -134,8 +134,8 @@ class FrameConvTranspose1d(nn.Module):
         return frames.reshape(batch, (length + 1) * self.stride, self.out_channels)
 
 
-# One LSTM step as four compiled functions: ~15 tasks for MLX's CPU scheduler rather than ~25. A step's
-# arrays are small, so the per-task cost (~4 us) is what counts.
+# One LSTM step as four compiled functions: fewer tasks for MLX's CPU scheduler, whose per-task cost is what counts
+# for a step's small arrays.
 @mx.compile
 def gates_reduced(gates_x: mx.array, gates_h: mx.array, gate_scale: mx.array) -> mx.array:
     return expm1_reduced(mx.abs((gates_x + gates_h) * gate_scale), 1.0)
