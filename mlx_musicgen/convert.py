@@ -128,24 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_torch_bin(files: list[Path]) -> dict[str, mx.array]:
-    """Older checkpoints (pytorch_model.bin): torch's safe loader (tensors only, no code). Conversion is the
-    only place torch is used outside tests and benchmarks."""
-    try:
-        import torch
-    except ImportError:
-        raise loading.CheckpointError(
-            f"{files[0].parent} has only pytorch_model.bin weights: install torch to convert it once "
-            "(`pip install torch`), then use the converted folder."
-        ) from None
-    weights = {}
-    for file in files:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        weights.update({k: mx.array(v.float().numpy()) for k, v in state.items()})
-    return weights
-
-
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, read_bin: loading.BinReader | None = None) -> None:
     bits = args.q_bits or (4 if args.quantize else None)
     with Bar(total=len(STAGES), desc="converting", unit="stage", dynamic_ncols=True,
              bar_format="{desc}: {n}/{total} stages |{bar}| [{elapsed}{postfix}]") as bar:
@@ -155,15 +138,17 @@ def run(args: argparse.Namespace) -> None:
             bar.set_postfix_str(name)
 
         out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, q_bits=bits, q_group_size=args.q_group_size,
-                      overwrite=args.overwrite, progress=stage, read_bin=read_torch_bin)
+                      overwrite=args.overwrite, progress=stage, read_bin=read_bin)
         bar.update(len(STAGES) - bar.n)
         bar.set_postfix_str("done")
     print(f"wrote {out}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, read_bin: loading.BinReader | None = None) -> None:
+    """The command. `read_bin` reads torch .bin checkpoints: the checkout's convert.py passes one that uses torch
+    (never imported by the package); without it a .bin-only checkpoint is refused with what to run."""
     args = parse_args(argv)
-    run_main(lambda: run(args), args.debug)
+    run_main(lambda: run(args, read_bin), args.debug)
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def generate_window(
     start = delay.first_free_position(pattern, prompt_codes.shape[-1])
     known = mx.array(pattern)
     last_delay = int(delay.codebook_delays(K, C)[-1]) if delay.applies(length, K, C) else 0
+    total = delay.frames_out(length, K, C)
     guided = guidance_scale is not None
     cache = model.decoder.make_cache(batch * (2 if guided else 1), length)
 
@@ -103,7 +104,7 @@ def generate_window(
     def frames_until(position: int) -> mx.array | None:
         """The frames completed by the columns up to `position`, undelayed from the columns since the last."""
         nonlocal emitted
-        ready = min(position - last_delay, length - K // C if last_delay else length - 1)
+        ready = min(position - last_delay, total)
         if ready <= emitted:
             return None
         frames = delay.undelay(mx.stack(columns[emitted : ready + last_delay + 1], axis=-1), C, length)

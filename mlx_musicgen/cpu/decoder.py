@@ -100,12 +100,12 @@ def self_attention_inputs(x, norm, q_proj, k_proj, v_proj, heads: int):
 
 
 @mx.compile
-def layer_output(x, attended, layer: dict, text: dict, heads: int, scale: float, activation: str):
+def layer_output(x, attended, out_proj, cross_norm, text: dict, heads: int, scale: float, final_norm, fc1, fc2,
+                 activation: str):
     """The rest of a layer after self-attention: its output projection, cross-attention and the FFN."""
-    x = x + project(merge_heads(attended), layer["self_attn"]["out_proj"])
-    x = x + cross_attention(layer_norm(x, layer["encoder_attn_layer_norm"]), text, heads, scale)
-    h = project(layer_norm(x, layer["final_layer_norm"]), layer["fc1"])
-    return x + project(CPU_ACTIVATIONS[activation](h), layer["fc2"])
+    x = x + project(merge_heads(attended), out_proj)
+    x = x + cross_attention(layer_norm(x, cross_norm), text, heads, scale)
+    return x + project(CPU_ACTIVATIONS[activation](project(layer_norm(x, final_norm), fc1)), fc2)
 
 
 def cross_attention(h: mx.array, text: dict, heads: int, scale: float) -> mx.array:
@@ -185,8 +185,9 @@ class CompiledDecoderLayer(nn.Module):
             keys, values = cache.update(keys, values)
         causal = "causal" if x.shape[1] > 1 else None
         attended = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=sa.scale, mask=causal)
-        return layer_output(x, attended, self, text, self.encoder_attn.heads, self.encoder_attn.scale,
-                            self.activation)
+        # Only the modules it uses: the compiled function's inputs are flattened every step.
+        return layer_output(x, attended, sa.out_proj, self.encoder_attn_layer_norm, text, self.encoder_attn.heads,
+                            self.encoder_attn.scale, self.final_layer_norm, self.fc1, self.fc2, self.activation)
 
 
 # ---- split layers (OpenBLAS: two halves on two streams)
