@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 ACTIVATIONS = {"gelu": nn.gelu, "relu": nn.relu, "gelu_new": nn.gelu_approx, "silu": nn.silu}
 
@@ -44,13 +45,23 @@ class DecoderConfig:
         return self.vocab_size
 
 
-def sinusoids(positions: mx.array, dims: int) -> mx.array:
-    """Sinusoidal position embeddings [cos | sin] (L, dims), as in the reference (frequencies over half - 1):
-    angle(p, i) = p * exp(-i * ln(10000) / (half - 1))."""
+def position_frequencies(dims: int) -> np.ndarray:
+    """The (dims // 2,) float32 frequencies of the sinusoids, exp(-i * ln(10000) / (half - 1)): the exponent
+    rounded to float32 as the reference's float32 arithmetic rounds it, then exp in float64 rounded once.
+    MLX's float32 exp is a step off for most of them, which moves angles near position 1300 by up to 1e-4:
+    enough to flip a near-tied greedy choice late in a 30 s window."""
     half = dims // 2
-    freqs = mx.exp(-math.log(10000.0) / (half - 1) * mx.arange(half, dtype=mx.float32))
-    angles = positions.astype(mx.float32)[:, None] * freqs[None, :]
-    return mx.concatenate([mx.cos(angles), mx.sin(angles)], axis=-1)
+    exponents = np.arange(half, dtype=np.float32) * np.float32(-math.log(10000.0) / (half - 1))
+    return np.exp(exponents.astype(np.float64)).astype(np.float32)
+
+
+def sinusoids(length: int, dims: int) -> np.ndarray:
+    """The reference's table of sinusoidal positions [cos | sin] (length, dims), float32, a zero column
+    padding an odd width: angle(p, i) = p * frequency(i), a float32 product as the reference's, its cos and
+    sin from float64 rounded once, so every entry is the reference's to float32 rounding."""
+    angles = (np.arange(length, dtype=np.float32)[:, None] * position_frequencies(dims)[None, :]).astype(np.float64)
+    table = np.concatenate([np.cos(angles), np.sin(angles), np.zeros((length, dims % 2))], axis=1)
+    return table.astype(np.float32)
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:
@@ -187,6 +198,7 @@ class MusicgenDecoder(nn.Module):
         self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.layer_norm = nn.LayerNorm(D, eps=1e-5)
         self.lm_heads = [nn.Linear(D, config.vocab_size, bias=False) for _ in range(config.num_codebooks)]
+        self._positions = mx.array(sinusoids(config.max_position_embeddings, D))  # not a parameter: "_"
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -205,7 +217,10 @@ class MusicgenDecoder(nn.Module):
         """codes (B, K, T) -> logits (B, K, T, vocab); positions continue from the cache's."""
         offset = cache[0].offset if cache else 0
         x = sum(embed(codes[:, k]) for k, embed in enumerate(self.embed_tokens)) * self.embed_scale
-        x = x + sinusoids(mx.arange(offset, offset + codes.shape[2]), x.shape[-1]).astype(x.dtype)
+        end = offset + codes.shape[2]
+        if end > self._positions.shape[0]:  # as the reference: a longer table when the positions run out
+            self._positions = mx.array(sinusoids(end, x.shape[-1]))
+        x = x + self._positions[offset:end].astype(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, text[i], cache[i] if cache else None)
         x = self.layer_norm(x)

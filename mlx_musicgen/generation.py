@@ -31,8 +31,8 @@ Sampler = Callable[[mx.array, mx.array], mx.array]  # (logits (B, K, vocab), key
 class GenerationConfig:
     """The sampling and length settings that generate and generate_stream share.
 
-    duration: seconds of audio in all, the prompt included (round(duration * frame_rate) frames); beyond the
-        model's window, windows of extension continue the last (window - extend_stride) seconds.
+    duration: seconds of audio in all, the prompt included (round(duration * frame_rate) frames); one window
+        up to the model's 30 s, beyond it audiocraft's windows, each continuing the last (30 - extend_stride) s.
     max_new_tokens: decoder steps, as the reference counts them (give this or duration; neither: one window).
     do_sample / temperature / top_k / top_p: sampling (greedy when do_sample is False or temperature is 0).
     guidance_scale: classifier-free guidance; 1 or less is none. seed: the same seed gives the same audio.
@@ -135,21 +135,14 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
                     progress: Progress | None = None) -> Iterator[mx.array]:
     """Codes (B, K, n) in order, the prompt's first, as they are decoded.
 
-    With `max_new_tokens`: one window of that many decoder steps, as the reference counts them. With
-    `total_frames` beyond one window: long form (see longform), each window continuing the last. The text is
-    encoded and the sampler built once; each window has its own KV cache and seed."""
+    The request's windows say what to make (see longform): by `max_new_tokens`, one window of that many decoder
+    steps, as the reference counts them; by duration, windows of the model's window_frames, each continuing
+    the last. The text is encoded and the sampler built once; each window has its own KV cache and seed."""
     K, C, pad = model.num_codebooks, model.audio_channels, model.config.decoder.pad_token_id
     guided = request.texts is not None and config.guidance_scale > 1.0  # as the reference: no guidance without text
     text = model.decoder.text_context(*model.conditioning(request.texts, request.num_samples, guided))
     sampler = make_sampler(config)
-    batch, prompt_frames = request.num_samples, request.prompt_frames
-    if request.max_new_tokens is not None:
-        expected = delay.frames_out(1 + prompt_frames + request.max_new_tokens, K, C)
-        windows = [longform.Window(0, prompt_frames, expected)]
-    else:
-        expected = request.total_frames
-        stride = round(config.extend_stride * model.frame_rate)
-        windows = longform.plan_windows(expected, model.window_frames, stride, prompt_frames)
+    batch, prompt_frames, expected = request.num_samples, request.prompt_frames, request.total_frames
     done = prompt_frames
 
     def generate(index: int, context: mx.array | None, window: longform.Window) -> Iterator[mx.array]:
@@ -165,4 +158,4 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
                 progress(done - prompt_frames, expected - prompt_frames)
             yield frames
 
-    yield from longform.extend(generate, windows, request.prompt_codes)
+    yield from longform.extend(generate, request.windows, request.prompt_codes)

@@ -31,7 +31,7 @@ class MusicGenConfig:
     decoder: DecoderConfig
     audio_encoder: EncodecConfig
     project_text: bool  # the reference projects T5 states only when the widths differ
-    max_length: int = 1500  # the generation window of the checkpoint, in decoder positions (30 s at 50 Hz)
+    max_length: int = 1500  # the checkpoint's generation window: frames by duration, positions by steps
     quantization: dict | None = None
 
     @classmethod
@@ -120,9 +120,10 @@ class MusicGen(nn.Module):
 
     @property
     def window_frames(self) -> int:
-        """Frames one generation window holds: the checkpoint's max_length positions (1500 on the Hub, 29.92 s)
-        less the start column and the codebook delays."""
-        return delay.frames_out(self.config.max_length, self.num_codebooks, self.audio_channels)
+        """Frames one generation window makes by duration: audiocraft's int(max_duration * frame_rate), 1500
+        (30 s at 50 Hz) for the Hub checkpoints, whose max_length of 1500 is that window. The decoder's positions
+        hold it plus the start column and the codebook delays."""
+        return self.config.max_length
 
     # ---- conditioning
 

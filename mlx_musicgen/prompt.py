@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
-from . import audio, delay
+from . import audio, delay, longform
 
 if TYPE_CHECKING:
     from .generation import GenerationConfig
@@ -124,19 +124,24 @@ def trim_padding(audio: np.ndarray, padding: list[int]) -> np.ndarray | list[np.
 @dataclass
 class Request:
     """A checked generation request: the texts (None: unconditional), the batch size, the prompt's codes
-    (batch, codebooks, frames) and each item's prompt padding in samples, and how long to generate: a total
-    number of frames or a number of decoder steps."""
+    (batch, codebooks, frames) and each item's prompt padding in samples, and how long to generate: the
+    windows that make it and, when given that way, the number of decoder steps of its one window."""
 
     texts: list[str] | None
     num_samples: int
     prompt_codes: mx.array | None = None
     padding: tuple[int, ...] = ()
-    total_frames: int | None = None
+    windows: list[longform.Window] = field(default_factory=list)
     max_new_tokens: int | None = None
 
     @property
     def prompt_frames(self) -> int:
         return 0 if self.prompt_codes is None else self.prompt_codes.shape[-1]
+
+    @property
+    def total_frames(self) -> int:
+        """Frames in all, the prompt's included."""
+        return self.windows[-1].offset + self.windows[-1].span
 
 
 def prepare(
@@ -176,24 +181,24 @@ def prepare(
         if texts is not None and len(texts) != prompt_codes.shape[0]:
             raise ValueError(f"{len(texts)} texts for {prompt_codes.shape[0]} prompts: give one text per prompt.")
         request = Request(texts, prompt_codes.shape[0], mx.array(prompt_codes))
-    prompt_frames, frame_rate = request.prompt_frames, model.frame_rate
-    if total_frames is not None:
-        request.total_frames = int(total_frames)
-    elif config.duration is not None:
-        request.total_frames = round(config.duration * frame_rate)
-        if request.total_frames <= prompt_frames:
-            raise ValueError(f"duration {config.duration} s is not longer than the audio prompt "
-                             f"({prompt_frames / frame_rate:.2f} s): ask for more.")
-    else:
+    prompt_frames, frame_rate, window = request.prompt_frames, model.frame_rate, model.window_frames
+    if total_frames is None and config.duration is None:
         steps = config.max_new_tokens
         steps = model.config.max_length - 1 - prompt_frames if steps is None else steps
         if steps < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {steps}.")
         request.max_new_tokens = int(steps)
-    expected = request.total_frames or delay.frames_out(1 + prompt_frames + request.max_new_tokens,
-                                                         model.num_codebooks, model.audio_channels)
-    window, stride = model.window_frames, round(config.extend_stride * frame_rate)
-    if expected > window and not 0 < stride < window - prompt_frames:
-        raise ValueError(f"extend_stride must be between 0 and the window less the audio prompt "
-                         f"({(window - prompt_frames) / frame_rate:.2f} s), got {config.extend_stride}.")
+        frames = delay.frames_out(1 + prompt_frames + steps, model.num_codebooks, model.audio_channels)
+        request.windows = [longform.Window(0, prompt_frames, frames)]
+        return request
+    total = int(total_frames) if total_frames is not None else round(config.duration * frame_rate)
+    if total <= prompt_frames:
+        asked = f"total_frames {total}" if total_frames is not None else f"duration {config.duration} s"
+        raise ValueError(f"{asked} is not longer than the prompt ({prompt_frames} frames, "
+                         f"{prompt_frames / frame_rate:.2f} s): ask for more.")
+    stride = longform.stride_frames(config.extend_stride, frame_rate)
+    if total > window and not 0 < stride < window:
+        raise ValueError(f"extend_stride must be above 0 and below the window ({window / frame_rate:g} s), "
+                         f"got {config.extend_stride}.")
+    request.windows = longform.plan_windows(total, window, stride, prompt_frames)
     return request

@@ -1,5 +1,7 @@
 """Decoder parity with transformers' MusicgenForCausalLM: teacher-forced logits, the KV cache, guided logits."""
 
+import math
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -125,3 +127,31 @@ def test_gelu_matches_the_exact_gelu():
     xs = np.linspace(-12, 12, 240_001, dtype=np.float32)
     expected = torch.nn.functional.gelu(torch.from_numpy(xs)).numpy()
     np.testing.assert_allclose(np.array(gelu(mx.array(xs))), expected, atol=3e-6, rtol=0)
+
+
+@pytest.mark.parametrize("width", [1024, 1536, 2048])  # musicgen-small, -medium, -large
+def test_position_table_is_the_references_to_float32_rounding(width):
+    """Our table against transformers' get_embedding over 2048 positions: the frequencies are its float32
+    exp of the same float32 exponents, and ours are rounded once from float64, so they agree bit for bit but
+    where the reference's exp is itself a step off (under 1% of them, within one step); from the frequencies
+    on, the table is the reference's formula to one float32 step of cos/sin. (MLX's float32 exp is a step off
+    for most frequencies, which moves angles near position 1300 by up to 1e-4.)"""
+    from transformers.models.musicgen.modeling_musicgen import MusicgenSinusoidalPositionalEmbedding as Reference
+
+    from mlx_musicgen.decoder import position_frequencies, sinusoids
+
+    length, half = 2048, width // 2
+    ours = sinusoids(length, width)
+    reference = Reference.get_embedding(length, width).numpy()
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+
+    frequencies = position_frequencies(width)
+    reference_frequencies = torch.exp(torch.arange(half).float() * -(math.log(10000) / (half - 1))).numpy()
+    steps_off = np.abs(frequencies.view(np.int32) - reference_frequencies.view(np.int32))
+    assert steps_off.max() <= 1 and (steps_off > 0).mean() < 0.01
+
+    angles = torch.arange(length).float()[:, None] * torch.from_numpy(frequencies)[None, :]
+    formula = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).numpy()
+    np.testing.assert_allclose(ours, formula, rtol=0, atol=2**-23)  # one float32 step of values within [-1, 1]
+    same = np.concatenate([steps_off == 0] * 2)
+    np.testing.assert_allclose(ours[:, same], reference[:, same], rtol=0, atol=2**-23)
