@@ -10,11 +10,16 @@ if the kill fell between the two renames of a folder swap, puts the old folder b
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 def temp_prefix(path: Path) -> str:
@@ -30,6 +35,67 @@ def temp_file(path: Path) -> Path:
 
 def temp_folder(path: Path, suffix: str = ".part") -> Path:
     return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent))
+
+
+def umask() -> int:
+    """The process's umask, read without setting it where Linux shows it (/proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_normal_mode(path: Path) -> None:
+    """The mode a file (0666) or folder (0777) created the ordinary way gets under the umask: temporaries are
+    made 0600 / 0700, and the mode survives the rename, so other programs and users could not read outputs."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
+
+
+def out_of_space(error: BaseException, folder: Path, needed: int = 0) -> OSError | None:
+    """A one-line ENOSPC error for `error` if it came from a full disk, else None. Libraries do not all say so
+    (soundfile raises an AssertionError when a write comes up short), so a disk left with less than `needed`
+    bytes free counts too."""
+    if not isinstance(error, Exception):  # Ctrl-C stays Ctrl-C
+        return None
+    full = isinstance(error, OSError) and error.errno in NO_SPACE
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if not full and (free is None or free >= needed + 2**16):
+        return None
+    left = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
+    return OSError(errno.ENOSPC, f"no space left on the device holding {folder}{left}: free some space or write "
+                                 f"elsewhere")
+
+
+@contextmanager
+def removed_on_error(remove: Callable[[], None], folder: Path, needed: int = 0) -> Iterator[None]:
+    """On any error in the block: `remove()` the temporaries, and a full disk becomes one ENOSPC line (judged
+    before the removal frees the space again)."""
+    try:
+        yield
+    except BaseException as e:
+        full = out_of_space(e, folder, needed)
+        remove()
+        if full is not None:
+            raise full from None
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file (UTF-8) written under a temporary name and renamed into place, with the normal mode."""
+    path = Path(path)
+    tmp = temp_file(path)
+    with removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent, len(text.encode())):
+        tmp.write_text(text, encoding="utf-8")
+        give_normal_mode(tmp)
+        os.replace(tmp, path)
 
 
 def _writer_alive(pid: int) -> bool:

@@ -61,17 +61,14 @@ def write_audio(
     data = fit_to_format(data, bits).T
     atomic.clean_stale(path)
     tmp = atomic.temp_file(path)
-    try:
-        with open(tmp, "wb") as f:
-            with sf.SoundFile(f, "w", sampling_rate, data.shape[1], SUBTYPES[bits], format=kind) as out:
-                out.software = "mlx-musicgen"
-                if comment is not None and len(comment) <= MAX_COMMENT:
-                    out.comment = comment
-                out.write(data)
+    with atomic.removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent, data.size * 4):
+        with sf.SoundFile(str(tmp), "w", sampling_rate, data.shape[1], SUBTYPES[bits], format=kind) as out:
+            out.software = "mlx-musicgen"
+            if comment is not None and len(comment) <= MAX_COMMENT:
+                out.comment = comment
+            out.write(data)
+        atomic.give_normal_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -97,8 +94,9 @@ class ProgressiveWriter:
 
     def write(self, audio: np.ndarray) -> None:
         """(channels, samples) float."""
-        self.file.write(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0).T)
-        self.file.flush()  # libsndfile rewrites the header's sizes on flush
+        with atomic.removed_on_error(lambda: None, self.path.parent, audio.size * 4):  # kept: a valid, shorter file
+            self.file.write(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0).T)
+            self.file.flush()  # libsndfile rewrites the header's sizes on flush
 
     def close(self) -> None:
         self.file.close()

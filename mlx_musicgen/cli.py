@@ -25,8 +25,12 @@ def _terminate(signum, frame) -> None:
 
 
 def one_line(error: BaseException) -> str:
-    """An exception's message on one line (some libraries' messages span several)."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    """An exception's message on one line (some libraries' messages span several); an OSError made with an
+    errno and our own message, without the "[Errno N]" in front."""
+    message = str(error)
+    if isinstance(error, OSError) and error.strerror and error.filename is None:
+        message = error.strerror
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip())
     return text or type(error).__name__
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import shutil
@@ -54,6 +55,8 @@ def convert(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     if q_bits not in (None, 4, 8):
         raise ValueError(f"q_bits must be 4 or 8, got {q_bits}.")
+    if q_group_size not in (32, 64, 128):
+        raise ValueError(f"q_group_size must be 32, 64 or 128, got {q_group_size}.")
     out = Path(mlx_path).expanduser()
     check_destination(out, overwrite)
 
@@ -61,6 +64,7 @@ def convert(
     folder = loading.resolve(hf_path)
     if loading.is_converted(loading.read_config(folder)):
         raise loading.CheckpointError(f"{folder} is already converted; load it directly.")
+    loading.check_tokenizer_files(folder)
     report(STAGES[1])
     model, config = loading.build_model(folder, read_bin)
     report(STAGES[2])
@@ -101,17 +105,22 @@ def write_atomically(out: Path, model: MusicGen, config: dict, source: Path) -> 
     """Write everything into a temporary sibling folder, then swap it into place with renames (see atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.clean_stale(out)
+    weights = dict(tree_flatten(model.parameters()))
+    needed = sum(w.nbytes for w in weights.values())
+    free = shutil.disk_usage(out.parent).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"no space left on the device holding {out.parent}: the model needs "
+                                    f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; free some space "
+                                    f"or choose another --mlx-path")
     staging = atomic.temp_folder(out)
-    try:
-        mx.save_safetensors(str(staging / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    with atomic.removed_on_error(lambda: shutil.rmtree(staging, ignore_errors=True), out.parent, needed):
+        mx.save_safetensors(str(staging / "model.safetensors"), weights)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)
+        atomic.give_normal_mode(staging)
         atomic.replace_folder(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

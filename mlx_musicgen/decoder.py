@@ -32,12 +32,20 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DecoderConfig:
-        config = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-        if config.activation_function not in ACTIVATIONS:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def check(self) -> None:
+        """Raise ValueError for sizes that make no decoder (its fields' types are the loader's to check)."""
+        if self.activation_function not in ACTIVATIONS:
             raise ValueError(
-                f"Unsupported decoder activation {config.activation_function!r}; supported: {sorted(ACTIVATIONS)}."
+                f"Unsupported decoder activation {self.activation_function!r}; supported: {sorted(ACTIVATIONS)}"
             )
-        return config
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"the decoder's {self.num_attention_heads} heads do not divide its width "
+                             f"{self.hidden_size}")
+        if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
+            raise ValueError(f"{self.num_codebooks} codebooks for {self.audio_channels} audio channels: MusicGen is "
+                             f"mono or stereo, with the same codebooks per channel")
 
     @property
     def pad_token_id(self) -> int:
@@ -191,6 +199,7 @@ class MusicgenDecoder(nn.Module):
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
+        config.check()
         self.config = config
         D = config.hidden_size
         self.embed_scale = math.sqrt(D) if config.scale_embedding else 1.0
@@ -198,7 +207,7 @@ class MusicgenDecoder(nn.Module):
         self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
         self.layer_norm = nn.LayerNorm(D, eps=1e-5)
         self.lm_heads = [nn.Linear(D, config.vocab_size, bias=False) for _ in range(config.num_codebooks)]
-        self._positions = mx.array(sinusoids(config.max_position_embeddings, D))  # not a parameter: "_"
+        self._positions = mx.zeros((0, D))  # the position table, made as far as it is used; "_": not a parameter
 
     @property
     def dtype(self) -> mx.Dtype:
@@ -218,8 +227,8 @@ class MusicgenDecoder(nn.Module):
         offset = cache[0].offset if cache else 0
         x = sum(embed(codes[:, k]) for k, embed in enumerate(self.embed_tokens)) * self.embed_scale
         end = offset + codes.shape[2]
-        if end > self._positions.shape[0]:  # as the reference: a longer table when the positions run out
-            self._positions = mx.array(sinusoids(end, x.shape[-1]))
+        if end > self._positions.shape[0]:
+            self._positions = mx.array(sinusoids(1 << (end - 1).bit_length(), x.shape[-1]))
         x = x + self._positions[offset:end].astype(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, text[i], cache[i] if cache else None)

@@ -73,8 +73,14 @@ class EncodecConfig:
         bits = math.ceil(math.log2(self.codebook_size))
         return int(1000 * self.target_bandwidths[-1] // (self.frame_rate * bits))
 
-    def check_supported(self):
-        """Raise ValueError for settings that MusicGen's checkpoints do not use and this port does not run."""
+    def check(self):
+        """Raise ValueError for settings that make no codec, or that MusicGen's checkpoints do not use and this
+        port does not run."""
+        if self.codebook_size < 2 or self.num_quantizers < 1:
+            raise ValueError(f"EnCodec with codebooks of {self.codebook_size} entries and target bandwidth "
+                             f"{self.target_bandwidths[-1]} kbps has no quantizer")
+        if self.audio_channels != 1:
+            raise ValueError(f"EnCodec of {self.audio_channels} channels is not supported (MusicGen's is mono)")
         unsupported = {
             "use_causal_conv": self.use_causal_conv,
             "normalize": self.normalize,
@@ -316,7 +322,7 @@ class EncodecQuantizer(nn.Module):
 class EncodecModel(nn.Module):
     def __init__(self, config: EncodecConfig):
         super().__init__()
-        config.check_supported()
+        config.check()
         self.config = config
         self.encoder = EncodecEncoder(config)
         self.decoder = EncodecDecoder(config)

@@ -11,7 +11,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from . import __version__
+from . import __version__, atomic
 from .audio import (
     NORMALIZATIONS,
     ProgressiveWriter,
@@ -69,7 +69,12 @@ def read_texts(args: argparse.Namespace) -> list[str | None]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file {path} does not exist.")
-        texts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompts file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                             f"{e.start}): save it as UTF-8, one description per line.") from None
+        texts += [line.strip() for line in lines if line.strip()]
         if not texts:
             raise ValueError(f"prompts file {path} has no descriptions (one per line).")
     if not texts:
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> None:
     import mlx.core as mx
 
     from .model import MusicGen
-    from .prompt import check_duration, check_sampling
+    from .prompt import check_duration, check_extend_stride, check_sampling
 
     # Everything that can be checked without the model fails here, before the (slow) load.
     texts = read_texts(args)
@@ -104,6 +109,7 @@ def run(args: argparse.Namespace) -> None:
     if not args.chunk > 0:
         raise ValueError(f"--chunk must be a positive number of seconds, got {args.chunk}.")
     check_duration(args.duration)
+    check_extend_stride(args.extend_stride, args.duration)
     check_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
                    temperature=args.temperature)
     if args.audio_prompt:
@@ -139,7 +145,7 @@ def run(args: argparse.Namespace) -> None:
             write_audio(path, normalize(audio, model.sampling_rate, args.normalize), model.sampling_rate,
                         bits=args.bits, comment=comment)
             sidecar = path.with_suffix(".json")
-            sidecar.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            atomic.write_text(sidecar, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
             seconds = audio.shape[-1] / model.sampling_rate
             print(f"wrote {path} and {sidecar.name} ({seconds:.2f} s, {model.sampling_rate} Hz, "
                   f"{audio.shape[0]} channel(s))", file=sys.stderr)

@@ -6,7 +6,11 @@ is named in a one-line CheckpointError that says what to do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import types
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -14,7 +18,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 if TYPE_CHECKING:
-    from .model import MusicGen
+    from .model import MusicGen, MusicGenConfig
 
 FORMAT_VERSION = 2  # of converted folders; bump when the layout of weights or config changes (2: portable layout)
 CONVERTED_KEY = "mlx_musicgen"  # the converted config.json's own section
@@ -22,6 +26,12 @@ SUPPORTED_MODEL_TYPES = ("musicgen",)
 
 # What a download needs: configs, tokenizer and weights (the .bin only where a repo has no safetensors).
 HUB_PATTERNS = ["*.json", "*.safetensors", "spiece.model", "tokenizer*"]
+TOKENIZER_MODELS = ("spiece.model", "tokenizer.json")  # either holds the vocabulary
+
+MAX_SIZE = 2**31 - 1  # the largest dimension MLX arrays take
+MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+                        "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
 
 class CheckpointError(ValueError):
@@ -116,9 +126,55 @@ def read_generation_config(folder: Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{name: (dtype, shape)} from a safetensors file's header, read before any tensor and checked against the
+    file: a header length past the end, offsets outside the data or overlapping, sizes that are not
+    dtype x shape are refused as corrupt, so that nothing trusts a header that lies."""
+
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{file} is truncated or corrupt ({why}); download or convert it again.")
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise corrupt(f"{size} bytes, shorter than a safetensors header")
+        length = int.from_bytes(prefix, "little")
+        if length > min(MAX_HEADER, size - 8):
+            raise corrupt(f"its header claims {length} bytes, the file holds {size - 8}")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise corrupt(f"its header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a table of tensors")
+    data, tensors, spans = size - 8 - length, {}, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, offsets = (info.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
+            info, dict) else (None, None, None)
+        if (dtype not in SAFETENSORS_ITEMSIZE or not isinstance(shape, list) or not isinstance(offsets, list)
+                or not all(isinstance(n, int) and 0 <= n <= MAX_SIZE for n in shape)
+                or len(offsets) != 2 or not all(isinstance(n, int) for n in offsets)):
+            raise corrupt(f"tensor {name!r} has a broken entry")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data or end - begin != math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]:
+            raise corrupt(f"tensor {name!r} claims bytes {begin}..{end} for {dtype}{shape} in {data} bytes of data")
+        tensors[name] = (dtype, tuple(shape))
+        spans.append((begin, end))
+    spans.sort()
+    if any(end > next_begin for (_, end), (next_begin, _) in zip(spans, spans[1:])):
+        raise corrupt("tensors overlap")
+    return tensors
+
+
 def load_safetensors(file: Path) -> dict[str, mx.array]:
+    """The tensors of a safetensors file, its header checked first (read_safetensors_header), loaded lazily:
+    no tensor is read before it is used."""
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: download or convert the model again.")
+    read_safetensors_header(file)
     try:
         return mx.load(str(file))
     except Exception as e:  # mlx reports truncation and bad headers as plain runtime errors
@@ -155,34 +211,115 @@ def load_hf_weights(folder: Path, read_bin: BinReader | None = None) -> dict[str
     raise CheckpointError(f"{folder} has no model.safetensors (or shards, or pytorch_model.bin).")
 
 
-def load_tokenizer(folder: Path):
+def check_tokenizer_files(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in TOKENIZER_MODELS):
+        raise CheckpointError(
+            f"{folder} has no tokenizer ({' or '.join(TOKENIZER_MODELS)}): download the model again, or copy "
+            f"the tokenizer files of the Hub checkpoint it came from into the folder."
+        )
+
+
+def load_tokenizer(folder: Path, vocab_size: int):
+    """The checkpoint's own tokenizer. Without its files transformers would make a default T5 tokenizer that
+    maps every word to <unk>, and the music would silently ignore the text: refused, as is a vocabulary larger
+    than the text encoder's embedding table (`vocab_size` rows)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
+    check_tokenizer_files(folder)
     # transformers reads config.json on the way and warns that MusicGen's pad id (2048) lies outside the
     # codebook vocabulary, which is by design; keep that off the user's terminal.
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
         raise CheckpointError(f"Could not load the tokenizer from {folder} ({e}).") from None
     finally:
         logging.set_verbosity(verbosity)
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {folder} has {len(tokenizer)} tokens but the text encoder only {vocab_size}: the "
+            f"tokenizer files belong to another model; download the model again."
+        )
+    return tokenizer
+
+
+def check_fields(config, section: str, file: Path) -> None:
+    """Every field of a config dataclass as its type says, sizes within 1..2**31 - 1 (MLX's dimensions):
+    what a broken or hostile config.json holds is refused before anything is built from it."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), hints[field.name]
+        options = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+        if value is None and type(None) in options:
+            continue
+        kind = next(k for k in options if k is not type(None))
+        listed = typing.get_origin(kind) is tuple
+        item = typing.get_args(kind)[0] if listed else kind
+        items = value if listed and isinstance(value, tuple) else (value,)
+        if item is int:
+            valid = all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE for v in items)
+            want = "a whole number from 1 to 2**31 - 1"
+        elif item is float:
+            valid = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                        for v in items)
+            want = "a finite number above 0"
+        else:
+            valid, want = isinstance(value, item), f"a {item.__name__}"
+        if listed:
+            valid = valid and isinstance(value, tuple) and 0 < len(value) <= 64
+            want = f"a list of 1 to 64 items, each {want}"
+        if not valid:
+            raise CheckpointError(f"{file}: {section}.{field.name} must be {want}, got {value!r}: the config is "
+                                  f"broken; download or convert the model again.")
+
+
+def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
+    """A config's fields (check_fields), each part's own rules, and its counts against the weights: a config
+    can only ask for as many layers, codebooks or quantizers as the weights hold tensors, so that an absurd
+    count is refused at once instead of building a model for minutes before the shapes disagree."""
+    parts = {"text_encoder": config.text_encoder, "decoder": config.decoder, "audio_encoder": config.audio_encoder}
+    for section, part in parts.items():
+        check_fields(part, section, file)
+        try:
+            part.check()
+        except ValueError as e:
+            raise CheckpointError(f"{file}: {e}; download or convert the model again.") from None
+    audio = config.audio_encoder
+    counts = {
+        "decoder.num_hidden_layers": config.decoder.num_hidden_layers,
+        "decoder.num_codebooks": config.decoder.num_codebooks,
+        "text_encoder.num_layers": config.text_encoder.num_layers,
+        "audio_encoder's residual blocks": len(audio.upsampling_ratios) * audio.num_residual_layers,
+        "audio_encoder.num_lstm_layers": audio.num_lstm_layers,
+        "audio_encoder's quantizers": audio.num_quantizers,
+    }
+    for name, count in counts.items():
+        if count > tensors:
+            raise CheckpointError(f"{file}: {name} is {count}, more than the {tensors} tensors of the weights "
+                                  f"could fill: the config does not belong to these weights.")
 
 
 def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicGen, dict]:
-    """The model a checkpoint folder describes, its weights loaded strictly, and its raw config."""
+    """The model a checkpoint folder describes, its weights loaded strictly, and its raw config. The config is
+    checked against the weights (loaded lazily: their shapes are known before any is read) before the model is
+    built."""
     from .model import MusicGen, MusicGenConfig
 
     raw = read_config(folder)
-    config = MusicGenConfig.from_dict(raw, read_generation_config(folder))
+    try:
+        config = MusicGenConfig.from_dict(raw, read_generation_config(folder))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{folder / 'config.json'} is broken ({e}); download or convert the model again.") \
+            from None
+    weights = load_safetensors(folder / "model.safetensors") if is_converted(raw) else \
+        load_hf_weights(folder, read_bin)
+    check_config(config, folder / "config.json", len(weights))
     model = MusicGen(config)
-    if is_converted(raw):
-        weights = load_safetensors(folder / "model.safetensors")
-    else:
+    if not is_converted(raw):
         # Contiguous, as a converted folder's are: the same layouts give the same kernels, hence the same bits.
-        weights = {k: mx.contiguous(v) for k, v in MusicGen.sanitize(load_hf_weights(folder, read_bin)).items()}
+        weights = {k: mx.contiguous(v) for k, v in MusicGen.sanitize(weights).items()}
     load_weights(model, weights, folder)
     return model, raw
 
@@ -191,10 +328,12 @@ def load_model(path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> Musi
     """A converted folder, a Hub-layout folder (converted in memory) or a Hub id -> MusicGen with its tokenizer,
     the decoder in `dtype` if given (the portable model: see MusicGen.from_pretrained for the device's)."""
     folder = resolve(path_or_id)
+    read_config(folder)  # a folder that is no checkpoint says so first
+    check_tokenizer_files(folder)  # before the (slow) build
     model, _ = build_model(folder)
     if dtype is not None:
         model.set_decoder_dtype(dtype)
-    model.tokenizer = load_tokenizer(folder)
+    model.tokenizer = load_tokenizer(folder, model.config.text_encoder.vocab_size)
     return model
 
 
@@ -208,6 +347,10 @@ def load_weights(model: MusicGen, weights: dict[str, mx.array], source: Path | s
     for what, names in (("unexpected tensors", unexpected), ("missing tensors", missing), ("wrong shapes", wrong)):
         if names:
             problems.append(f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if wrong:
+        first = wrong[0]
+        problems.append(f"{first} is {tuple(weights[first].shape)} in the weights, {tuple(expected[first].shape)} "
+                        f"by the config")
     if problems:
         raise CheckpointError(f"{source} does not match the MusicGen architecture of its config: {'; '.join(problems)}.")
     model.load_weights(list(weights.items()), strict=True)

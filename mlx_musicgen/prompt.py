@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .model import MusicGen
 
 MAX_DURATION = 3600.0  # seconds: longer requests are refused as mistakes (an hour of music is a day on a laptop)
+WINDOW_SECONDS = 30.0  # the window of every MusicGen checkpoint (audiocraft's max_duration)
 MAX_GUIDANCE = 100.0  # guidance scales above this only amplify logits towards overflow (3 is typical)
 PromptInput = str | Path | np.ndarray  # an audio file, or samples
 
@@ -54,6 +55,16 @@ def check_duration(duration: float) -> None:
     if not (is_real(duration) and 0 < duration <= MAX_DURATION):
         raise ValueError(f"duration must be a number of seconds above 0 and at most {MAX_DURATION:g} (one hour), "
                          f"got {duration}.")
+
+
+def check_extend_stride(extend_stride: float, duration: float | None, window_seconds: float = WINDOW_SECONDS) -> None:
+    """The stride of long form: a number of seconds above 0 and, when the duration needs more than one window,
+    below the window (30 s: what every MusicGen checkpoint is trained on; the model's own is checked again)."""
+    if not (is_real(extend_stride) and math.isfinite(extend_stride) and extend_stride > 0):
+        raise ValueError(f"extend_stride must be a number of seconds above 0 (18 is typical), got {extend_stride}.")
+    if duration is not None and duration > window_seconds and extend_stride >= window_seconds:
+        raise ValueError(f"extend_stride must be below the window ({window_seconds:g} s) for music longer than "
+                         f"it, got {extend_stride}.")
 
 
 def check_texts(texts: list[str] | str | None, num_samples: int) -> tuple[list[str] | None, int]:
@@ -196,9 +207,10 @@ def prepare(
         asked = f"total_frames {total}" if total_frames is not None else f"duration {config.duration} s"
         raise ValueError(f"{asked} is not longer than the prompt ({prompt_frames} frames, "
                          f"{prompt_frames / frame_rate:.2f} s): ask for more.")
+    check_extend_stride(config.extend_stride, total / frame_rate, window / frame_rate)
     stride = longform.stride_frames(config.extend_stride, frame_rate)
-    if total > window and not 0 < stride < window:
-        raise ValueError(f"extend_stride must be above 0 and below the window ({window / frame_rate:g} s), "
-                         f"got {config.extend_stride}.")
+    if total > window and stride < 1:
+        raise ValueError(f"extend_stride {config.extend_stride} s is less than a frame: give at least "
+                         f"{1 / frame_rate:g} s.")
     request.windows = longform.plan_windows(total, window, stride, prompt_frames)
     return request

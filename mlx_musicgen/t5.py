@@ -32,9 +32,15 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "relu"
 
-    def __post_init__(self):
+    def check(self) -> None:
+        """Raise ValueError for settings that make no encoder (its fields' types are the loader's to check)."""
         if self.feed_forward_proj not in FEED_FORWARDS:
             raise ValueError(f"feed_forward_proj {self.feed_forward_proj!r} is not one of {FEED_FORWARDS}")
+        if self.relative_attention_num_buckets < 4 or self.relative_attention_max_distance <= (
+                self.relative_attention_num_buckets // 4):
+            raise ValueError(f"T5 relative attention needs at least 4 buckets and a max distance beyond a quarter "
+                             f"of them, got {self.relative_attention_num_buckets} and "
+                             f"{self.relative_attention_max_distance}")
 
     @classmethod
     def from_dict(cls, d: dict) -> T5Config:
@@ -140,6 +146,7 @@ HF_NAMES = tuple(
 class T5Encoder(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
+        config.check()
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)

@@ -159,4 +159,4 @@ def test_unknown_key_fails_strict_loading(checkpoint_weights):
 
 def test_unsupported_feed_forward():
     with pytest.raises(ValueError, match="gated-silu"):
-        T5Config.from_dict({"feed_forward_proj": "gated-silu"})
+        T5Encoder(T5Config.from_dict({"feed_forward_proj": "gated-silu"}))
