@@ -66,9 +66,10 @@ class Bar(tqdm):
         return super().__exit__(exc_type, exc_value, traceback)
 
 
-def progress_bar(seconds_of_audio: float, description: str) -> tuple[tqdm, Callable[[int, int], None]]:
-    """A bar counted in seconds of audio made, with the rate shown as x real time."""
-    bar = Bar(total=round(seconds_of_audio, 2), unit="s audio", desc=description, dynamic_ncols=True,
+def progress_bar(seconds_of_audio: float, description: str, disable: bool = False
+                 ) -> tuple[tqdm, Callable[[int, int], None]]:
+    """A bar counted in seconds of audio made, with the rate shown as x real time (none when `disable`)."""
+    bar = Bar(total=round(seconds_of_audio, 2), unit="s audio", desc=description, dynamic_ncols=True, disable=disable,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s audio [{elapsed}<{remaining}{postfix}]")
 
     def update(done: int, total: int) -> None:

@@ -159,7 +159,7 @@ def make_clips(model, args, batch, paths, seed, speaker) -> list:
     import numpy as np
 
     conditional = any(t is not None for t in batch)
-    bar, update = progress_bar(args.duration, "generating")
+    bar, update = progress_bar(args.duration, "generating", disable=args.quiet)
     writers = [ProgressiveWriter(p, model.sampling_rate, model.audio_channels, args.bits) for p in paths] \
         if args.stream else []
     pieces: list[list] = [[] for _ in batch]
@@ -178,7 +178,7 @@ def make_clips(model, args, batch, paths, seed, speaker) -> list:
                 temperature=args.temperature,
                 seed=seed,
                 extend_stride=args.extend_stride,
-                progress=None if args.quiet else update,
+                progress=update,
             ):
                 for i, item in enumerate(chunk):
                     pieces[i].append(item)

@@ -315,6 +315,8 @@ def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicG
             from None
     weights = load_safetensors(folder / "model.safetensors") if is_converted(raw) else \
         load_hf_weights(folder, read_bin)
+    if not weights:
+        raise CheckpointError(f"{folder / 'model.safetensors'} holds no tensors: download or convert the model again.")
     check_config(config, folder / "config.json", len(weights))
     model = MusicGen(config)
     if not is_converted(raw):

@@ -18,8 +18,9 @@ WORDS = (
 ).split()
 
 
-def build_tokenizer(folder: Path) -> None:
-    """Train a tiny T5-style sentencepiece tokenizer (pad 0, eos 1, unk 2) and save it as spiece.model."""
+def build_tokenizer(folder: Path, extra_pieces: int = 0) -> None:
+    """Train a tiny T5-style sentencepiece tokenizer (pad 0, eos 1, unk 2; 91 pieces, and `extra_pieces` more)
+    and save it as spiece.model."""
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -30,7 +31,8 @@ def build_tokenizer(folder: Path) -> None:
     spm.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(folder / "spiece"),
-        vocab_size=120,
+        vocab_size=120 + extra_pieces,
+        user_defined_symbols=[f"<extra{i}>" for i in range(extra_pieces)],
         model_type="unigram",
         hard_vocab_limit=False,
         pad_id=0,

@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
+import fixtures
 from mlx_musicgen import MusicGen, atomic
 from mlx_musicgen.audio import write_audio
 from mlx_musicgen.loading import CheckpointError
@@ -115,6 +116,63 @@ def poisoned(tiny: Path, dst: Path) -> Path:
     return folder
 
 
+def without_tokenizer(tiny: Path, dst: Path) -> Path:
+    folder = copy_checkpoint(tiny, dst)
+    (folder / "spiece.model").unlink()
+    (folder / "tokenizer.json").unlink()
+    return folder
+
+
+def foreign_tokenizer(tiny: Path, dst: Path) -> Path:
+    """The tokenizer of a model with a larger vocabulary (191 pieces) than the tiny text encoder's 120."""
+    folder = copy_checkpoint(tiny, dst)
+    (folder / "tokenizer.json").unlink()
+    fixtures.build_tokenizer(folder, extra_pieces=100)
+    return folder
+
+
+def rewrite_header(change: Callable[[dict, int], None]):
+    """A checkpoint whose safetensors header `change(header, data_bytes)` edits: a header that lies."""
+
+    def build(tiny: Path, dst: Path) -> Path:
+        folder = copy_checkpoint(tiny, dst)
+        raw = (folder / "model.safetensors").read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        header, data = json.loads(raw[8 : 8 + length]), raw[8 + length :]
+        change(header, len(data))
+        text = json.dumps(header).encode()
+        (folder / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data)
+        return folder
+
+    return build
+
+
+def header_length(claimed: Callable[[int], int]):
+    def build(tiny: Path, dst: Path) -> Path:
+        folder = copy_checkpoint(tiny, dst)
+        raw = (folder / "model.safetensors").read_bytes()
+        (folder / "model.safetensors").write_bytes(claimed(len(raw)).to_bytes(8, "little") + raw[8:])
+        return folder
+
+    return build
+
+
+def first_tensor(header: dict) -> dict:
+    return header[next(name for name in sorted(header) if name != "__metadata__")]
+
+
+def overlap(header: dict, size: int) -> None:
+    """The second tensor in the data starts 4 bytes inside the first."""
+    tensors = sorted((info for name, info in header.items() if name != "__metadata__"),
+                     key=lambda info: info["data_offsets"][0])
+    tensors[1]["data_offsets"] = [offset - 4 for offset in tensors[1]["data_offsets"]]
+
+
+def hostile(change: Callable[[dict], None]):
+    """A tiny checkpoint whose config.json `change` edits."""
+    return lambda t, w: edit_config(copy_checkpoint(t, w / "m"), change)
+
+
 def wav(path: Path, samples: np.ndarray, rate: int = 32000) -> Path:
     sf.write(path, samples.astype(np.float32), rate, subtype="FLOAT")
     return path
@@ -195,6 +253,88 @@ CASES = [
          r"converted by another version of mlx-musicgen \(format 999, this one reads 2\): convert the original"),
     Case("model-nan-weights", gen(model=lambda t, w: poisoned(t, w / "m")),
          r"the model produced NaN/inf logits.*try float32"),
+    # tokenizer: missing (transformers would make a default one that maps every word to <unk>), or another's
+    Case("model-without-tokenizer", gen(model=lambda t, w: without_tokenizer(t, w / "m")),
+         r"m has no tokenizer \(spiece.model or tokenizer.json\): download the model again"),
+    Case("model-tokenizer-of-another-model", gen(model=lambda t, w: foreign_tokenizer(t, w / "m")),
+         r"the tokenizer in .*m has 191 tokens but the text encoder only 120: the tokenizer files belong to another"),
+    # hostile or broken configs: refused at once, before anything is built from them
+    Case("config-absurd-decoder-layers",
+         gen(model=hostile(lambda c: c["decoder"].update(num_hidden_layers=10**6))),
+         r"decoder.num_hidden_layers is 1000000, more than the \d+ tensors of the weights could fill"),
+    Case("config-absurd-text-layers", gen(model=hostile(lambda c: c["text_encoder"].update(num_layers=10**6))),
+         r"text_encoder.num_layers is 1000000, more than the \d+ tensors"),
+    Case("config-absurd-codebooks", gen(model=hostile(lambda c: c["decoder"].update(num_codebooks=10**6))),
+         r"decoder.num_codebooks is 1000000, more than"),
+    Case("config-absurd-width", gen(model=hostile(lambda c: c["decoder"].update(hidden_size=10**7))),
+         r"does not match the MusicGen architecture of its config: .*is \(2049, 64\) in the weights, "
+         r"\(2049, 10000000\) by the config"),
+    Case("config-absurd-vocabulary", gen(model=hostile(lambda c: c["decoder"].update(vocab_size=10**9))),
+         r"wrong shapes .*\(2049, 64\) in the weights, \(1000000001, 64\) by the config"),
+    Case("config-absurd-text-width", gen(model=hostile(lambda c: c["text_encoder"].update(d_ff=2**31 - 1))),
+         r"wrong shapes"),
+    Case("config-size-beyond-mlx", gen(model=hostile(lambda c: c["decoder"].update(ffn_dim=2**40))),
+         r"decoder.ffn_dim must be a whole number from 1 to 2\*\*31 - 1, got 1099511627776"),
+    Case("config-absurd-codec-ratios",
+         gen(model=hostile(lambda c: c["audio_encoder"].update(upsampling_ratios=[2] * 60))),
+         r"audio_encoder's quantizers is \d+, more than the \d+ tensors"),
+    Case("config-zero-size", gen(model=hostile(lambda c: c["decoder"].update(num_codebooks=0))),
+         r"decoder.num_codebooks must be a whole number from 1 to 2\*\*31 - 1, got 0: the config is broken"),
+    Case("config-negative-size", gen(model=hostile(lambda c: c["decoder"].update(num_attention_heads=-2))),
+         r"decoder.num_attention_heads must be a whole number .*got -2"),
+    Case("config-size-as-text", gen(model=hostile(lambda c: c["text_encoder"].update(d_model="48"))),
+         r"text_encoder.d_model must be a whole number .*got '48'"),
+    Case("config-fractional-size", gen(model=hostile(lambda c: c["decoder"].update(ffn_dim=128.5))),
+         r"decoder.ffn_dim must be a whole number .*got 128.5"),
+    Case("config-boolean-size", gen(model=hostile(lambda c: c["decoder"].update(num_hidden_layers=True))),
+         r"decoder.num_hidden_layers must be a whole number .*got True"),
+    Case("config-nan-epsilon", gen(model=hostile(lambda c: c["text_encoder"].update(layer_norm_epsilon=math.nan))),
+         r"text_encoder.layer_norm_epsilon must be a finite number above 0, got nan"),
+    Case("config-ratios-not-a-list", gen(model=hostile(lambda c: c["audio_encoder"].update(upsampling_ratios=4))),
+         r"config.json is broken \('int' object is not iterable\)"),
+    Case("config-zero-ratio", gen(model=hostile(lambda c: c["audio_encoder"].update(upsampling_ratios=[4, 0, 2]))),
+         r"audio_encoder.upsampling_ratios must be a list of 1 to 64 items, each a whole number"),
+    Case("config-heads-do-not-divide", gen(model=hostile(lambda c: c["decoder"].update(num_attention_heads=3))),
+         r"the decoder's 3 heads do not divide its width 64"),
+    Case("config-three-channels", gen(model=hostile(lambda c: c["decoder"].update(audio_channels=3))),
+         r"4 codebooks for 3 audio channels"),
+    Case("config-unknown-activation", gen(model=hostile(lambda c: c["decoder"].update(activation_function="swish"))),
+         r"Unsupported decoder activation 'swish'"),
+    Case("config-text-buckets", gen(model=hostile(lambda c: c["text_encoder"].update(relative_attention_max_distance=8))),
+         r"T5 relative attention needs at least 4 buckets and a max distance beyond a quarter of them"),
+    Case("config-codec-without-quantizers",
+         gen(model=hostile(lambda c: c["audio_encoder"].update(target_bandwidths=[0.001]))),
+         r"EnCodec with codebooks of 2048 entries and target bandwidth 0.001 kbps has no quantizer"),
+    Case("config-missing-section", gen(model=hostile(lambda c: c.pop("decoder"))),
+         r"lacks the decoder section\(s\) of a MusicGen config"),
+    Case("config-section-not-a-table", gen(model=hostile(lambda c: c.update(audio_encoder=[1, 2]))),
+         r"lacks the audio_encoder section"),
+    # safetensors headers that lie
+    Case("weights-header-length-past-the-end", gen(model=lambda t, w: header_length(lambda n: n + 100)(t, w / "m")),
+         r"model.safetensors is truncated or corrupt \(its header claims \d+ bytes, the file holds \d+\)"),
+    Case("weights-header-length-absurd", gen(model=lambda t, w: header_length(lambda n: 2**62)(t, w / "m")),
+         r"its header claims 4611686018427387904 bytes"),
+    Case("weights-offsets-past-the-data",
+         gen(model=lambda t, w: rewrite_header(
+             lambda h, n: first_tensor(h).update(data_offsets=[n - 4, n + 4 * 2**20]))(t, w / "m")),
+         r"truncated or corrupt \(tensor '.*' claims bytes \d+\.\.\d+ for"),
+    Case("weights-shape-larger-than-its-bytes",
+         gen(model=lambda t, w: rewrite_header(lambda h, n: first_tensor(h).update(shape=[2**20, 2**20]))(t, w / "m")),
+         r"claims bytes .* for F32\[1048576, 1048576\]"),
+    Case("weights-tensors-overlap", gen(model=lambda t, w: rewrite_header(overlap)(t, w / "m")),
+         r"truncated or corrupt \(tensors overlap\)"),
+    Case("weights-without-tensors", gen(model=lambda t, w: rewrite_header(lambda h, n: h.clear())(t, w / "m")),
+         r"model.safetensors holds no tensors: download or convert the model again"),
+    # command-line checks fail before the model loads (here: a model that does not exist)
+    Case("extend-stride-zero", gen("--extend-stride", 0, model=lambda t, w: w / "no-model"),
+         r"extend_stride must be a number of seconds above 0 \(18 is typical\), got 0.0"),
+    Case("extend-stride-past-the-window",
+         gen("--extend-stride", 30, "--duration", 45, model=lambda t, w: w / "no-model"),
+         r"extend_stride must be below the window \(30 s\) for music longer than it, got 30.0"),
+    Case("prompts-file-not-utf8",
+         gen("--prompts-file", lambda t, w: (w / "p.txt").write_bytes(b"rock\n\xff\xfe lofi\n") and w / "p.txt",
+             model=lambda t, w: w / "no-model"),
+         r"prompts file .*p.txt is not UTF-8 text \(byte 0xff at offset 5\): save it as UTF-8"),
     # duration
     Case("duration-zero", gen("--duration", 0), DURATION),
     Case("duration-negative", gen("--duration", -5), DURATION),
@@ -250,6 +390,14 @@ CASES = [
     Case("convert-truncated-safetensors", conv(lambda t, w: truncated(t, w / "m")),
          r"model.safetensors is truncated or corrupt", script="convert.py"),
     Case("convert-into-a-file's-child", conv(lambda t, w: t, "f/mlx"), r"/f is not a folder", script="convert.py"),
+    Case("convert-without-tokenizer", conv(lambda t, w: without_tokenizer(t, w / "m")),
+         r"m has no tokenizer \(spiece.model or tokenizer.json\)", script="convert.py"),
+    Case("convert-absurd-config", conv(hostile(lambda c: c["decoder"].update(num_hidden_layers=10**6))),
+         r"decoder.num_hidden_layers is 1000000, more than", script="convert.py"),
+    Case("convert-lying-header", conv(lambda t, w: header_length(lambda n: n + 100)(t, w / "m")),
+         r"its header claims", script="convert.py"),
+    Case("convert-group-size", conv(lambda t, w: w / "no-model", "mlx", "-q", "--q-group-size", 48),
+         r"q_group_size must be 32, 64 or 128, got 48", script="convert.py"),
 ]
 SETUP = {  # what must exist before a case runs, beyond what its arguments create
     "convert-into-non-empty-folder": lambda w: (w / "mlx").mkdir() or (w / "mlx" / "keep.txt").write_text("mine"),
@@ -456,6 +604,79 @@ def test_a_swap_killed_between_its_renames_is_undone(tmp_path):
     atomic.clean_stale(tmp_path / "mlx")
     assert (tmp_path / "mlx" / "old.txt").read_text() == "the previous conversion"
     assert temporaries(tmp_path) == [live.name]
+
+
+# ---- a full disk, and the modes of what is written ----
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(kib) -> a folder on a tmpfs of that size (needs root and mount; skipped otherwise)."""
+    mounted = []
+
+    def mount(kib: int) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                              capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()})")
+        mounted.append(folder)
+        return folder
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+NO_SPACE = r"^error: no space left on the device holding .*disk\d"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tiny, tmp_path, small_disk):
+    disk = small_disk(64)  # 0.6 s of float samples is 77 KB
+    result = run("generate.py", ["--model", tiny.folder, "--duration", 0.6, "--bits", "float", "--quiet",
+                                 "--output", disk / "clip.wav"], tmp_path)
+    assert_one_line_error(result, NO_SPACE + r" \(0.0 MiB free\): free some space or write elsewhere")
+    assert listing(disk) == set()
+
+
+def test_convert_to_a_full_disk_is_one_line_and_leaves_nothing(tiny, tmp_path, small_disk):
+    from mlx.utils import tree_flatten
+
+    from mlx_musicgen.loading import build_model
+
+    needed = sum(v.nbytes for _, v in tree_flatten(build_model(tiny.folder)[0].parameters()))
+    too_small = small_disk(needed // 2048)  # refused before writing
+    result = run("convert.py", ["--hf-path", tiny.folder, "--mlx-path", too_small / "mlx"], tmp_path)
+    assert_one_line_error(result, NO_SPACE + r": the model needs 0.01 GiB, 0.00 GiB are free; free some space")
+    assert listing(too_small) == set()
+    nearly = small_disk(needed // 1024 + 64)  # room for the weights, not for the tokenizer after them
+    result = run("convert.py", ["--hf-path", tiny.folder, "--mlx-path", nearly / "mlx"], tmp_path)
+    assert_one_line_error(result, NO_SPACE + r" \(0.0 MiB free\)")
+    assert listing(nearly) == set()
+
+
+def run_with_umask(mask: int, script: str, args: list, tmp: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env(tmp), timeout=120, preexec_fn=lambda: os.umask(mask))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_outputs_get_the_mode_of_a_normally_created_file(tiny, tmp_path, mask):
+    """Audio, its sidecar and a converted folder are readable as the umask allows (0644 / 0755 under 022),
+    not only by their owner as the temporaries they were written as (0600 / 0700)."""
+    result = run_with_umask(mask, "generate.py", ["--model", tiny.folder, "--duration", 0.02, "--quiet",
+                                                  "--output", tmp_path / "clip.flac"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    for name in ("clip.flac", "clip.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+    result = run_with_umask(mask, "convert.py", ["--hf-path", tiny.folder, "--mlx-path", tmp_path / "mlx"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "mlx").stat().st_mode & 0o777 == 0o777 & ~mask
+    for file in (tmp_path / "mlx").iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file.name
 
 
 # ---- the API: the same checks, as exceptions and warnings ----
