@@ -5,9 +5,14 @@
     python benchmarks/bench_generate.py --shape tiny --tokens 8                         # a smoke run in seconds
     python benchmarks/bench_generate.py --dtype float16 --skip-reference               # or -q 8: + logits drift
 
+    python benchmarks/bench_generate.py --tokens 300 --runs 5 --shared 1              # spread, and a busy machine
+
 Builds (once, cached under --cache-dir by shape) a random-weight Hub-layout checkpoint with tests/fixtures.py
-and converts it (float32, plus the --dtype / -q variant). Then the reference and ours each run in their own
-child process, one after the other: a short warm-up generation, then --repeats timed ones (medians reported).
+and converts it (float32, plus the --dtype / -q variant). Then the reference and ours each run --runs times,
+each time in a fresh child process, the two sides taking turns: a short warm-up generation, then --repeats
+timed ones. Numbers are medians over the runs; tokens/s also gives the slowest and fastest run, since a
+process's speed can differ from the next one's. With --shared K, the runs are made again while K processes
+spin on the CPU (a DAW, a browser, another generation), and each side reports the share of its speed it kept.
 The reference's child never imports mlx_musicgen, whose BLAS preload would take over torch's BLAS calls.
 """
 
@@ -49,7 +54,10 @@ DEFINITIONS = {
     "peak_rss_mb": "the child's peak resident memory during the timed generations (the loaded model included)",
     "floor_ms": "decoder weight bytes a step reads (benchmarks/step_bytes.py) / numpy copy bandwidth (read + write)",
     "floor_share": "floor_ms / ms_per_step: how close a step comes to reading its weights at copy speed",
-    "ratios": "ours / reference: above 1 is better for tokens_per_s and floor_share, below 1 for the others",
+    "tokens_per_s_min/max": "the slowest and the fastest of the fresh-process runs",
+    "shared_tokens_per_s": "tokens_per_s (median of the runs) while --shared processes spin on the CPU",
+    "kept": "shared_tokens_per_s / tokens_per_s: the share of its speed a side keeps on a busy machine",
+    "ratios": "ours / reference: above 1 is better for tokens_per_s, floor_share and kept, below 1 for the others",
 }
 
 
@@ -120,7 +128,8 @@ def reference(cfg: dict) -> dict:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(cfg["threads"])
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
     torch.set_grad_enabled(False)
     device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     sync = {"cuda": torch.cuda.synchronize, "mps": torch.mps.synchronize}.get(device, lambda: None)
@@ -216,15 +225,49 @@ def copy_bandwidth(megabytes: int) -> float:
     return 2 * src.nbytes / best / 1e9
 
 
+def spinners(count: int) -> list[subprocess.Popen]:
+    """Processes that keep a core busy each, as other programs on a shared machine do."""
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Fresh-process runs of one side -> medians of their numbers, the spread of tokens/s, and the runs."""
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    out = {k: statistics.median(run[k] for run in runs) for k in keys}
+    speeds = [run["tokens_per_s"] for run in runs]
+    return {**runs[0], **out, "tokens_per_s_min": min(speeds), "tokens_per_s_max": max(speeds),
+            "process_runs": runs}
+
+
+def run_sides(sides: dict, runs: int, competitors: int = 0) -> dict:
+    """Each side `runs` times, in fresh processes, taking turns; with `competitors` spinning meanwhile."""
+    busy = spinners(competitors)
+    try:
+        results = {name: [] for name in sides}
+        for _ in range(runs):
+            for name, start in sides.items():
+                results[name].append(start())
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+    return {name: summarize(done) for name, done in results.items()}
+
+
 def table(report: dict) -> str:
     cfg, ref, ours_, ratio = report["config"], report["reference"] or {}, report["ours"], report["ratios"]
-    rows = [("tokens/s", "tokens_per_s", ".2f"), ("ms per step (median)", "ms_per_step", ".1f"),
+    rows = [("tokens/s", "tokens_per_s", ".2f"), ("  slowest run", "tokens_per_s_min", ".2f"),
+            ("  fastest run", "tokens_per_s_max", ".2f"), ("ms per step (median)", "ms_per_step", ".1f"),
             ("time to first frame, s", "first_frame_s", ".3f"), ("EnCodec decode, s", "encodec_s", ".3f"),
             ("T5, s", "t5_s", ".4f"), ("peak RSS, MB", "peak_rss_mb", ".0f"),
             ("bandwidth floor, ms per step", "floor_ms", ".2f"), ("share of the floor", "floor_share", ".1%")]
+    if cfg["shared"]:
+        rows += [(f"tokens/s, {cfg['shared']} spinning", "shared_tokens_per_s", ".2f"),
+                 ("  slowest run", "shared_tokens_per_s_min", ".2f"), ("speed kept", "kept", ".0%")]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     lines = [f"shape {cfg['shape']}, decoder {cfg['variant']}, batch {cfg['batch']} x guidance {GUIDANCE:g}, top-k "
-             f"{TOP_K}, {cfg['tokens']} tokens, copy bandwidth {report['bandwidth_gbps']:.1f} GB/s, load "
+             f"{TOP_K}, {cfg['tokens']} tokens, {cfg['runs']} fresh-process runs a side x {cfg['repeats']} timed, "
+             f"copy bandwidth {report['bandwidth_gbps']:.1f} GB/s, load "
              f"{report['loadavg'][0]:.2f} -> {report['loadavg'][1]:.2f}",
              f"reference: {ref.get('framework', 'skipped')} on {ref.get('device', '-')}",
              f"ours:      {ours_['framework']} on {ours_['device']}", "",
@@ -246,8 +289,13 @@ def main() -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32", help="our decoder's")
     p.add_argument("-q", "--q-bits", type=int, choices=[4, 8], default=None, help="quantize our decoder")
     p.add_argument("--q-group-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1, help="timed generations per side (medians reported)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (and MKL's)")
+    p.add_argument("--runs", type=int, default=3, help="fresh processes per side (medians, and the spread)")
+    p.add_argument("--repeats", type=int, default=1, help="timed generations in each process")
+    p.add_argument("--shared", type=int, default=0, help="also run with this many processes spinning on the CPU")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads and MKL_NUM_THREADS in our child (default: each side's own choice)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="an environment variable for our child (repeatable), e.g. MKL_NUM_THREADS=2")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--blas", choices=["mkl", "openblas"], default=None, help="MLX_MUSICGEN_BLAS in our child")
     p.add_argument("--portable", action="store_true", help="MLX_MUSICGEN_PORTABLE=1 in our child (no CPU paths)")
@@ -264,8 +312,10 @@ def main() -> None:
     tokens = args.tokens
     if args.duration is not None:  # frames = steps + 1 - codebooks per channel
         tokens = round(args.duration * shape.sampling_rate / hop) + first_frame_steps - 1
-    if tokens < first_frame_steps + 2 or min(args.batch, args.repeats) < 1:
-        p.error(f"need at least {first_frame_steps + 2} tokens (3 frames), a batch and a repeat")
+    if tokens < first_frame_steps + 2 or min(args.batch, args.repeats, args.runs) < 1 or args.shared < 0:
+        p.error(f"need at least {first_frame_steps + 2} tokens (3 frames), a batch, a run and a repeat")
+    if any("=" not in item for item in args.env):
+        p.error("--env takes NAME=VALUE")
     variant = args.dtype + (f"-q{args.q_bits}g{args.q_group_size}" if args.q_bits else "")
     key = hashlib.sha1((repr(shape) + Path(fixtures.__file__).read_text()).encode()).hexdigest()[:10]
     variants = {("float32", "float32", None), (variant, args.dtype, args.q_bits)}
@@ -278,11 +328,20 @@ def main() -> None:
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
     cfg = {"texts": texts, "batch": args.batch, "tokens": tokens, "warmup_tokens": min(10, tokens),
            "repeats": args.repeats, "threads": args.threads, "first_frame_step": first_frame_steps - 1}
-    ref = None if args.skip_reference else child("reference", {**cfg, "hf": folders["hf"]})
-    env = {"MKL_NUM_THREADS": str(args.threads), **({"MLX_MUSICGEN_BLAS": args.blas} if args.blas else {}),
-           **({"MLX_MUSICGEN_PORTABLE": "1"} if args.portable else {})}
+    env = {**({"MKL_NUM_THREADS": str(args.threads)} if args.threads else {}),
+           **({"MLX_MUSICGEN_BLAS": args.blas} if args.blas else {}),
+           **({"MLX_MUSICGEN_PORTABLE": "1"} if args.portable else {}), **dict(e.split("=", 1) for e in args.env)}
     drift_from = folders["float32"] if variant != "float32" else None
-    ours_ = child("ours", {**cfg, "folder": folders[variant], "drift_from": drift_from}, env)
+    sides = {"ours": lambda: child("ours", {**cfg, "folder": folders[variant], "drift_from": drift_from}, env)}
+    if not args.skip_reference:
+        sides = {"reference": lambda: child("reference", {**cfg, "hf": folders["hf"]}), **sides}
+    quiet = run_sides(sides, args.runs)
+    if args.shared:
+        for name, busy in run_sides(sides, args.runs, args.shared).items():
+            quiet[name].update(shared_tokens_per_s=busy["tokens_per_s"],
+                               shared_tokens_per_s_min=busy["tokens_per_s_min"],
+                               kept=busy["tokens_per_s"] / quiet[name]["tokens_per_s"], shared_runs=busy["process_runs"])
+    ref, ours_ = quiet.get("reference"), quiet["ours"]
     loadavg.append(os.getloadavg()[0])
 
     for side, folder in ((ref, folders["hf"]), (ours_, folders[variant])):
@@ -290,11 +349,14 @@ def main() -> None:
             side["step_bytes"] = step_bytes(folder, rows=2 * args.batch)
             side["floor_ms"] = 1000 * side["step_bytes"]["per_step"] / (bandwidth * 1e9)
             side["floor_share"] = side["floor_ms"] / side["ms_per_step"]
-    ratios = {k: ours_[k] / ref[k] for k in ("tokens_per_s", "ms_per_step", "first_frame_s", "encodec_s", "t5_s",
-                                             "peak_rss_mb", "floor_ms", "floor_share")} if ref else {}
+    compared = ("tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "ms_per_step", "first_frame_s", "encodec_s",
+                "t5_s", "peak_rss_mb", "floor_ms", "floor_share") + (
+                ("shared_tokens_per_s", "shared_tokens_per_s_min", "kept") if args.shared else ())
+    ratios = {k: ours_[k] / ref[k] for k in compared} if ref else {}
     report = {"config": {"shape": args.shape, "shape_fields": dataclasses.asdict(shape), "variant": variant,
                          "frames": tokens + 1 - first_frame_steps, "guidance_scale": GUIDANCE, "top_k": TOP_K,
-                         "seed": SEED, "blas": args.blas, "portable": args.portable, **cfg, "folders": folders},
+                         "seed": SEED, "blas": args.blas, "portable": args.portable, "runs": args.runs,
+                         "shared": args.shared, "our_env": env, **cfg, "folders": folders},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "bandwidth_gbps": bandwidth, "loadavg": loadavg, "reference": ref, "ours": ours_, "ratios": ratios,
               "definitions": DEFINITIONS}

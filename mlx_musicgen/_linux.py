@@ -65,7 +65,36 @@ def preloaded_blas() -> str | None:
     return None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def settle_threads() -> None:
+    """MKL's thread team gets the usable cores less one, and its idle threads sleep instead of spinning.
+
+    A decoding step keeps two threads busy besides MKL's helpers: MLX's worker, which calls MKL (and leads its
+    team), and Python building the next step's graph. With a helper for every core, three threads spun on two
+    cores, each product's barrier waited for a descheduled thread: speed varied ~2x from process to process,
+    and fell to a fifth with one core taken by another program (docs/PERFORMANCE.md). Settings the user made
+    (MKL_NUM_THREADS, OMP_NUM_THREADS, OMP_WAIT_POLICY) win."""
+    if "MKL_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["MKL_NUM_THREADS"] = str(max(1, usable_cores() - 1))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the OpenMP runtime when it loads
+
+
 def load_mkl() -> bool:
+    settle_threads()
     # The pip wheel puts its libraries in the environment's lib/ folder, which the loader does not search.
     folders = [Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib"]
     candidates = [str(folder / name) for folder in folders for name in MKL_NAMES] + list(MKL_NAMES)

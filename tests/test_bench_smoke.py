@@ -43,12 +43,12 @@ def positive(x):
 
 @pytest.fixture(scope="module")
 def float32_report(cache, tmp_path_factory):
-    return bench(cache, tmp_path_factory.mktemp("float32"))
+    return bench(cache, tmp_path_factory.mktemp("float32"), "--runs", 2, "--shared", 1)
 
 
 @pytest.fixture(scope="module")
 def q8_report(cache, tmp_path_factory):
-    return bench(cache, tmp_path_factory.mktemp("q8"), "--skip-reference", "-q", 8, "--portable")
+    return bench(cache, tmp_path_factory.mktemp("q8"), "--skip-reference", "-q", 8, "--portable", "--runs", 1)
 
 
 def test_bench_reports_both_sides_and_ratios(float32_report):
@@ -64,6 +64,12 @@ def test_bench_reports_both_sides_and_ratios(float32_report):
         assert report[side]["step_bytes"]["per_step"] > 0
     for key in SIDE_KEYS:
         assert positive(report["ratios"][key]), key
+    for side in ("reference", "ours"):  # two fresh processes a side, quiet and with a spinning competitor
+        numbers = report[side]
+        assert len(numbers["process_runs"]) == len(numbers["shared_runs"]) == 2
+        assert numbers["tokens_per_s_min"] <= numbers["tokens_per_s"] <= numbers["tokens_per_s_max"]
+        assert positive(numbers["shared_tokens_per_s"]) and positive(numbers["kept"])
+    assert "slowest run" in stdout and "speed kept" in stdout
     # the same float32 weights, read from the Hub layout (reference) and the converted folder (ours)
     assert report["reference"]["step_bytes"] == report["ours"]["step_bytes"]
     assert "drift" not in report["ours"]
