@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from .prompt import MAX_DURATION
+
 if TYPE_CHECKING:
     from .model import MusicGen, MusicGenConfig
 
@@ -287,6 +289,10 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
         except ValueError as e:
             raise CheckpointError(f"{file}: {e}; download or convert the model again.") from None
     audio = config.audio_encoder
+    longest = int(MAX_DURATION * audio.frame_rate)
+    if not 4 <= config.max_length <= longest:
+        raise CheckpointError(f"{file.parent / 'generation_config.json'}: max_length must be from 4 to {longest} "
+                              f"(an hour at {audio.frame_rate} Hz), got {config.max_length}.")
     counts = {
         "decoder.num_hidden_layers": config.decoder.num_hidden_layers,
         "decoder.num_codebooks": config.decoder.num_codebooks,

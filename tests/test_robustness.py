@@ -92,6 +92,12 @@ def edit_config(folder: Path, change: Callable[[dict], None]) -> Path:
     return folder
 
 
+def edit_generation_config(folder: Path, **values) -> Path:
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, **values}))
+    return folder
+
+
 def truncated(tiny: Path, dst: Path) -> Path:
     folder = copy_checkpoint(tiny, dst)
     data = (folder / "model.safetensors").read_bytes()
@@ -305,6 +311,9 @@ CASES = [
     Case("config-codec-without-quantizers",
          gen(model=hostile(lambda c: c["audio_encoder"].update(target_bandwidths=[0.001]))),
          r"EnCodec with codebooks of 2048 entries and target bandwidth 0.001 kbps has no quantizer"),
+    Case("config-absurd-window", gen(model=lambda t, w: edit_generation_config(copy_checkpoint(t, w / "m"),
+                                                                                max_length=10**9)),
+         r"generation_config.json: max_length must be from 4 to 3600000 \(an hour at 1000 Hz\), got 1000000000"),
     Case("config-missing-section", gen(model=hostile(lambda c: c.pop("decoder"))),
          r"lacks the decoder section\(s\) of a MusicGen config"),
     Case("config-section-not-a-table", gen(model=hostile(lambda c: c.update(audio_encoder=[1, 2]))),

@@ -1,0 +1,49 @@
+"""The process set-up `import mlx_musicgen` does on Linux (mlx_musicgen/_linux.py): MKL's thread team sized to
+the cores this process can use, idle threads that sleep, and the user's own settings left alone."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlx_musicgen import _linux
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux process set-up")
+THREAD_SETTINGS = ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+
+
+def settings_after_import(env: dict, cpus: set[int] | None = None) -> dict:
+    """The thread settings a fresh process has after `import mlx_musicgen`, run on `cpus` if given."""
+    code = f"import json, os, mlx_musicgen; print(json.dumps({{k: os.environ.get(k) for k in {THREAD_SETTINGS}}}))"
+    base = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env},
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_usable_cores_follow_the_affinity():
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= _linux.usable_cores() <= cores
+
+
+@pytest.mark.skipif(_linux.LOADED != _linux.MKL, reason="MKL is not what this machine loaded")
+def test_mkl_team_is_the_usable_cores_less_one_and_sleeps_when_idle():
+    cores = len(os.sched_getaffinity(0))
+    settings = settings_after_import({})
+    assert settings["MKL_NUM_THREADS"] == str(max(1, _linux.usable_cores() - 1))
+    assert settings["OMP_WAIT_POLICY"] == "PASSIVE"
+    one = {min(os.sched_getaffinity(0))}
+    assert settings_after_import({}, one)["MKL_NUM_THREADS"] == "1"
+    if cores >= 2:
+        two = set(sorted(os.sched_getaffinity(0))[:2])
+        assert settings_after_import({}, two)["MKL_NUM_THREADS"] == "1"
+
+
+@pytest.mark.skipif(_linux.LOADED != _linux.MKL, reason="MKL is not what this machine loaded")
+def test_the_users_thread_settings_win():
+    assert settings_after_import({"MKL_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}) == {
+        "MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "ACTIVE"}
+    assert settings_after_import({"OMP_NUM_THREADS": "3"})["MKL_NUM_THREADS"] is None
