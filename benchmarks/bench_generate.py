@@ -314,7 +314,7 @@ def main() -> None:
         tokens = round(args.duration * shape.sampling_rate / hop) + first_frame_steps - 1
     if tokens < first_frame_steps + 2 or min(args.batch, args.repeats, args.runs) < 1 or args.shared < 0:
         p.error(f"need at least {first_frame_steps + 2} tokens (3 frames), a batch, a run and a repeat")
-    if any("=" not in item for item in args.env):
+    if any(not item.partition("=")[0] or "=" not in item for item in args.env):
         p.error("--env takes NAME=VALUE")
     variant = args.dtype + (f"-q{args.q_bits}g{args.q_group_size}" if args.q_bits else "")
     key = hashlib.sha1((repr(shape) + Path(fixtures.__file__).read_text()).encode()).hexdigest()[:10]

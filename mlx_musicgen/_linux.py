@@ -80,28 +80,35 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
-def settle_threads() -> None:
+def settle_threads() -> list[str]:
     """MKL's thread team gets the usable cores less one, and its idle threads sleep instead of spinning.
 
     A decoding step keeps two threads busy besides MKL's helpers: MLX's worker, which calls MKL (and leads its
     team), and Python building the next step's graph. With a helper for every core, three threads spun on two
     cores, each product's barrier waited for a descheduled thread: speed varied ~2x from process to process,
     and fell to a fifth with one core taken by another program (docs/PERFORMANCE.md). Settings the user made
-    (MKL_NUM_THREADS, OMP_NUM_THREADS, OMP_WAIT_POLICY) win."""
-    if "MKL_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["MKL_NUM_THREADS"] = str(max(1, usable_cores() - 1))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read by the OpenMP runtime when it loads
+    (MKL_NUM_THREADS, OMP_NUM_THREADS, OMP_WAIT_POLICY) win. Returns the names it set."""
+    settings = {"OMP_WAIT_POLICY": "PASSIVE"}  # read by the OpenMP runtime when it loads
+    if "OMP_NUM_THREADS" not in os.environ:
+        settings["MKL_NUM_THREADS"] = str(max(1, usable_cores() - 1))
+    chosen = {name: value for name, value in settings.items() if name not in os.environ}
+    os.environ.update(chosen)
+    return list(chosen)
 
 
 def load_mkl() -> bool:
-    settle_threads()
+    settled = settle_threads()
     # The pip wheel puts its libraries in the environment's lib/ folder, which the loader does not search.
     folders = [Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib"]
     candidates = [str(folder / name) for folder in folders for name in MKL_NAMES] + list(MKL_NAMES)
     if load_first(("libgomp.so.1",)):
         # GNU OpenMP: the runtime torch and compilers bring anyway, so a process never holds two of them.
         os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
-    return load_first(candidates)
+    if load_first(candidates):
+        return True
+    for name in settled:  # no MKL: leave the environment as it was
+        del os.environ[name]
+    return False
 
 
 def load_first(names) -> bool:

@@ -37,6 +37,15 @@ def temp_folder(path: Path, suffix: str = ".part") -> Path:
     return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent))
 
 
+def _umask_by_setting() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK_AT_IMPORT = _umask_by_setting()  # where /proc does not show it: set and restored while single-threaded
+
+
 def umask() -> int:
     """The process's umask, read without setting it where Linux shows it (/proc/self/status)."""
     try:
@@ -45,9 +54,7 @@ def umask() -> int:
                 return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    return UMASK_AT_IMPORT
 
 
 def give_normal_mode(path: Path) -> None:
@@ -56,18 +63,20 @@ def give_normal_mode(path: Path) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask())
 
 
-def out_of_space(error: BaseException, folder: Path, needed: int = 0) -> OSError | None:
-    """A one-line ENOSPC error for `error` if it came from a full disk, else None. Libraries do not all say so
-    (soundfile raises an AssertionError when a write comes up short), so a disk left with less than `needed`
-    bytes free counts too."""
+def out_of_space(error: BaseException, folder: Path) -> OSError | None:
+    """A one-line ENOSPC error for `error` if it came from a full disk, else None. An OSError says so by its
+    errno; other libraries do not (soundfile raises an AssertionError when a write comes up short, MLX a
+    RuntimeError), so for them a disk left with under 1 MiB free, by the write that filled it, counts."""
     if not isinstance(error, Exception):  # Ctrl-C stays Ctrl-C
         return None
-    full = isinstance(error, OSError) and error.errno in NO_SPACE
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    if not full and (free is None or free >= needed + 2**16):
+    if isinstance(error, OSError):
+        if error.errno not in NO_SPACE:
+            return None
+    elif free is None or free >= 2**20:
         return None
     left = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
     return OSError(errno.ENOSPC, f"no space left on the device holding {folder}{left}: free some space or write "
@@ -75,13 +84,13 @@ def out_of_space(error: BaseException, folder: Path, needed: int = 0) -> OSError
 
 
 @contextmanager
-def removed_on_error(remove: Callable[[], None], folder: Path, needed: int = 0) -> Iterator[None]:
+def removed_on_error(remove: Callable[[], None], folder: Path) -> Iterator[None]:
     """On any error in the block: `remove()` the temporaries, and a full disk becomes one ENOSPC line (judged
     before the removal frees the space again)."""
     try:
         yield
     except BaseException as e:
-        full = out_of_space(e, folder, needed)
+        full = out_of_space(e, folder)
         remove()
         if full is not None:
             raise full from None
@@ -92,7 +101,7 @@ def write_text(path: Path, text: str) -> None:
     """A text file (UTF-8) written under a temporary name and renamed into place, with the normal mode."""
     path = Path(path)
     tmp = temp_file(path)
-    with removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent, len(text.encode())):
+    with removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent):
         tmp.write_text(text, encoding="utf-8")
         give_normal_mode(tmp)
         os.replace(tmp, path)

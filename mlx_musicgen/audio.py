@@ -61,7 +61,7 @@ def write_audio(
     data = fit_to_format(data, bits).T
     atomic.clean_stale(path)
     tmp = atomic.temp_file(path)
-    with atomic.removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent, data.size * 4):
+    with atomic.removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent):
         with sf.SoundFile(str(tmp), "w", sampling_rate, data.shape[1], SUBTYPES[bits], format=kind) as out:
             out.software = "mlx-musicgen"
             if comment is not None and len(comment) <= MAX_COMMENT:
@@ -94,7 +94,7 @@ class ProgressiveWriter:
 
     def write(self, audio: np.ndarray) -> None:
         """(channels, samples) float."""
-        with atomic.removed_on_error(lambda: None, self.path.parent, audio.size * 4):  # kept: a valid, shorter file
+        with atomic.removed_on_error(lambda: None, self.path.parent):  # the file stays: a valid, shorter WAV
             self.file.write(np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0).T)
             self.file.flush()  # libsndfile rewrites the header's sizes on flush
 

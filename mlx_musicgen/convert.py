@@ -113,7 +113,7 @@ def write_atomically(out: Path, model: MusicGen, config: dict, source: Path) -> 
                                     f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; free some space "
                                     f"or choose another --mlx-path")
     staging = atomic.temp_folder(out)
-    with atomic.removed_on_error(lambda: shutil.rmtree(staging, ignore_errors=True), out.parent, needed):
+    with atomic.removed_on_error(lambda: shutil.rmtree(staging, ignore_errors=True), out.parent):
         mx.save_safetensors(str(staging / "model.safetensors"), weights)
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         for name in TOKENIZER_FILES:

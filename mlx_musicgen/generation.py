@@ -147,12 +147,20 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
 
     def generate(index: int, context: mx.array | None, window: longform.Window) -> Iterator[mx.array]:
         nonlocal done
-        steps = request.max_new_tokens or window.span - window.known + K // C - 1
+        wanted = window.span - window.known
+        steps = request.max_new_tokens
+        if steps is None:  # by frames: always delayed, as audiocraft (the reference leaves very short sequences
+            # undelayed, which would make more frames than asked), then cut to the frames wanted
+            steps = max(wanted + K // C - 1, 2 * (K // C) - 2 - window.known)
         seed = secrets.randbits(63) if config.seed is None else (config.seed + index * 1_000_003) % 2**63
         start = mx.full((batch, K, 1), pad, dtype=mx.int32)
         prompt = start if context is None else mx.concatenate([start, context.astype(mx.int32)], axis=2)
         for frames in generate_window(model, text, config.guidance_scale if guided else None, sampler, prompt,
                                       steps, mx.random.key(seed)):
+            frames = frames[:, :, :wanted]
+            if frames.shape[-1] == 0:
+                break
+            wanted -= frames.shape[-1]
             done += frames.shape[-1]
             if progress is not None:
                 progress(done - prompt_frames, expected - prompt_frames)

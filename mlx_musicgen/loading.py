@@ -94,7 +94,7 @@ def read_config(folder: Path) -> dict:
         raise CheckpointError(f"{folder} has no config.json: it is not a MusicGen checkpoint.")
     try:
         config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{file} is not valid JSON ({e}); download or convert the model again.") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointError(f"{file} has no model_type: {folder} is not a MusicGen checkpoint.")
@@ -125,7 +125,15 @@ def is_converted(config: dict) -> bool:
 
 def read_generation_config(folder: Path) -> dict:
     file = folder / "generation_config.json"
-    return json.loads(file.read_text()) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}); download or convert the model again.") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} is not a table of settings; download or convert the model again.")
+    return config
 
 
 def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -146,7 +154,7 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]
             raise corrupt(f"its header claims {length} bytes, the file holds {size - 8}")
         try:
             header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, numbers or nesting beyond parsing
             raise corrupt(f"its header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise corrupt("its header is not a table of tensors")
@@ -156,7 +164,7 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]
             continue
         dtype, shape, offsets = (info.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
             info, dict) else (None, None, None)
-        if (dtype not in SAFETENSORS_ITEMSIZE or not isinstance(shape, list) or not isinstance(offsets, list)
+        if (not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE or not isinstance(shape, list) or not isinstance(offsets, list)
                 or not all(isinstance(n, int) and 0 <= n <= MAX_SIZE for n in shape)
                 or len(offsets) != 2 or not all(isinstance(n, int) for n in offsets)):
             raise corrupt(f"tensor {name!r} has a broken entry")
@@ -264,8 +272,8 @@ def check_fields(config, section: str, file: Path) -> None:
             valid = all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIZE for v in items)
             want = "a whole number from 1 to 2**31 - 1"
         elif item is float:
-            valid = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-                        for v in items)
+            valid = all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1e300
+                        for v in items)  # NaN fails both comparisons, infinity and ints past a double the second
             want = "a finite number above 0"
         else:
             valid, want = isinstance(value, item), f"a {item.__name__}"
@@ -290,7 +298,8 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
             raise CheckpointError(f"{file}: {e}; download or convert the model again.") from None
     audio = config.audio_encoder
     longest = int(MAX_DURATION * audio.frame_rate)
-    if not 4 <= config.max_length <= longest:
+    if not (isinstance(config.max_length, int) and not isinstance(config.max_length, bool)
+            and 4 <= config.max_length <= longest):
         raise CheckpointError(f"{file.parent / 'generation_config.json'}: max_length must be from 4 to {longest} "
                               f"(an hour at {audio.frame_rate} Hz), got {config.max_length}.")
     counts = {
@@ -316,7 +325,7 @@ def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicG
     raw = read_config(folder)
     try:
         config = MusicGenConfig.from_dict(raw, read_generation_config(folder))
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{folder / 'config.json'} is broken ({e}); download or convert the model again.") \
             from None
     weights = load_safetensors(folder / "model.safetensors") if is_converted(raw) else \

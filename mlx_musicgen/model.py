@@ -42,7 +42,7 @@ class MusicGenConfig:
         project = text.d_model != decoder.hidden_size and config["decoder"].get("cross_attention_hidden_size") is None
         converted = config.get(loading.CONVERTED_KEY, {})
         max_length = (generation or {}).get("max_length") or converted.get("max_length") or 1500
-        return cls(text, decoder, audio, project, int(max_length), converted.get("quantization"))
+        return cls(text, decoder, audio, project, max_length, converted.get("quantization"))  # checked by the loader
 
 
 class MusicGen(nn.Module):

@@ -80,6 +80,19 @@ def test_long_stereo_generation(tiny_stereo, tmp_path):
     np.testing.assert_array_equal(codes, extend_by_hand(model, ["rock"], 70, 20))
 
 
+def test_very_short_windows_make_exactly_their_frames(model):
+    """A window of 1 or 2 frames (a tiny duration, or the last window of long form) is still delayed, as
+    audiocraft's are (the reference leaves such short sequences undelayed, which would make more frames), and
+    its frames are those a longer greedy window starts with."""
+    longer = model.generate_tokens(["rock"], duration=0.01, do_sample=False)
+    for frames in (1, 2):
+        codes = model.generate_tokens(["rock"], duration=frames / 1000, do_sample=False)
+        np.testing.assert_array_equal(codes, longer[:, :, :frames])
+    codes = model.generate_tokens(["rock"], duration=0.041, extend_stride=0.039, do_sample=False)  # (39, 1, 2)
+    assert codes.shape[-1] == 41
+    np.testing.assert_array_equal(codes, extend_by_hand(model, ["rock"], 41, 39))
+
+
 def test_stride_must_leave_context(model):
     with pytest.raises(ValueError, match="extend_stride"):
         model.generate(["rock"], duration=0.1, extend_stride=0.05, do_sample=False)  # 50 frames > window 40

@@ -163,6 +163,19 @@ def header_length(claimed: Callable[[int], int]):
     return build
 
 
+def raw_header(text: bytes):
+    """A checkpoint whose safetensors header is `text`, its data kept."""
+
+    def build(tiny: Path, dst: Path) -> Path:
+        folder = copy_checkpoint(tiny, dst)
+        raw = (folder / "model.safetensors").read_bytes()
+        data = raw[8 + int.from_bytes(raw[:8], "little") :]
+        (folder / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data)
+        return folder
+
+    return build
+
+
 def first_tensor(header: dict) -> dict:
     return header[next(name for name in sorted(header) if name != "__metadata__")]
 
@@ -314,6 +327,15 @@ CASES = [
     Case("config-absurd-window", gen(model=lambda t, w: edit_generation_config(copy_checkpoint(t, w / "m"),
                                                                                 max_length=10**9)),
          r"generation_config.json: max_length must be from 4 to 3600000 \(an hour at 1000 Hz\), got 1000000000"),
+    Case("config-infinite-window", gen(model=lambda t, w: (copy_checkpoint(t, w / "m") / "generation_config.json")
+                                       .write_text('{"max_length": 1e999}') and w / "m"),
+         r"generation_config.json: max_length must be from 4 to 3600000 .*got inf"),
+    Case("config-generation-not-json", gen(model=lambda t, w: (copy_checkpoint(t, w / "m") / "generation_config.json")
+                                           .write_text("{oops") and w / "m"),
+         r"generation_config.json is not valid JSON"),
+    Case("config-epsilon-beyond-a-double",
+         gen(model=hostile(lambda c: c["text_encoder"].update(layer_norm_epsilon=10**400))),
+         r"text_encoder.layer_norm_epsilon must be a finite number above 0"),
     Case("config-missing-section", gen(model=hostile(lambda c: c.pop("decoder"))),
          r"lacks the decoder section\(s\) of a MusicGen config"),
     Case("config-section-not-a-table", gen(model=hostile(lambda c: c.update(audio_encoder=[1, 2]))),
@@ -332,6 +354,12 @@ CASES = [
          r"claims bytes .* for F32\[1048576, 1048576\]"),
     Case("weights-tensors-overlap", gen(model=lambda t, w: rewrite_header(overlap)(t, w / "m")),
          r"truncated or corrupt \(tensors overlap\)"),
+    Case("weights-dtype-not-a-name",
+         gen(model=lambda t, w: rewrite_header(lambda h, n: first_tensor(h).update(dtype=["F32"]))(t, w / "m")),
+         r"truncated or corrupt \(tensor '.*' has a broken entry\)"),
+    Case("weights-header-nested-beyond-parsing",
+         gen(model=lambda t, w: raw_header(b"[" * 100000 + b"]" * 100000)(t, w / "m")),
+         r"truncated or corrupt \(its header is not JSON"),
     Case("weights-without-tensors", gen(model=lambda t, w: rewrite_header(lambda h, n: h.clear())(t, w / "m")),
          r"model.safetensors holds no tensors: download or convert the model again"),
     # command-line checks fail before the model loads (here: a model that does not exist)
@@ -665,6 +693,18 @@ def test_convert_to_a_full_disk_is_one_line_and_leaves_nothing(tiny, tmp_path, s
     result = run("convert.py", ["--hf-path", tiny.folder, "--mlx-path", nearly / "mlx"], tmp_path)
     assert_one_line_error(result, NO_SPACE + r" \(0.0 MiB free\)")
     assert listing(nearly) == set()
+
+
+def test_only_a_full_disk_is_called_one(tmp_path):
+    """An OSError is judged by its errno alone (a permission error on a nearly full disk stays itself); errors
+    of libraries that do not say (soundfile's AssertionError) count when the disk was left with under 1 MiB."""
+    import errno
+
+    assert atomic.out_of_space(PermissionError(errno.EACCES, "denied", "f"), tmp_path) is None
+    assert atomic.out_of_space(AssertionError(), tmp_path) is None  # this disk has room
+    full = atomic.out_of_space(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert full.errno == errno.ENOSPC and "no space left on the device holding" in full.strerror
+    assert atomic.out_of_space(KeyboardInterrupt(), tmp_path) is None
 
 
 def run_with_umask(mask: int, script: str, args: list, tmp: Path) -> subprocess.CompletedProcess:
