@@ -64,7 +64,6 @@ def convert(
     folder = loading.resolve(hf_path)
     if loading.is_converted(loading.read_config(folder)):
         raise loading.CheckpointError(f"{folder} is already converted; load it directly.")
-    loading.check_tokenizer_files(folder)
     report(STAGES[1])
     model, config = loading.build_model(folder, read_bin)
     report(STAGES[2])

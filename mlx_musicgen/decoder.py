@@ -227,9 +227,9 @@ class MusicgenDecoder(nn.Module):
         offset = cache[0].offset if cache else 0
         x = sum(embed(codes[:, k]) for k, embed in enumerate(self.embed_tokens)) * self.embed_scale
         end = offset + codes.shape[2]
-        if end > self._positions.shape[0]:
-            self._positions = mx.array(sinusoids(1 << (end - 1).bit_length(), x.shape[-1]))
-        x = x + self._positions[offset:end].astype(x.dtype)
+        if end > self._positions.shape[0] or self._positions.dtype != x.dtype:  # cast once, not every step
+            self._positions = mx.array(sinusoids(1 << (end - 1).bit_length(), x.shape[-1])).astype(x.dtype)
+        x = x + self._positions[offset:end]
         for i, layer in enumerate(self.layers):
             x = layer(x, text[i], cache[i] if cache else None)
         x = self.layer_norm(x)

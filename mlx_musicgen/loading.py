@@ -88,14 +88,18 @@ def download(repo_id: str) -> Path:
         ) from None
 
 
+def read_json(file: Path):
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, numbers or nesting beyond parsing
+        raise CheckpointError(f"{file} is not valid JSON ({e}); download or convert the model again.") from None
+
+
 def read_config(folder: Path) -> dict:
     file = folder / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{folder} has no config.json: it is not a MusicGen checkpoint.")
-    try:
-        config = json.loads(file.read_text())
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); download or convert the model again.") from None
+    config = read_json(file)
     if not isinstance(config, dict) or "model_type" not in config:
         raise CheckpointError(f"{file} has no model_type: {folder} is not a MusicGen checkpoint.")
     model_type = config.get("model_type")
@@ -127,19 +131,16 @@ def read_generation_config(folder: Path) -> dict:
     file = folder / "generation_config.json"
     if not file.is_file():
         return {}
-    try:
-        config = json.loads(file.read_text())
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e}); download or convert the model again.") from None
+    config = read_json(file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} is not a table of settings; download or convert the model again.")
     return config
 
 
-def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{name: (dtype, shape)} from a safetensors file's header, read before any tensor and checked against the
-    file: a header length past the end, offsets outside the data or overlapping, sizes that are not
-    dtype x shape are refused as corrupt, so that nothing trusts a header that lies."""
+def check_safetensors_header(file: Path) -> None:
+    """A safetensors file's header, read before any tensor and checked against the file: a header length past
+    the end, offsets outside the data or overlapping, sizes that are not dtype x shape are refused as corrupt,
+    so that nothing trusts a header that lies."""
 
     def corrupt(why: str) -> CheckpointError:
         return CheckpointError(f"{file} is truncated or corrupt ({why}); download or convert it again.")
@@ -158,7 +159,7 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]
             raise corrupt(f"its header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise corrupt("its header is not a table of tensors")
-    data, tensors, spans = size - 8 - length, {}, []
+    data, spans = size - 8 - length, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -171,20 +172,18 @@ def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]
         begin, end = offsets
         if not 0 <= begin <= end <= data or end - begin != math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]:
             raise corrupt(f"tensor {name!r} claims bytes {begin}..{end} for {dtype}{shape} in {data} bytes of data")
-        tensors[name] = (dtype, tuple(shape))
         spans.append((begin, end))
     spans.sort()
     if any(end > next_begin for (_, end), (next_begin, _) in zip(spans, spans[1:])):
         raise corrupt("tensors overlap")
-    return tensors
 
 
 def load_safetensors(file: Path) -> dict[str, mx.array]:
-    """The tensors of a safetensors file, its header checked first (read_safetensors_header), loaded lazily:
+    """The tensors of a safetensors file, its header checked first (check_safetensors_header), loaded lazily:
     no tensor is read before it is used."""
     if not file.is_file():
         raise CheckpointError(f"{file} is missing: download or convert the model again.")
-    read_safetensors_header(file)
+    check_safetensors_header(file)
     try:
         return mx.load(str(file))
     except Exception as e:  # mlx reports truncation and bad headers as plain runtime errors
@@ -222,6 +221,8 @@ def load_hf_weights(folder: Path, read_bin: BinReader | None = None) -> dict[str
 
 
 def check_tokenizer_files(folder: Path) -> None:
+    """Without spiece.model or tokenizer.json transformers would make a default T5 tokenizer that maps every
+    word to <unk>, and the music would silently ignore the text."""
     if not any((folder / name).is_file() for name in TOKENIZER_MODELS):
         raise CheckpointError(
             f"{folder} has no tokenizer ({' or '.join(TOKENIZER_MODELS)}): download the model again, or copy "
@@ -230,13 +231,11 @@ def check_tokenizer_files(folder: Path) -> None:
 
 
 def load_tokenizer(folder: Path, vocab_size: int):
-    """The checkpoint's own tokenizer. Without its files transformers would make a default T5 tokenizer that
-    maps every word to <unk>, and the music would silently ignore the text: refused, as is a vocabulary larger
-    than the text encoder's embedding table (`vocab_size` rows)."""
+    """The checkpoint's own tokenizer (its files checked by build_model), refused if its vocabulary is larger
+    than the text encoder's embedding table (`vocab_size` rows): another model's."""
     from transformers import AutoTokenizer
     from transformers.utils import logging
 
-    check_tokenizer_files(folder)
     # transformers reads config.json on the way and warns that MusicGen's pad id (2048) lies outside the
     # codebook vocabulary, which is by design; keep that off the user's terminal.
     verbosity = logging.get_verbosity()
@@ -323,6 +322,7 @@ def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicG
     from .model import MusicGen, MusicGenConfig
 
     raw = read_config(folder)
+    check_tokenizer_files(folder)  # a converted folder holds them too
     try:
         config = MusicGenConfig.from_dict(raw, read_generation_config(folder))
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
@@ -345,8 +345,6 @@ def load_model(path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> Musi
     """A converted folder, a Hub-layout folder (converted in memory) or a Hub id -> MusicGen with its tokenizer,
     the decoder in `dtype` if given (the portable model: see MusicGen.from_pretrained for the device's)."""
     folder = resolve(path_or_id)
-    read_config(folder)  # a folder that is no checkpoint says so first
-    check_tokenizer_files(folder)  # before the (slow) build
     model, _ = build_model(folder)
     if dtype is not None:
         model.set_decoder_dtype(dtype)
