@@ -135,15 +135,15 @@ def check_output(path: str | Path, *, overwrite: bool, bits: str = "16") -> Path
     return path
 
 
-def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
-    """A wav/flac/ogg file -> ((channels, samples) float32, sampling rate)."""
+def read_audio(path: str | Path, what: str = "audio prompt") -> tuple[np.ndarray, int]:
+    """A wav/flac/ogg file -> ((channels, samples) float32, sampling rate); `what` it is names it in errors."""
     import soundfile as sf
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"audio prompt {path} does not exist.")
+        raise FileNotFoundError(f"{what} {path} does not exist.")
     if not path.is_file():
-        raise IsADirectoryError(f"audio prompt {path} is not a file.")
+        raise IsADirectoryError(f"{what} {path} is not a file.")
     try:
         data, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as e:
@@ -152,7 +152,8 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
 
 def check_prompt(samples: np.ndarray, rate, name: str = "the audio prompt") -> None:
-    """Refuse a prompt that cannot be continued: an odd sample rate, no samples, NaN/inf, or silence."""
+    """Refuse audio (a prompt to continue, a melody to follow) that cannot be used: an odd sample rate, no
+    samples, NaN/inf, or silence."""
     if isinstance(rate, bool) or not isinstance(rate, numbers.Integral) or not MIN_RATE <= rate <= MAX_RATE:
         raise ValueError(
             f"{name} has a sample rate of {rate} Hz; supported are whole numbers from {MIN_RATE} to {MAX_RATE} Hz "
@@ -165,7 +166,7 @@ def check_prompt(samples: np.ndarray, rate, name: str = "the audio prompt") -> N
         raise ValueError(f"{name} holds NaN or infinite samples.")
     if np.max(np.abs(samples)) < SILENCE:
         raise ValueError(
-            f"{name} is silent (its peak is below -100 dBFS): give a prompt with sound in it, or leave it out."
+            f"{name} is silent (its peak is below -100 dBFS): give audio with sound in it, or leave it out."
         )
 
 

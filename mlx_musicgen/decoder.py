@@ -197,6 +197,8 @@ class DecoderLayer(nn.Module):
 class MusicgenDecoder(nn.Module):
     """Embeddings of K codebooks (summed), sinusoidal positions, the layers, a final LayerNorm and K heads."""
 
+    Layer = DecoderLayer
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         config.check()
@@ -204,7 +206,7 @@ class MusicgenDecoder(nn.Module):
         D = config.hidden_size
         self.embed_scale = math.sqrt(D) if config.scale_embedding else 1.0
         self.embed_tokens = [nn.Embedding(config.vocab_size + 1, D) for _ in range(config.num_codebooks)]
-        self.layers = [DecoderLayer(config) for _ in range(config.num_hidden_layers)]
+        self.layers = [self.Layer(config) for _ in range(config.num_hidden_layers)]
         self.layer_norm = nn.LayerNorm(D, eps=1e-5)
         self.lm_heads = [nn.Linear(D, config.vocab_size, bias=False) for _ in range(config.num_codebooks)]
         self._positions = mx.zeros((0, D))  # the position table, made as far as it is used; "_": not a parameter
@@ -222,18 +224,32 @@ class MusicgenDecoder(nn.Module):
     def make_cache(self, batch: int, max_length: int) -> list:
         return [layer.make_cache(batch, max_length, self.dtype) for layer in self.layers]
 
-    def __call__(self, codes: mx.array, text: list, cache: list | None = None) -> mx.array:
-        """codes (B, K, T) -> logits (B, K, T, vocab); positions continue from the cache's."""
-        offset = cache[0].offset if cache else 0
-        x = sum(embed(codes[:, k]) for k, embed in enumerate(self.embed_tokens)) * self.embed_scale
-        end = offset + codes.shape[2]
+    def context_length(self, context) -> int:
+        """Positions the conditioning takes in the KV cache: none, the text is cross-attended."""
+        return 0
+
+    def embed(self, codes: mx.array) -> mx.array:
+        """codes (B, K, T) -> the sum of their K embeddings (B, T, D)."""
+        return sum(embed(codes[:, k]) for k, embed in enumerate(self.embed_tokens)) * self.embed_scale
+
+    def add_positions(self, x: mx.array, offset: int) -> mx.array:
+        """x (B, L, D) at positions offset.. offset + L - 1 -> x + their sinusoids."""
+        end = offset + x.shape[1]
         if end > self._positions.shape[0] or self._positions.dtype != x.dtype:  # cast once, not every step
             self._positions = mx.array(sinusoids(1 << (end - 1).bit_length(), x.shape[-1])).astype(x.dtype)
-        x = x + self._positions[offset:end]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, text[i], cache[i] if cache else None)
+        return x + self._positions[offset:end]
+
+    def logits(self, x: mx.array) -> mx.array:
+        """The last layer's output (B, T, D) -> logits (B, K, T, vocab)."""
         x = self.layer_norm(x)
         return mx.stack([head(x) for head in self.lm_heads], axis=1)
+
+    def __call__(self, codes: mx.array, text: list, cache: list | None = None) -> mx.array:
+        """codes (B, K, T) -> logits (B, K, T, vocab); positions continue from the cache's."""
+        x = self.add_positions(self.embed(codes), cache[0].offset if cache else 0)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, text[i], cache[i] if cache else None)
+        return self.logits(x)
 
     @staticmethod
     def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:

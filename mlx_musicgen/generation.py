@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from . import delay, longform
+from .melody import window_features
 from .prompt import Request, check_sampling
 from .sampling import apply_guidance, sample
 
@@ -78,7 +79,7 @@ def make_sampler(config: GenerationConfig) -> Sampler:
 
 def generate_window(
     model: MusicGen,
-    text: list,
+    context,
     guidance_scale: float | None,
     sampler: Sampler,
     prompt_codes: mx.array,
@@ -86,8 +87,8 @@ def generate_window(
     key: mx.array,
 ) -> Iterator[mx.array]:
     """One generation window continuing `prompt_codes` (B, K, P) (the start column first): yields the new
-    frames (B, K, n) as soon as all their codebooks are decoded. `text` is the decoder's text context (doubled
-    rows when guided, with `guidance_scale`; None: no guidance)."""
+    frames (B, K, n) as soon as all their codebooks are decoded. `context` is the decoder's conditioning
+    (MusicGen.decoder_context; doubled rows when guided, with `guidance_scale`; None: no guidance)."""
     K, C, pad = model.num_codebooks, model.audio_channels, model.config.decoder.pad_token_id
     batch, length = prompt_codes.shape[0], prompt_codes.shape[-1] + max_new_tokens
     pattern = delay.delay_pattern(np.array(prompt_codes), length, pad, C)
@@ -96,7 +97,7 @@ def generate_window(
     last_delay = int(delay.codebook_delays(K, C)[-1]) if delay.applies(length, K, C) else 0
     total = delay.frames_out(length, K, C)
     guided = guidance_scale is not None
-    cache = model.decoder.make_cache(batch * (2 if guided else 1), length)
+    cache = model.decoder.make_cache(batch * (2 if guided else 1), length + model.decoder.context_length(context))
 
     columns = [known[:, :, i] for i in range(start)]  # the sequence so far, one (B, K) column per position
     emitted = prompt_codes.shape[-1] - 1  # frames already out: the prompt's are the caller's
@@ -114,7 +115,7 @@ def generate_window(
     inputs = known[:, :, :start]
     for position in range(start, length):
         key, step_key = mx.random.split(key)
-        logits = model.decoder(mx.concatenate([inputs, inputs]) if guided else inputs, text, cache)[:, :, -1]
+        logits = model.decoder(mx.concatenate([inputs, inputs]) if guided else inputs, context, cache)[:, :, -1]
         if guided:
             logits = apply_guidance(logits, guidance_scale)
         forced = known[:, :, position]
@@ -137,10 +138,21 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
 
     The request's windows say what to make (see longform): by `max_new_tokens`, one window of that many decoder
     steps, as the reference counts them; by duration, windows of the model's window_frames, each continuing
-    the last. The text is encoded and the sampler built once; each window has its own KV cache and seed."""
+    the last. The text is encoded and the sampler built once; each window has its own KV cache and seed, and
+    with a melody its own chroma: the melody from the window's time offset on (see melody.window_features)."""
     K, C, pad = model.num_codebooks, model.audio_channels, model.config.decoder.pad_token_id
-    guided = request.texts is not None and config.guidance_scale > 1.0  # as the reference: no guidance without text
-    text = model.decoder.text_context(*model.conditioning(request.texts, request.num_samples, guided))
+    # as the reference: no guidance without text or melody
+    guided = (request.texts is not None or request.melody is not None) and config.guidance_scale > 1.0
+    states, mask = model.conditioning(request.texts, request.num_samples, guided)
+    fixed = model.decoder_context(states, mask, guided=guided) if request.melody is None else None
+
+    def conditioning(window: longform.Window):
+        if fixed is not None:
+            return fixed
+        features = model.config.melody.features
+        time_offset = window.offset / model.frame_rate if len(request.windows) > 1 else None
+        chroma = window_features(request.melody, features, time_offset, model.window_frames / model.frame_rate)
+        return model.decoder_context(states, mask, chroma, guided)
     sampler = make_sampler(config)
     batch, prompt_frames, expected = request.num_samples, request.prompt_frames, request.total_frames
     done = prompt_frames
@@ -155,8 +167,9 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
         seed = secrets.randbits(63) if config.seed is None else (config.seed + index * 1_000_003) % 2**63
         start = mx.full((batch, K, 1), pad, dtype=mx.int32)
         prompt = start if context is None else mx.concatenate([start, context.astype(mx.int32)], axis=2)
-        for frames in generate_window(model, text, config.guidance_scale if guided else None, sampler, prompt,
-                                      steps, mx.random.key(seed)):
+        scale = config.guidance_scale if guided else None
+        for frames in generate_window(model, conditioning(window), scale, sampler, prompt, steps,
+                                      mx.random.key(seed)):
             frames = frames[:, :, :wanted]
             if frames.shape[-1] == 0:
                 break

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = 2  # of converted folders; bump when the layout of weights or config changes (2: portable layout)
 CONVERTED_KEY = "mlx_musicgen"  # the converted config.json's own section
-SUPPORTED_MODEL_TYPES = ("musicgen",)
+SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
 
 # What a download needs: configs, tokenizer and weights (the .bin only where a repo has no safetensors).
 HUB_PATTERNS = ["*.json", "*.safetensors", "spiece.model", "tokenizer*"]
@@ -105,8 +105,8 @@ def read_config(folder: Path) -> dict:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
-            f"{folder} holds a {model_type!r} model; supported: MusicGen text-to-music checkpoints "
-            "(facebook/musicgen-small, -medium, -large and the -stereo ones), not melody or other kinds."
+            f"{folder} holds a {model_type!r} model; supported: MusicGen checkpoints (facebook/musicgen-small, "
+            "-medium, -large, -melody, -melody-large and their -stereo ones), not other kinds."
         )
     parts = [name for name in ("text_encoder", "decoder", "audio_encoder") if not isinstance(config.get(name), dict)]
     if parts:
@@ -131,6 +131,20 @@ def read_generation_config(folder: Path) -> dict:
     file = folder / "generation_config.json"
     if not file.is_file():
         return {}
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} is not a table of settings; download or convert the model again.")
+    return config
+
+
+def read_preprocessor_config(folder: Path, raw: dict) -> dict | None:
+    """A melody checkpoint's preprocessor_config.json (the chroma features' settings); None for other kinds."""
+    if raw.get("model_type") != "musicgen_melody":
+        return None
+    file = folder / "preprocessor_config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{folder} has no preprocessor_config.json, which holds a melody model's chroma "
+                              f"settings: download the model again, or copy the file from the Hub checkpoint.")
     config = read_json(file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} is not a table of settings; download or convert the model again.")
@@ -289,6 +303,9 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
     can only ask for as many layers, codebooks or quantizers as the weights hold tensors, so that an absurd
     count is refused at once instead of building a model for minutes before the shapes disagree."""
     parts = {"text_encoder": config.text_encoder, "decoder": config.decoder, "audio_encoder": config.audio_encoder}
+    if config.melody is not None:
+        check_fields(config.melody.features, "preprocessor", file.parent / "preprocessor_config.json")
+        parts["melody"] = config.melody
     for section, part in parts.items():
         check_fields(part, section, file)
         try:
@@ -301,6 +318,9 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
             and 4 <= config.max_length <= longest):
         raise CheckpointError(f"{file.parent / 'generation_config.json'}: max_length must be from 4 to {longest} "
                               f"(an hour at {audio.frame_rate} Hz), got {config.max_length}.")
+    if config.melody is not None and config.melody.chroma_length > config.max_length:
+        raise CheckpointError(f"{file}: chroma_length {config.melody.chroma_length} is longer than the generation "
+                              f"window ({config.max_length} frames): the config is broken.")
     counts = {
         "decoder.num_hidden_layers": config.decoder.num_hidden_layers,
         "decoder.num_codebooks": config.decoder.num_codebooks,
@@ -324,7 +344,7 @@ def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicG
     raw = read_config(folder)
     check_tokenizer_files(folder)  # a converted folder holds them too
     try:
-        config = MusicGenConfig.from_dict(raw, read_generation_config(folder))
+        config = MusicGenConfig.from_dict(raw, read_generation_config(folder), read_preprocessor_config(folder, raw))
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{folder / 'config.json'} is broken ({e}); download or convert the model again.") \
             from None

@@ -15,6 +15,7 @@ import numpy as np
 from . import cpu, delay, loading
 from .decoder import DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
+from .melody import MelodyConfig, MelodyDecoder, chroma_rows, prefix
 from .generation import GenerationConfig, Progress, generate_frames
 from .prompt import PromptInput, prepare, trim_padding
 from .sampling import check_tokens
@@ -33,16 +34,22 @@ class MusicGenConfig:
     project_text: bool  # the reference projects T5 states only when the widths differ
     max_length: int = 1500  # the checkpoint's generation window: frames by duration, positions by steps
     quantization: dict | None = None
+    melody: MelodyConfig | None = None  # MusicGen-Melody's chroma conditioning
 
     @classmethod
-    def from_dict(cls, config: dict, generation: dict | None = None) -> MusicGenConfig:
+    def from_dict(cls, config: dict, generation: dict | None = None,
+                  preprocessor: dict | None = None) -> MusicGenConfig:
+        """config.json, generation_config.json and (melody checkpoints) preprocessor_config.json, as read."""
         text = T5Config.from_dict(config["text_encoder"])
         decoder = DecoderConfig.from_dict(config["decoder"])
         audio = EncodecConfig.from_dict(config["audio_encoder"])
         project = text.d_model != decoder.hidden_size and config["decoder"].get("cross_attention_hidden_size") is None
         converted = config.get(loading.CONVERTED_KEY, {})
         max_length = (generation or {}).get("max_length") or converted.get("max_length") or 1500
-        return cls(text, decoder, audio, project, max_length, converted.get("quantization"))  # checked by the loader
+        chroma = MelodyConfig.from_dict(config, preprocessor) if config["model_type"] == "musicgen_melody" \
+            else None
+        return cls(text, decoder, audio, project, max_length, converted.get("quantization"), chroma)  # checked by
+        # the loader
 
 
 class MusicGen(nn.Module):
@@ -54,7 +61,9 @@ class MusicGen(nn.Module):
         self.text_encoder = T5Encoder(config.text_encoder)
         if config.project_text:
             self.enc_to_dec_proj = nn.Linear(config.text_encoder.d_model, config.decoder.hidden_size)
-        self.decoder = MusicgenDecoder(config.decoder)
+        self.decoder = (MusicgenDecoder if config.melody is None else MelodyDecoder)(config.decoder)
+        if config.melody is not None and config.melody.num_chroma != config.decoder.hidden_size:
+            self.audio_enc_to_dec_proj = nn.Linear(config.melody.num_chroma, config.decoder.hidden_size)
         self.audio_encoder = EncodecModel(config.audio_encoder)
         if config.quantization:
             self.quantize_decoder(**config.quantization)
@@ -89,7 +98,8 @@ class MusicGen(nn.Module):
 
     def set_decoder_dtype(self, dtype: mx.Dtype) -> None:
         """Half precision for the decoder (the heavy part); T5 and EnCodec stay float32 for accuracy."""
-        for module in (self.decoder, getattr(self, "enc_to_dec_proj", None)):
+        for module in (self.decoder, getattr(self, "enc_to_dec_proj", None), getattr(self, "audio_enc_to_dec_proj",
+                                                                                      None)):
             if module is not None:
                 module.set_dtype(dtype)
 
@@ -163,6 +173,19 @@ class MusicGen(nn.Module):
             mask = mx.concatenate([mask, mx.zeros_like(mask)])
         return states, mask
 
+    def decoder_context(self, states: mx.array, mask: mx.array, chroma: np.ndarray | None = None,
+                        guided: bool = False):
+        """What the decoder is conditioned on, from conditioning's text rows: each layer's keys and values of the
+        text (MusicGen), or the prefix of chroma and text (MusicGen-Melody; `chroma` (B, frames, num_chroma)
+        one-hot of the conditional rows, None: the null melody)."""
+        if self.config.melody is None:
+            return self.decoder.text_context(states, mask)
+        rows = states.shape[0] // (2 if guided else 1)
+        features = mx.array(chroma_rows(chroma, rows, guided, self.config.melody.num_chroma))
+        if hasattr(self, "audio_enc_to_dec_proj"):
+            features = self.audio_enc_to_dec_proj(features.astype(self.audio_enc_to_dec_proj.weight.dtype))
+        return prefix(features, states.astype(self.decoder.dtype), self.config.melody.chroma_length)
+
     # ---- audio <-> codes
 
     def encode_audio(self, samples: np.ndarray | mx.array) -> np.ndarray:
@@ -210,6 +233,8 @@ class MusicGen(nn.Module):
         num_samples: int = 1,
         prompt_codes: mx.array | np.ndarray | None = None,
         total_frames: int | None = None,
+        melody: PromptInput | list[PromptInput] | None = None,
+        melody_sr: int | None = None,
         config: GenerationConfig | None = None,
         progress: Progress | None = None,
         **settings,
@@ -218,7 +243,7 @@ class MusicGen(nn.Module):
         (or by the config's duration or max_new_tokens) -> (batch, codebooks, frames), the prompt's first."""
         config = GenerationConfig.with_settings(config, settings)
         request = prepare(self, config, texts, num_samples=num_samples, prompt_codes=prompt_codes,
-                          total_frames=total_frames)
+                          total_frames=total_frames, melody=melody, melody_sr=melody_sr)
         return np.array(mx.concatenate(list(generate_frames(self, request, config, progress)), axis=2))
 
     def generate(
@@ -227,6 +252,8 @@ class MusicGen(nn.Module):
         *,
         audio_prompt: PromptInput | list[PromptInput] | None = None,
         audio_prompt_sr: int | None = None,
+        melody: PromptInput | list[PromptInput] | None = None,
+        melody_sr: int | None = None,
         num_samples: int = 1,
         config: GenerationConfig | None = None,
         return_tokens: bool = False,
@@ -242,10 +269,15 @@ class MusicGen(nn.Module):
         the model's rate), or a list of them; generation continues it and the audio returned starts with it.
         Prompts of different lengths are padded on the left with silence, and each item's audio is returned
         without its padding, as a list of (channels, samples) arrays.
+
+        `melody` (melody checkpoints): a file path or an array ((samples,) or (channels, samples) at `melody_sr`,
+        default the model's rate), or a list of them: one for all items, or one per item (without texts, a list
+        makes one item each). The music follows its chroma (pitch classes), the texts its style; beyond one
+        window, each window follows the melody from its own time on, wrapped round where the melody ends.
         """
         config = GenerationConfig.with_settings(config, settings)
         request = prepare(self, config, texts, num_samples=num_samples, audio_prompt=audio_prompt,
-                          audio_prompt_sr=audio_prompt_sr)
+                          audio_prompt_sr=audio_prompt_sr, melody=melody, melody_sr=melody_sr)
         codes = mx.concatenate(list(generate_frames(self, request, config, progress)), axis=2)
         audio = trim_padding(self.decode(codes), list(request.padding))
         return (audio, np.array(codes)) if return_tokens else audio
@@ -257,6 +289,8 @@ class MusicGen(nn.Module):
         chunk_duration: float = 1.0,
         audio_prompt: PromptInput | list[PromptInput] | None = None,
         audio_prompt_sr: int | None = None,
+        melody: PromptInput | list[PromptInput] | None = None,
+        melody_sr: int | None = None,
         num_samples: int = 1,
         config: GenerationConfig | None = None,
         progress: Progress | None = None,
@@ -269,7 +303,7 @@ class MusicGen(nn.Module):
             raise ValueError(f"chunk_duration must be a positive number of seconds, got {chunk_duration}.")
         config = GenerationConfig.with_settings(config, settings)
         request = prepare(self, config, texts, num_samples=num_samples, audio_prompt=audio_prompt,
-                          audio_prompt_sr=audio_prompt_sr)
+                          audio_prompt_sr=audio_prompt_sr, melody=melody, melody_sr=melody_sr)
         frames = generate_frames(self, request, config, progress)
         chunk_frames = max(1, round(chunk_duration * self.frame_rate))
         padding = list(request.padding)  # samples of each item's padding still to drop

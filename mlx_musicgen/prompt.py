@@ -125,6 +125,35 @@ def load_audio_prompts(
     return np.stack([np.pad(p, ((0, 0), (n, 0))) for p, n in zip(loaded, padding)]), padding
 
 
+def load_melodies(melodies: PromptInput | list[PromptInput], sampling_rate: int | None, *, rate: int) -> list[np.ndarray]:
+    """Melody or melodies (a file path, or an array (samples,) or (channels, samples) at `sampling_rate`, default
+    `rate`; a list of them, or an array (batch, channels, samples)) -> mono melodies (samples,) at `rate`, the
+    channels averaged. Refused: an empty list, unreadable files, odd sample rates, empty, silent or non-finite
+    audio, and more than MAX_DURATION."""
+    items = melodies if isinstance(melodies, list) else [melodies]
+    if isinstance(melodies, np.ndarray) and melodies.ndim == 3:
+        items = list(melodies)
+    if not items:
+        raise ValueError("the list of melodies is empty.")
+    loaded = []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            name = f"melody {item}"
+            item, item_rate = audio.read_audio(item, "melody")
+        else:
+            name = f"melody {i + 1}" if len(items) > 1 else "the melody"
+            item_rate = rate if sampling_rate is None else sampling_rate
+        item = np.asarray(item, dtype=np.float32)
+        if item.ndim not in (1, 2):
+            raise ValueError(f"{name} has shape {item.shape}: give (samples,) or (channels, samples).")
+        audio.check_prompt(item, item_rate, name)
+        if item.shape[-1] / item_rate > MAX_DURATION:
+            raise ValueError(f"{name} is {item.shape[-1] / item_rate:.0f} s long; at most {MAX_DURATION:g} s (one "
+                             f"hour) is used: trim it.")
+        loaded.append(audio.resample(audio.to_channels(item, 1)[0], item_rate, rate))
+    return loaded
+
+
 def trim_padding(audio: np.ndarray, padding: list[int]) -> np.ndarray | list[np.ndarray]:
     """Unequal prompts: strip each item's leading silence, as the reference's processor does."""
     if not any(padding):
@@ -136,7 +165,8 @@ def trim_padding(audio: np.ndarray, padding: list[int]) -> np.ndarray | list[np.
 class Request:
     """A checked generation request: the texts (None: unconditional), the batch size, the prompt's codes
     (batch, codebooks, frames) and each item's prompt padding in samples, and how long to generate: the
-    windows that make it and, when given that way, the number of decoder steps of its one window."""
+    windows that make it and, when given that way, the number of decoder steps of its one window; with a melody,
+    each item's (mono, at the chroma's rate)."""
 
     texts: list[str] | None
     num_samples: int
@@ -144,6 +174,7 @@ class Request:
     padding: tuple[int, ...] = ()
     windows: list[longform.Window] = field(default_factory=list)
     max_new_tokens: int | None = None
+    melody: list[np.ndarray] | None = None
 
     @property
     def prompt_frames(self) -> int:
@@ -165,15 +196,28 @@ def prepare(
     audio_prompt_sr: int | None = None,
     prompt_codes: mx.array | np.ndarray | None = None,
     total_frames: int | None = None,
+    melody: PromptInput | list[PromptInput] | None = None,
+    melody_sr: int | None = None,
 ) -> Request:
     """Check a generation request, once, before any generation work, and say how long to generate.
 
     A duration gives round(duration * frame_rate) frames in all, the prompt included; max_new_tokens counts
     decoder steps as the reference does (frames out = prompt frames + steps + 1 - codebooks per channel);
     `total_frames` (codes in, codes out) is a frame count. None of them: one window of the checkpoint's
-    max_length positions."""
+    max_length positions.
+
+    A melody (melody checkpoints only) is one for every item or one per item; without texts or prompts, a
+    list of melodies makes one item each."""
     texts, num_samples = check_texts(texts, num_samples)
     config.check(model.config.decoder.vocab_size)
+    melodies = None
+    if melody is not None:
+        if model.config.melody is None:
+            raise ValueError("this model has no melody conditioning: use a melody checkpoint such as "
+                             "facebook/musicgen-melody, or leave the melody out.")
+        melodies = load_melodies(melody, melody_sr, rate=model.config.melody.features.sampling_rate)
+        if texts is None and audio_prompt is None and prompt_codes is None and num_samples == 1:
+            num_samples = len(melodies)
     lengths = {"duration": config.duration, "max_new_tokens": config.max_new_tokens, "total_frames": total_frames}
     given = [name for name, value in lengths.items() if value is not None]
     if len(given) > 1:
@@ -192,6 +236,11 @@ def prepare(
         if texts is not None and len(texts) != prompt_codes.shape[0]:
             raise ValueError(f"{len(texts)} texts for {prompt_codes.shape[0]} prompts: give one text per prompt.")
         request = Request(texts, prompt_codes.shape[0], mx.array(prompt_codes))
+    if melodies is not None:
+        if len(melodies) not in (1, request.num_samples):
+            raise ValueError(f"{len(melodies)} melodies for {request.num_samples} items: give one melody for all, "
+                             f"or one per item.")
+        request.melody = melodies * request.num_samples if len(melodies) == 1 else melodies
     prompt_frames, frame_rate, window = request.prompt_frames, model.frame_rate, model.window_frames
     if total_frames is None and config.duration is None:
         steps = config.max_new_tokens

@@ -76,8 +76,16 @@ SMALL = Shape(
 )
 
 
-def musicgen_config(shape: Shape = Shape()):
-    from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
+def musicgen_config(shape: Shape = Shape(), chroma_length: int | None = None):
+    """transformers' config of a random MusicGen; with `chroma_length`, of a MusicGen-Melody with that prefix."""
+    from transformers import (
+        EncodecConfig,
+        MusicgenConfig,
+        MusicgenDecoderConfig,
+        MusicgenMelodyConfig,
+        MusicgenMelodyDecoderConfig,
+        T5Config,
+    )
 
     text = T5Config(
         vocab_size=shape.text_vocab, d_model=shape.text_hidden, d_kv=shape.text_hidden // shape.text_heads,
@@ -100,7 +108,7 @@ def musicgen_config(shape: Shape = Shape()):
         codebook_size=shape.codebook_size, codebook_dim=shape.codec_hidden, use_conv_shortcut=False,
         target_bandwidths=[bandwidth],
     )
-    decoder = MusicgenDecoderConfig(
+    decoder = (MusicgenDecoderConfig if chroma_length is None else MusicgenMelodyDecoderConfig)(
         vocab_size=shape.codebook_size, max_position_embeddings=shape.max_position_embeddings,
         num_hidden_layers=shape.decoder_layers, ffn_dim=shape.decoder_ffn,
         num_attention_heads=shape.decoder_heads, hidden_size=shape.decoder_hidden,
@@ -109,17 +117,21 @@ def musicgen_config(shape: Shape = Shape()):
         activation_function="gelu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
         layerdrop=0.0, scale_embedding=False, tie_word_embeddings=False,
     )
-    config = MusicgenConfig(text_encoder=text.to_dict(), audio_encoder=audio.to_dict(), decoder=decoder.to_dict())
-    return config
+    parts = {"text_encoder": text.to_dict(), "audio_encoder": audio.to_dict(), "decoder": decoder.to_dict()}
+    if chroma_length is None:
+        return MusicgenConfig(**parts)
+    return MusicgenMelodyConfig(**parts, num_chroma=12, chroma_length=chroma_length)
 
 
-def build_model(shape: Shape = Shape(), seed: int = 0):
-    """A random-weight reference model in eval mode, with the generation defaults of the Hub checkpoints."""
+def build_model(shape: Shape = Shape(), seed: int = 0, chroma_length: int | None = None):
+    """A random-weight reference model in eval mode, with the generation defaults of the Hub checkpoints; with
+    `chroma_length`, a MusicGen-Melody."""
     import torch
-    from transformers import MusicgenForConditionalGeneration
+    from transformers import MusicgenForConditionalGeneration, MusicgenMelodyForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = MusicgenForConditionalGeneration(musicgen_config(shape)).eval()
+    kind = MusicgenForConditionalGeneration if chroma_length is None else MusicgenMelodyForConditionalGeneration
+    model = kind(musicgen_config(shape, chroma_length)).eval()
     # transformers starts EnCodec codebooks at zero (they are learned by k-means); with zeros every code would
     # decode to the same audio and every encoding would tie, so give them random entries.
     with torch.no_grad():
@@ -136,6 +148,22 @@ def build_model(shape: Shape = Shape(), seed: int = 0):
     gc.top_k = 250
     gc.max_length = 1500
     return model
+
+
+def build_melody_checkpoint(folder: Path, shape: Shape = Shape(), chroma_length: int = 7, seed: int = 0):
+    """Write a Hub-layout MusicGen-Melody checkpoint (config, safetensors, tokenizer, preprocessor_config.json)
+    and return (model, tokenizer, feature extractor)."""
+    from transformers import T5Tokenizer
+
+    folder = Path(folder)
+    model = build_model(shape, seed, chroma_length)
+    build_tokenizer(folder)
+    tokenizer = T5Tokenizer.from_pretrained(str(folder), extra_ids=0)
+    extractor = melody_extractor()
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    extractor.save_pretrained(str(folder))
+    return model, tokenizer, extractor
 
 
 def build_processor(folder: Path):
@@ -156,3 +184,41 @@ def build_checkpoint(folder: Path, shape: Shape = Shape(), seed: int = 0):
     model.save_pretrained(str(folder))
     processor.save_pretrained(str(folder))
     return model, processor
+
+
+class SpectrogramStandIn:
+    """A test-only stand-in for torchaudio.transforms.Spectrogram, which is all the reference chroma extractor
+    uses of torchaudio for 32 kHz input: torchaudio cannot be installed beside torch 2.13 here (its newest
+    wheel, 2.11, fails to load). torch.stft with torchaudio's arguments and defaults: a periodic Hann window of
+    win_length, centred frames with reflect padding, one-sided, divided by sqrt(sum(window^2)) when normalized,
+    |.|^power."""
+
+    def __init__(self, n_fft, win_length, hop_length, power, center, pad, normalized):
+        import torch
+
+        assert win_length == n_fft and pad == 0 and power == 2 and normalized is True
+        self.n_fft, self.hop_length, self.center = n_fft, hop_length, center
+        self.window = torch.hann_window(n_fft, periodic=True)
+
+    def __call__(self, waveform):
+        import torch
+
+        shape = waveform.shape
+        spec = torch.stft(waveform.reshape(-1, shape[-1]), self.n_fft, self.hop_length, self.n_fft, self.window,
+                          center=self.center, pad_mode="reflect", normalized=False, onesided=True,
+                          return_complex=True)
+        spec = spec / self.window.pow(2.0).sum().sqrt()
+        return spec.abs().pow(2.0).reshape(*shape[:-1], *spec.shape[-2:])
+
+
+def melody_extractor(**kwargs):
+    """transformers' MusicgenMelodyFeatureExtractor, with SpectrogramStandIn for torchaudio's Spectrogram. Give it
+    32 kHz audio only (other rates need torchaudio's resampler)."""
+    import importlib
+    from types import SimpleNamespace
+
+    # imported by its full name: the package's lazy attribute is a placeholder that demands torchaudio
+    module = importlib.import_module("transformers.models.musicgen_melody.feature_extraction_musicgen_melody")
+
+    module.torchaudio = SimpleNamespace(transforms=SimpleNamespace(Spectrogram=SpectrogramStandIn))
+    return module.MusicgenMelodyFeatureExtractor(**kwargs)

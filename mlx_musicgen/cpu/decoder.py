@@ -33,6 +33,7 @@ from ..decoder import (
     split_heads,
     text_kv,
 )
+from ..melody import MelodyDecoderLayer
 from . import blas_threads_itself, parallel_streams
 
 MAX_BLOCKED_ROWS = 8  # more rows (a prefill) amortise the repacking: one ordinary product is faster
@@ -99,13 +100,23 @@ def self_attention_inputs(x, norm, q_proj, k_proj, v_proj, heads: int):
     return tuple(split_heads(project(h, proj), heads) for proj in (q_proj, k_proj, v_proj))
 
 
+def feed_forward(x, final_norm, fc1, fc2, activation: str):
+    return x + project(CPU_ACTIVATIONS[activation](project(layer_norm(x, final_norm), fc1)), fc2)
+
+
 @mx.compile
 def layer_output(x, attended, out_proj, cross_norm, text: dict, heads: int, scale: float, final_norm, fc1, fc2,
                  activation: str):
     """The rest of a layer after self-attention: its output projection, cross-attention and the FFN."""
     x = x + project(merge_heads(attended), out_proj)
     x = x + cross_attention(layer_norm(x, cross_norm), text, heads, scale)
-    return x + project(CPU_ACTIVATIONS[activation](project(layer_norm(x, final_norm), fc1)), fc2)
+    return feed_forward(x, final_norm, fc1, fc2, activation)
+
+
+@mx.compile
+def self_only_layer_output(x, attended, out_proj, final_norm, fc1, fc2, activation: str):
+    """The rest of a layer without cross-attention (MusicGen-Melody's): the output projection and the FFN."""
+    return feed_forward(x + project(merge_heads(attended), out_proj), final_norm, fc1, fc2, activation)
 
 
 def cross_attention(h: mx.array, text: dict, heads: int, scale: float) -> mx.array:
@@ -151,15 +162,17 @@ def fold_text(attn: nn.Module, states: mx.array, rows: int) -> dict:
 
 
 class CompiledDecoderLayer(nn.Module):
-    """decoder.DecoderLayer as two compiled functions of fixed shapes around the self-attention over the KV
-    cache (whose length grows every step), with folded cross-attention for short texts."""
+    """decoder.DecoderLayer (or melody.MelodyDecoderLayer, without cross-attention) as two compiled functions of
+    fixed shapes around the self-attention over the KV cache (whose length grows every step), with folded
+    cross-attention for short texts."""
 
-    def __init__(self, layer: DecoderLayer):
+    def __init__(self, layer: DecoderLayer | MelodyDecoderLayer):
         super().__init__()
         self.self_attn = layer.self_attn
         self.self_attn_layer_norm = layer.self_attn_layer_norm
-        self.encoder_attn = layer.encoder_attn
-        self.encoder_attn_layer_norm = layer.encoder_attn_layer_norm
+        if isinstance(layer, DecoderLayer):
+            self.encoder_attn = layer.encoder_attn
+            self.encoder_attn_layer_norm = layer.encoder_attn_layer_norm
         self.fc1, self.fc2 = layer.fc1, layer.fc2
         self.final_layer_norm = layer.final_layer_norm
         self.activation = activation_name(layer)
@@ -176,7 +189,7 @@ class CompiledDecoderLayer(nn.Module):
             return {**vars(attn.text_kv(states, mask)), "q_proj": attn.q_proj, "out_proj": attn.out_proj}
         return {"mask": additive_mask(mask, states.dtype), **fold_text(attn, states, rows)}
 
-    def __call__(self, x: mx.array, text: dict, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, text: dict | None = None, cache: KVCache | None = None) -> mx.array:
         sa = self.self_attn
         queries, keys, values = self_attention_inputs(
             x, self.self_attn_layer_norm, sa.q_proj, sa.k_proj, sa.v_proj, sa.heads
@@ -186,6 +199,9 @@ class CompiledDecoderLayer(nn.Module):
         causal = "causal" if x.shape[1] > 1 else None
         attended = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=sa.scale, mask=causal)
         # Only the modules it uses: the compiled function's inputs are flattened every step.
+        if "encoder_attn" not in self:
+            return self_only_layer_output(x, attended, sa.out_proj, self.final_layer_norm, self.fc1, self.fc2,
+                                          self.activation)
         return layer_output(x, attended, sa.out_proj, self.encoder_attn_layer_norm, text, self.encoder_attn.heads,
                             self.encoder_attn.scale, self.final_layer_norm, self.fc1, self.fc2, self.activation)
 
@@ -308,15 +324,16 @@ class SplitDecoderLayer(nn.Module):
 
 def can_split(decoder: MusicgenDecoder) -> bool:
     """Split layers need float32 weights (half precision and quantized weights have no BLAS path on a CPU:
-    nothing to gain) and an even number of heads."""
+    nothing to gain), an even number of heads and cross-attention (MusicGen-Melody's layers are compiled)."""
     plain = isinstance(decoder.lm_heads[0], nn.Linear) and not isinstance(decoder.lm_heads[0], nn.QuantizedLinear)
-    return decoder.dtype == mx.float32 and plain and decoder.config.num_attention_heads % 2 == 0
+    return (decoder.dtype == mx.float32 and plain and decoder.config.num_attention_heads % 2 == 0
+            and isinstance(decoder.layers[0], DecoderLayer))
 
 
 def optimize_decoder(decoder: MusicgenDecoder, split: bool | None = None) -> None:
     """Swap a loaded decoder's layers for their CPU forms, in place: split layers and blocked heads when the
     BLAS does not thread itself (`split`, by default), else compiled layers."""
-    if not all(type(layer) is DecoderLayer for layer in decoder.layers):
+    if not all(type(layer) in (DecoderLayer, MelodyDecoderLayer) for layer in decoder.layers):
         return  # already swapped
     split = (not blas_threads_itself() and can_split(decoder)) if split is None else split
     for i, layer in enumerate(decoder.layers):
