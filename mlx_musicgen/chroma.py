@@ -75,18 +75,23 @@ def power_spectrogram(wav: np.ndarray, n_fft: int, hop_length: int) -> np.ndarra
     return (spectrum.real**2 + spectrum.imag**2) / np.sum(window**2)
 
 
-def extract(wav: np.ndarray, settings: ChromaSettings) -> np.ndarray:
-    """Mono melodies (B, T) at settings.sampling_rate -> one-hot chroma (B, 1 + max(T, n_fft) // hop, num_chroma)
-    float32: each frame's strongest pitch class (bin 0, C, for silence). Shorter than n_fft: zero-padded on both
-    sides first, as the reference pads it."""
+def chroma_energy(wav: np.ndarray, settings: ChromaSettings) -> np.ndarray:
+    """Mono melodies (B, T) at settings.sampling_rate -> the energy of each pitch class, scaled by each frame's
+    largest, (B, 1 + max(T, n_fft) // hop, num_chroma) float64. Shorter than n_fft: zero-padded on both sides
+    first, as the reference pads it."""
     n_fft = settings.n_fft
     if wav.shape[-1] < n_fft:
         pad = n_fft - wav.shape[-1]
         wav = np.pad(wav, ((0, 0), (pad // 2, pad - pad // 2)))
-    filters = filter_bank(settings.num_chroma, n_fft, settings.sampling_rate).astype(np.float32)
+    filters = filter_bank(settings.num_chroma, n_fft, settings.sampling_rate).astype(np.float32)  # as the reference's
     raw = power_spectrogram(wav, n_fft, settings.hop_length) @ filters.T.astype(np.float64)
-    scaled = raw / np.maximum(np.max(np.abs(raw), axis=-1, keepdims=True), 1e-6)
-    return np.eye(settings.num_chroma, dtype=np.float32)[np.argmax(scaled, axis=-1)]
+    return raw / np.maximum(np.max(np.abs(raw), axis=-1, keepdims=True), 1e-6)
+
+
+def extract(wav: np.ndarray, settings: ChromaSettings) -> np.ndarray:
+    """Mono melodies (B, T) -> one-hot chroma (B, frames, num_chroma) float32: each frame's strongest pitch class
+    (bin 0, C, for silence)."""
+    return np.eye(settings.num_chroma, dtype=np.float32)[np.argmax(chroma_energy(wav, settings), axis=-1)]
 
 
 def batch_melodies(melodies: list[np.ndarray], settings: ChromaSettings) -> np.ndarray:

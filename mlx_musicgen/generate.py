@@ -3,6 +3,7 @@
     mlx_musicgen.generate --text "80s pop track with bassy drums and synth" --duration 8 --output out.wav
     mlx_musicgen.generate --text "lofi" --text "epic strings" --output clips/take.wav     # take-1.wav, take-2.wav
     mlx_musicgen.generate --prompts-file prompts.txt --duration 30 --stream --play
+    mlx_musicgen.generate --model facebook/musicgen-melody --text "lofi" --melody tune.wav --output take.wav
 """
 
 import argparse
@@ -32,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what the music should be (repeat for several clips); leave out for unconditional music")
     p.add_argument("--prompts-file", help="a text file with one description per line, one clip each")
     p.add_argument("--audio-prompt", help="a wav/flac/ogg file to continue (the output starts with it)")
+    p.add_argument("--melody", help="a wav/flac/ogg file whose tune the music follows (melody models only)")
     p.add_argument("--duration", type=float, default=10.0,
                    help="seconds of audio in all, an audio prompt included (default 10)")
     p.add_argument("--output", default="musicgen.wav",
@@ -114,6 +116,8 @@ def run(args: argparse.Namespace) -> None:
                    temperature=args.temperature)
     if args.audio_prompt:
         check_prompt(*read_audio(args.audio_prompt), f"audio prompt {args.audio_prompt}")
+    if args.melody:
+        check_prompt(*read_audio(args.melody, "melody"), f"melody {args.melody}")
 
     dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
     model = MusicGen.from_pretrained(args.model, dtype=dtype)  # generate_stream checks top_k against its vocabulary
@@ -128,6 +132,7 @@ def run(args: argparse.Namespace) -> None:
             "seed": seed,
             "batch": batch,
             "audio_prompt": args.audio_prompt,
+            "melody": args.melody,
             "do_sample": not args.greedy,
             "guidance_scale": args.guidance_scale,
             "top_k": args.top_k,
@@ -169,6 +174,7 @@ def make_clips(model, args, batch, paths, seed, speaker) -> list:
                 [t or "" for t in batch] if conditional else None,
                 num_samples=len(batch),
                 audio_prompt=[args.audio_prompt] * len(batch) if args.audio_prompt else None,
+                melody=args.melody,
                 duration=args.duration,
                 chunk_duration=args.chunk,
                 do_sample=not args.greedy,

@@ -146,13 +146,14 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
     states, mask = model.conditioning(request.texts, request.num_samples, guided)
     fixed = model.decoder_context(states, mask, guided=guided) if request.melody is None else None
 
-    def conditioning(window: longform.Window):
+    def context_for(window: longform.Window):
         if fixed is not None:
             return fixed
-        features = model.config.melody.features
         time_offset = window.offset / model.frame_rate if len(request.windows) > 1 else None
-        chroma = window_features(request.melody, features, time_offset, model.window_frames / model.frame_rate)
+        chroma = window_features(request.melody, model.config.melody.features, time_offset,
+                                 model.window_frames / model.frame_rate)
         return model.decoder_context(states, mask, chroma, guided)
+
     sampler = make_sampler(config)
     batch, prompt_frames, expected = request.num_samples, request.prompt_frames, request.total_frames
     done = prompt_frames
@@ -168,7 +169,7 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
         start = mx.full((batch, K, 1), pad, dtype=mx.int32)
         prompt = start if context is None else mx.concatenate([start, context.astype(mx.int32)], axis=2)
         scale = config.guidance_scale if guided else None
-        for frames in generate_window(model, conditioning(window), scale, sampler, prompt, steps,
+        for frames in generate_window(model, context_for(window), scale, sampler, prompt, steps,
                                       mx.random.key(seed)):
             frames = frames[:, :, :wanted]
             if frames.shape[-1] == 0:

@@ -343,8 +343,9 @@ def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicG
 
     raw = read_config(folder)
     check_tokenizer_files(folder)  # a converted folder holds them too
+    generation, preprocessor = read_generation_config(folder), read_preprocessor_config(folder, raw)
     try:
-        config = MusicGenConfig.from_dict(raw, read_generation_config(folder), read_preprocessor_config(folder, raw))
+        config = MusicGenConfig.from_dict(raw, generation, preprocessor)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
         raise CheckpointError(f"{folder / 'config.json'} is broken ({e}); download or convert the model again.") \
             from None

@@ -42,3 +42,40 @@ def tiny_stereo(tmp_path_factory) -> Checkpoint:
     folder = tmp_path_factory.mktemp("tiny_stereo")
     model, processor = fixtures.build_checkpoint(folder, fixtures.Shape(num_codebooks=8, audio_channels=2), seed=1)
     return Checkpoint(folder, model, processor)
+
+
+@dataclass
+class MelodyCheckpoint:
+    folder: Path
+    reference: object  # transformers MusicgenMelodyForConditionalGeneration
+    tokenizer: object  # transformers T5Tokenizer
+    extractor: object  # transformers MusicgenMelodyFeatureExtractor (with a test-only Spectrogram stand-in)
+
+    def inputs(self, texts=None, melodies=None):
+        """The reference's inputs: tokenized texts (padded) and the extractor's chroma of 32 kHz melodies."""
+        import torch
+
+        inputs = dict(self.tokenizer(texts, padding=True, return_tensors="pt")) if texts is not None else {}
+        if melodies is not None:
+            features = self.extractor(melodies, sampling_rate=32000, return_tensors="pt")["input_features"]
+            inputs["input_features"] = features
+            if texts is None:  # the null text, as audiocraft gives a melody alone: one masked-out token
+                # (transformers' own default feeds the codebook's BOS id 2048 to T5, past a tiny vocabulary)
+                inputs["input_ids"] = torch.zeros((features.shape[0], 1), dtype=torch.long)
+                inputs["attention_mask"] = torch.zeros((features.shape[0], 1), dtype=torch.long)
+        return inputs
+
+
+@pytest.fixture(scope="session")
+def tiny_melody(tmp_path_factory) -> MelodyCheckpoint:
+    """A random mono MusicGen-Melody: text width 48 != decoder width 64, a chroma prefix of 7 frames (not 235)."""
+    folder = tmp_path_factory.mktemp("tiny_melody")
+    return MelodyCheckpoint(folder, *fixtures.build_melody_checkpoint(folder, fixtures.Shape(), chroma_length=7))
+
+
+@pytest.fixture(scope="session")
+def tiny_melody_stereo(tmp_path_factory) -> MelodyCheckpoint:
+    """A random stereo MusicGen-Melody: 8 codebooks interleaved L0, R0, ..., a chroma prefix of 5 frames."""
+    folder = tmp_path_factory.mktemp("tiny_melody_stereo")
+    shape = fixtures.Shape(num_codebooks=8, audio_channels=2)
+    return MelodyCheckpoint(folder, *fixtures.build_melody_checkpoint(folder, shape, chroma_length=5, seed=1))

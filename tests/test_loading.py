@@ -19,12 +19,12 @@ def copy_checkpoint(tiny, tmp_path, name="copy"):
     return folder
 
 
-def test_melody_checkpoint_is_refused(tiny, tmp_path):
+def test_other_kinds_are_refused(tiny, tmp_path):
     folder = copy_checkpoint(tiny, tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    config["model_type"] = "musicgen_melody"
+    config["model_type"] = "musicgen_style"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="'musicgen_melody'.*supported: MusicGen"):
+    with pytest.raises(CheckpointError, match="'musicgen_style'.*supported: MusicGen.*-melody"):
         MusicGen.from_pretrained(folder)
 
 

@@ -258,10 +258,10 @@ CASES = [
     Case("model-other-architecture",
          gen(model=lambda t, w: edit_config(copy_checkpoint(t, w / "m"), lambda c: c.update(model_type="bert"))),
          r"holds a 'bert' model; supported: MusicGen"),
-    Case("model-melody-unsupported",
+    Case("model-melody-without-its-preprocessor",
          gen(model=lambda t, w: edit_config(copy_checkpoint(t, w / "m"),
                                             lambda c: c.update(model_type="musicgen_melody"))),
-         r"'musicgen_melody' model; supported: MusicGen .* not melody"),
+         r"m has no preprocessor_config.json, which holds a melody model's chroma settings"),
     Case("model-truncated-safetensors", gen(model=lambda t, w: truncated(t, w / "m")),
          r"model.safetensors is truncated or corrupt .*download or convert it again"),
     Case("model-garbage-safetensors", gen(model=lambda t, w: garbage_weights(t, w / "m")),
@@ -411,6 +411,14 @@ CASES = [
     Case("prompt-longer-than-window",  # the tiny model's window: 1500 positions at 1000 frames/s
          gen("--audio-prompt", lambda t, w: wav(w / "p.wav", tone(2.0)), "--duration", 3),
          r"p.wav is 2.00 s long, but the model's window is 1.50 s .*trim the prompt"),
+    # melody (checked before the model loads; the tiny model has no melody conditioning)
+    Case("melody-missing", gen("--melody", lambda t, w: w / "tune.wav"), r"melody .*tune.wav does not exist"),
+    Case("melody-unreadable", gen("--melody", lambda t, w: (w / "m.wav").write_text("not audio") and w / "m.wav"),
+         r"cannot read .*m.wav as audio"),
+    Case("melody-silent", gen("--melody", lambda t, w: wav(w / "m.wav", np.zeros(3200))),
+         r"melody .*m.wav is silent \(its peak is below -100 dBFS\)"),
+    Case("melody-for-a-model-without-melody", gen("--melody", lambda t, w: wav(w / "m.wav", tone(0.1))),
+         r"this model has no melody conditioning: use a melody checkpoint such as facebook/musicgen-melody"),
     # output
     Case("output-folder-missing", gen(output="missing/out.wav"), r"the folder .*missing does not exist: create it"),
     Case("output-parent-is-a-file", gen(output=lambda t, w: (w / "f").write_text("x") and w / "f" / "out.wav"),
