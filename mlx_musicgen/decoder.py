@@ -169,13 +169,16 @@ class CrossAttention(Attention):
 class DecoderLayer(nn.Module):
     """Pre-LN: x += SelfAttn(LN(x)); x += CrossAttn(LN(x), text); x += fc2(act(fc1(LN(x))))."""
 
+    cross_attention = True  # MusicGen-Melody's layers have none (melody.MelodyDecoderLayer)
+
     def __init__(self, config: DecoderConfig):
         super().__init__()
         D = config.hidden_size
         self.self_attn = Attention(D, config.num_attention_heads)
         self.self_attn_layer_norm = nn.LayerNorm(D, eps=1e-5)
-        self.encoder_attn = CrossAttention(D, config.num_attention_heads)
-        self.encoder_attn_layer_norm = nn.LayerNorm(D, eps=1e-5)
+        if self.cross_attention:
+            self.encoder_attn = CrossAttention(D, config.num_attention_heads)
+            self.encoder_attn_layer_norm = nn.LayerNorm(D, eps=1e-5)
         self.fc1 = nn.Linear(D, config.ffn_dim, bias=False)
         self.fc2 = nn.Linear(config.ffn_dim, D, bias=False)
         self.final_layer_norm = nn.LayerNorm(D, eps=1e-5)
@@ -188,9 +191,10 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         return KVCache(batch, attn.heads, attn.q_proj.weight.shape[0] // attn.heads, max_length, dtype)
 
-    def __call__(self, x: mx.array, text: TextKV, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, text: TextKV | None = None, cache: KVCache | None = None) -> mx.array:
         x = x + self.self_attn(self.self_attn_layer_norm(x), cache)
-        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), text)
+        if self.cross_attention:
+            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), text)
         return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
 
 

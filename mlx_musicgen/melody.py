@@ -13,12 +13,11 @@ import math
 from dataclasses import dataclass
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from . import chroma
 from .chroma import ChromaSettings
-from .decoder import ACTIVATIONS, Attention, DecoderConfig, DecoderLayer, KVCache, MusicgenDecoder
+from .decoder import DecoderLayer, MusicgenDecoder
 
 
 @dataclass
@@ -41,24 +40,10 @@ class MelodyConfig:
                              f"num_chroma {self.num_chroma}")
 
 
-class MelodyDecoderLayer(nn.Module):
+class MelodyDecoderLayer(DecoderLayer):
     """Pre-LN, self-attention only: x += SelfAttn(LN(x)); x += fc2(act(fc1(LN(x))))."""
 
-    def __init__(self, config: DecoderConfig):
-        super().__init__()
-        D = config.hidden_size
-        self.self_attn = Attention(D, config.num_attention_heads)
-        self.self_attn_layer_norm = nn.LayerNorm(D, eps=1e-5)
-        self.fc1 = nn.Linear(D, config.ffn_dim, bias=False)
-        self.fc2 = nn.Linear(config.ffn_dim, D, bias=False)
-        self.final_layer_norm = nn.LayerNorm(D, eps=1e-5)
-        self.activation = ACTIVATIONS[config.activation_function]
-
-    make_cache = DecoderLayer.make_cache
-
-    def __call__(self, x: mx.array, text=None, cache: KVCache | None = None) -> mx.array:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cache)
-        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
+    cross_attention = False
 
 
 class MelodyDecoder(MusicgenDecoder):

@@ -89,30 +89,43 @@ def check_texts(texts: list[str] | str | None, num_samples: int) -> tuple[list[s
     return texts, len(texts)
 
 
+def read_audio_inputs(inputs: PromptInput | list[PromptInput], sampling_rate: int | None, default_rate: int,
+                      what: str, plural: str) -> list[tuple[str, np.ndarray, int]]:
+    """Audio given as a file path or an array ((samples,) or (channels, samples) at `sampling_rate`, by default
+    `default_rate`), a list of them, or an array (batch, channels, samples) -> (name, samples, rate) each, named
+    for messages ("melody tune.wav", "the melody", "melody 2").
+
+    Refused: an empty list, unreadable files, odd shapes and sample rates, empty, silent or non-finite audio."""
+    items = inputs if isinstance(inputs, list) else [inputs]
+    if isinstance(inputs, np.ndarray) and inputs.ndim == 3:
+        items = list(inputs)
+    if not items:
+        raise ValueError(f"the list of {plural} is empty.")
+    loaded = []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            name = f"{what} {item}"
+            item, rate = audio.read_audio(item, what)
+        else:
+            name = f"{what} {i + 1}" if len(items) > 1 else f"the {what}"
+            rate = default_rate if sampling_rate is None else sampling_rate
+        item = np.asarray(item, dtype=np.float32)
+        if item.ndim not in (1, 2):
+            raise ValueError(f"{name} has shape {item.shape}: give (samples,) or (channels, samples).")
+        audio.check_prompt(item, rate, name)
+        loaded.append((name, item, rate))
+    return loaded
+
+
 def load_audio_prompts(
     prompts: PromptInput | list[PromptInput], sampling_rate: int | None, *, model_rate: int, channels: int,
     window_seconds: float,
 ) -> tuple[np.ndarray, list[int]]:
-    """Audio prompt(s) -> (batch, channels, samples) at the model's rate, left-padded with silence to the
-    longest as the reference's processor pads them, and each item's padding in samples.
-
-    Refused: an empty list, unreadable files, odd sample rates, empty, silent or non-finite audio, and a
-    prompt that does not fit in the model's window with room to continue it."""
-    items = prompts if isinstance(prompts, list) else [prompts]
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 3:
-        items = list(prompts)
-    if not items:
-        raise ValueError("the list of audio prompts is empty.")
+    """Audio prompt(s) (see read_audio_inputs) -> (batch, channels, samples) at the model's rate, left-padded
+    with silence to the longest as the reference's processor pads them, and each item's padding in samples.
+    A prompt that does not fit in the model's window with room to continue it is refused."""
     loaded = []
-    for i, item in enumerate(items):
-        if isinstance(item, (str, Path)):
-            name = f"audio prompt {item}"
-            item, rate = audio.read_audio(item)
-        else:
-            name = f"audio prompt {i + 1}" if len(items) > 1 else "the audio prompt"
-            rate = model_rate if sampling_rate is None else sampling_rate
-        item = np.asarray(item, dtype=np.float32)
-        audio.check_prompt(item, rate, name)
+    for name, item, rate in read_audio_inputs(prompts, sampling_rate, model_rate, "audio prompt", "audio prompts"):
         seconds = item.shape[-1] / rate
         if seconds >= window_seconds:
             raise ValueError(
@@ -125,28 +138,12 @@ def load_audio_prompts(
     return np.stack([np.pad(p, ((0, 0), (n, 0))) for p, n in zip(loaded, padding)]), padding
 
 
-def load_melodies(melodies: PromptInput | list[PromptInput], sampling_rate: int | None, *, rate: int) -> list[np.ndarray]:
-    """Melody or melodies (a file path, or an array (samples,) or (channels, samples) at `sampling_rate`, default
-    `rate`; a list of them, or an array (batch, channels, samples)) -> mono melodies (samples,) at `rate`, the
-    channels averaged. Refused: an empty list, unreadable files, odd sample rates, empty, silent or non-finite
-    audio, and more than MAX_DURATION."""
-    items = melodies if isinstance(melodies, list) else [melodies]
-    if isinstance(melodies, np.ndarray) and melodies.ndim == 3:
-        items = list(melodies)
-    if not items:
-        raise ValueError("the list of melodies is empty.")
+def load_melodies(melodies: PromptInput | list[PromptInput], sampling_rate: int | None, *,
+                  rate: int) -> list[np.ndarray]:
+    """Melody or melodies (see read_audio_inputs; `sampling_rate` by default `rate`) -> mono melodies
+    (samples,) at `rate`, the channels averaged. Longer than MAX_DURATION: refused."""
     loaded = []
-    for i, item in enumerate(items):
-        if isinstance(item, (str, Path)):
-            name = f"melody {item}"
-            item, item_rate = audio.read_audio(item, "melody")
-        else:
-            name = f"melody {i + 1}" if len(items) > 1 else "the melody"
-            item_rate = rate if sampling_rate is None else sampling_rate
-        item = np.asarray(item, dtype=np.float32)
-        if item.ndim not in (1, 2):
-            raise ValueError(f"{name} has shape {item.shape}: give (samples,) or (channels, samples).")
-        audio.check_prompt(item, item_rate, name)
+    for name, item, item_rate in read_audio_inputs(melodies, sampling_rate, rate, "melody", "melodies"):
         if item.shape[-1] / item_rate > MAX_DURATION:
             raise ValueError(f"{name} is {item.shape[-1] / item_rate:.0f} s long; at most {MAX_DURATION:g} s (one "
                              f"hour) is used: trim it.")

@@ -244,6 +244,16 @@ def test_conversion_round_trip_and_strict_loading(model, tiny_melody, tmp_path):
     np.testing.assert_array_equal(converted.generate(["rock", "jazz"], **settings)[1],
                                   model.generate(["rock", "jazz"], **settings)[1])
 
+    quantized = MusicGen.from_pretrained(convert(tiny_melody.folder, tmp_path / "q8", q_bits=8))
+    assert quantized.config.quantization == {"group_size": 64, "bits": 8}
+    import mlx.core as mx
+
+    states, mask = model.conditioning(["rock"], 1, guided=False)
+    chroma = np.eye(12, dtype=np.float32)[None, [0, 4, 7, 9, 2]]
+    codes = mx.array(np.arange(4 * 6).reshape(1, 4, 6))
+    logits = [np.array(m.decoder(codes, m.decoder_context(states, mask, chroma))) for m in (model, quantized)]
+    assert reference.relative_error(logits[1], logits[0]) < 0.05  # 8-bit weights: a small, bounded drift
+
     broken = tmp_path / "no-preprocessor"
     shutil.copytree(tiny_melody.folder, broken)
     (broken / "preprocessor_config.json").unlink()

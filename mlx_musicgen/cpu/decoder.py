@@ -166,11 +166,11 @@ class CompiledDecoderLayer(nn.Module):
     fixed shapes around the self-attention over the KV cache (whose length grows every step), with folded
     cross-attention for short texts."""
 
-    def __init__(self, layer: DecoderLayer | MelodyDecoderLayer):
+    def __init__(self, layer: DecoderLayer):
         super().__init__()
         self.self_attn = layer.self_attn
         self.self_attn_layer_norm = layer.self_attn_layer_norm
-        if isinstance(layer, DecoderLayer):
+        if layer.cross_attention:
             self.encoder_attn = layer.encoder_attn
             self.encoder_attn_layer_norm = layer.encoder_attn_layer_norm
         self.fc1, self.fc2 = layer.fc1, layer.fc2
@@ -327,7 +327,7 @@ def can_split(decoder: MusicgenDecoder) -> bool:
     nothing to gain), an even number of heads and cross-attention (MusicGen-Melody's layers are compiled)."""
     plain = isinstance(decoder.lm_heads[0], nn.Linear) and not isinstance(decoder.lm_heads[0], nn.QuantizedLinear)
     return (decoder.dtype == mx.float32 and plain and decoder.config.num_attention_heads % 2 == 0
-            and isinstance(decoder.layers[0], DecoderLayer))
+            and decoder.layers[0].cross_attention)
 
 
 def optimize_decoder(decoder: MusicgenDecoder, split: bool | None = None) -> None:
