@@ -145,17 +145,23 @@ def run(args: argparse.Namespace) -> None:
         }
         clips = make_clips(model, args, batch, paths, seed, speaker)
         for i, (path, audio) in enumerate(zip(paths, clips)):
-            record = {"text": batch[i], "batch_index": i, **settings}
-            comment = json.dumps(record, ensure_ascii=False)
-            write_audio(path, normalize(audio, model.sampling_rate, args.normalize), model.sampling_rate,
-                        bits=args.bits, comment=comment)
-            sidecar = path.with_suffix(".json")
-            atomic.write_text(sidecar, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+            sidecar = write_clip(path, audio, {"text": batch[i], "batch_index": i, **settings}, model.sampling_rate,
+                                 bits=args.bits, normalization=args.normalize)
             seconds = audio.shape[-1] / model.sampling_rate
             print(f"wrote {path} and {sidecar.name} ({seconds:.2f} s, {model.sampling_rate} Hz, "
                   f"{audio.shape[0]} channel(s))", file=sys.stderr)
     if speaker is not None:
         speaker.close()
+
+
+def write_clip(path: Path, audio, record: dict, sampling_rate: int, *, bits: str, normalization: str) -> Path:
+    """A clip (channels, samples), normalised, written atomically with `record` (its settings) in its comment
+    tag and beside it as NAME.json, also atomically; returns the sidecar's path."""
+    write_audio(path, normalize(audio, sampling_rate, normalization), sampling_rate, bits=bits,
+                comment=json.dumps(record, ensure_ascii=False))
+    sidecar = path.with_suffix(".json")
+    atomic.write_text(sidecar, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return sidecar
 
 
 def make_clips(model, args, batch, paths, seed, speaker) -> list:

@@ -117,6 +117,17 @@ def read_audio_inputs(inputs: PromptInput | list[PromptInput], sampling_rate: in
     return loaded
 
 
+def check_prompt_fits(name: str, seconds: float, window_seconds: float, duration: float | None = None) -> None:
+    """A prompt must leave room to continue it: in the model's window, and (given) in the duration."""
+    if seconds >= window_seconds:
+        raise ValueError(
+            f"{name} is {seconds:.2f} s long, but the model's window is {window_seconds:.2f} s and the prompt "
+            f"must leave room in it to continue: trim the prompt to its last few seconds (e.g. 10 s)."
+        )
+    if duration is not None and seconds >= duration:
+        raise ValueError(f"duration {duration} s is not longer than {name} ({seconds:.2f} s): ask for more.")
+
+
 def load_audio_prompts(
     prompts: PromptInput | list[PromptInput], sampling_rate: int | None, *, model_rate: int, channels: int,
     window_seconds: float,
@@ -126,12 +137,7 @@ def load_audio_prompts(
     A prompt that does not fit in the model's window with room to continue it is refused."""
     loaded = []
     for name, item, rate in read_audio_inputs(prompts, sampling_rate, model_rate, "audio prompt", "audio prompts"):
-        seconds = item.shape[-1] / rate
-        if seconds >= window_seconds:
-            raise ValueError(
-                f"{name} is {seconds:.2f} s long, but the model's window is {window_seconds:.2f} s and the prompt "
-                f"must leave room in it to continue: trim the prompt to its last few seconds (e.g. 10 s)."
-            )
+        check_prompt_fits(name, item.shape[-1] / rate, window_seconds)
         loaded.append(audio.resample(audio.to_channels(item, channels), rate, model_rate))
     longest = max(p.shape[-1] for p in loaded)
     padding = [longest - p.shape[-1] for p in loaded]

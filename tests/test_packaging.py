@@ -1,5 +1,6 @@
 """A non-editable `pip install .` into a fresh environment gives the working commands mlx_musicgen.convert and
-mlx_musicgen.generate (run from another folder, so nothing is imported from this checkout)."""
+mlx_musicgen.generate, and the studio's command and page files (run from another folder, so nothing is imported
+from this checkout)."""
 
 import os
 import shutil
@@ -46,3 +47,10 @@ def test_pip_install_gives_working_commands(tiny, tmp_path):
     assert made.returncode == 0, made.stderr
     assert sf.info(str(work / "take.wav")).frames == 50 * 32  # 50 frames of the tiny codec's 32-sample hop
     assert (work / "take.json").is_file()
+
+    studio = command("mlx_musicgen.studio", "--help")
+    assert studio.returncode == 0 and "--output-dir" in studio.stdout, studio.stderr
+    page = subprocess.run([python, "-c", "from mlx_musicgen.studio.server import STATIC; "
+                           "print(sorted(p.name for p in STATIC.iterdir()))"],
+                          capture_output=True, text=True, cwd=work, env=environment)
+    assert page.stdout.strip() == "['app.js', 'index.html', 'style.css']", page.stdout + page.stderr
