@@ -165,6 +165,7 @@ def test_bad_values_get_the_cli_message(studio, tmp_path, fields, cli):
     ({"seed": 1.5}, "seed must be a whole number, got 1.5."),
     ({"text": 3}, "text must be text, got 3."),
     ({"voice": "yes"}, "unknown field(s) voice"),
+    ({"audio_prompt": "/etc/passwd"}, "audio_prompt: send the audio as a file, in a multipart form."),
     ({"text": "x" * 3000}, "text is 3000 characters long; at most 2000."),
     ({"duration": 2.0}, "extend_stride must be below the window (1.5 s) for music longer than it, got 18.0."),
 ])

@@ -38,6 +38,7 @@ def test_the_page_makes_plays_and_lists_a_take(browser, tiny, tmp_path):
         page.goto(server.url + "/")
         page.wait_for_selector("#model:not(:empty)")
         assert "32000 Hz" in page.inner_text("#model")
+        assert page.is_hidden("#melody-field")  # this model has no melody conditioning
         page.fill("#text", "90s rock song with loud guitars")
         page.fill("input[name=duration]", "0.4")
         page.fill("input[name=seed]", "7")
@@ -54,6 +55,9 @@ def test_the_page_makes_plays_and_lists_a_take(browser, tiny, tmp_path):
         })""")
         assert duration == pytest.approx(0.4, abs=0.01)
         assert page.eval_on_selector("#bar", "bar => bar.style.width") == "100%"
+        # the live player was fed the whole take from the stream, as it was made
+        page.wait_for_function("current.player && current.player.frames >= 0.4 * 32000", timeout=10_000)
+        assert page.evaluate("current.player.frames") == 0.4 * 32000
         # the waveform was drawn
         painted = page.eval_on_selector("li.take canvas", """canvas => {
             const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;

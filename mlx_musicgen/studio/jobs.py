@@ -58,7 +58,10 @@ class JobSettings:
     @classmethod
     def from_fields(cls, fields: dict) -> JobSettings:
         """Form or JSON fields -> settings, numbers parsed and checked (ValueError: the CLI's message)."""
-        unknown = sorted(set(fields) - set(cls.__dataclass_fields__) - {"audio_prompt", "melody"})
+        uploads = sorted({"audio_prompt", "melody"} & set(fields))
+        if uploads:
+            raise ValueError(f"{' and '.join(uploads)}: send the audio as a file, in a multipart form.")
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: "
                              f"{', '.join(sorted(cls.__dataclass_fields__))}.")
@@ -66,8 +69,6 @@ class JobSettings:
                  "temperature": float, "extend_stride": float}
         values = {}
         for name, value in fields.items():
-            if name in ("audio_prompt", "melody"):
-                continue
             if name in kinds and value is not None and value != "":
                 values[name] = parse_number(name, value, kinds[name])
             elif name in ("text", "format") and value is not None:
@@ -217,6 +218,18 @@ class JobQueue:
     def view(self, job: Job) -> dict:
         with self.changed:
             return job.view(self.position(job))
+
+    def views(self) -> list[dict]:
+        """Every job this run knows, oldest first."""
+        with self.changed:
+            return [job.view(self.position(job)) for job in self.jobs.values()]
+
+    def find(self, job_id: str) -> Job | None:
+        """The job of an id (32 hex digits), or None."""
+        if not (isinstance(job_id, str) and len(job_id) == 32 and all(c in "0123456789abcdef" for c in job_id)):
+            return None
+        with self.changed:
+            return self.jobs.get(job_id)
 
     def cancel(self, job: Job) -> None:
         with self.changed:

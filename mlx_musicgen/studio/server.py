@@ -48,7 +48,7 @@ def create_app(jobs: JobQueue, *, max_upload_bytes: int = 50 * 2**20, allowed_or
         return await call_next(request)
 
     def find_job(job_id: str) -> Job | None:
-        return jobs.jobs.get(job_id) if isinstance(job_id, str) and len(job_id) == 32 else None
+        return jobs.find(job_id)
 
     def no_job(job_id: str) -> JSONResponse:
         return error(404, f"no job {job_id!r}.")
@@ -108,6 +108,7 @@ def create_app(jobs: JobQueue, *, max_upload_bytes: int = 50 * 2**20, allowed_or
             for name, upload in uploads.items():
                 data = await upload.read(max_upload_bytes + 1)
                 if len(data) > max_upload_bytes:
+                    jobs.forget_uploads(job_id)
                     return error(413, f"{upload.filename} is larger than {max_upload_bytes // 2**20} MiB.")
                 path = store_upload(folder, name, upload.filename or name, data, settings, jobs.model_info)
                 setattr(settings, name, str(path.relative_to(jobs.output)))
@@ -125,7 +126,7 @@ def create_app(jobs: JobQueue, *, max_upload_bytes: int = 50 * 2**20, allowed_or
     @app.get("/api/jobs")
     def list_jobs() -> list[dict]:
         """The jobs this run knows, oldest first."""
-        return [jobs.view(job) for job in list(jobs.jobs.values())]
+        return jobs.views()
 
     @app.get("/api/jobs/{job_id}")
     def job_status(job_id: str):

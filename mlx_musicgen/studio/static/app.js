@@ -27,6 +27,7 @@ class StreamPlayer {
     this.rate = rate;
     this.channels = channels;
     this.next = 0;
+    this.frames = 0; // scheduled so far
     this.stopped = false;
   }
 
@@ -68,6 +69,7 @@ class StreamPlayer {
     this.next = Math.max(this.next, this.context.currentTime + 0.05);
     source.start(this.next);
     this.next += buffer.duration;
+    this.frames += frames;
   }
 
   stop() {
