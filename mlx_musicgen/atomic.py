@@ -107,6 +107,21 @@ def write_text(path: Path, text: str) -> None:
         os.replace(tmp, path)
 
 
+def save_safetensors(path: Path, arrays: dict, metadata: dict | None = None) -> None:
+    """MLX arrays -> a safetensors file, written in a temporary folder beside it and renamed into place."""
+    import shutil
+
+    import mlx.core as mx
+
+    path = Path(path)
+    staging = temp_folder(path)
+    with removed_on_error(lambda: shutil.rmtree(staging, ignore_errors=True), path.parent):
+        mx.save_safetensors(str(staging / path.name), arrays, metadata=metadata)
+        give_normal_mode(staging / path.name)
+        os.replace(staging / path.name, path)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def _writer_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

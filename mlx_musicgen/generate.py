@@ -45,6 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0: off)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
     p.add_argument("--greedy", action="store_true", help="always take the most likely code")
+    p.add_argument("--adapter", help="a fine-tune's output folder (finetune.py --adapter-path) to apply")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="decoder precision when loading an unconverted model")
     p.add_argument("--bits", choices=["16", "24", "float"], default="16", help="sample format (default 16)")
@@ -120,7 +121,12 @@ def run(args: argparse.Namespace) -> None:
         check_prompt(*read_audio(args.melody, "melody"), f"melody {args.melody}")
 
     dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
-    model = MusicGen.from_pretrained(args.model, dtype=dtype)  # generate_stream checks top_k against its vocabulary
+    if args.adapter:
+        from .lora import read_adapter_config
+
+        read_adapter_config(Path(args.adapter))  # before the load
+    # generate_stream checks top_k against its vocabulary
+    model = MusicGen.from_pretrained(args.model, dtype=dtype, adapter=args.adapter)
     seed = args.seed if args.seed is not None else secrets.randbits(31)  # recorded, so every clip can be remade
     speaker = player(model.sampling_rate, model.audio_channels) if args.play else None
     for start in range(0, len(texts), args.batch_size):
@@ -128,6 +134,7 @@ def run(args: argparse.Namespace) -> None:
         paths = outputs[start : start + args.batch_size]
         settings = {
             "model": str(args.model),
+            "adapter": args.adapter,
             "duration": args.duration,
             "seed": seed,
             "batch": batch,

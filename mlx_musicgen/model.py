@@ -70,11 +70,18 @@ class MusicGen(nn.Module):
         self.tokenizer = None
 
     @classmethod
-    def from_pretrained(cls, path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> MusicGen:
-        """A converted folder, a Hub-layout folder (converted in memory) or a Hub id such as facebook/musicgen-small.
+    def from_pretrained(cls, path_or_id: str | Path, *, dtype: mx.Dtype | None = None,
+                        adapter: str | Path | None = None) -> MusicGen:
+        """A converted folder, a Hub-layout folder (converted in memory) or a Hub id such as facebook/musicgen-small;
+        `adapter`: a fine-tune's output folder (finetune.py --adapter-path), merged into the weights.
 
         On a CPU, the modules are swapped for their fast CPU forms (see cpu), unless MLX_MUSICGEN_PORTABLE=1."""
         model = loading.load_model(path_or_id, dtype=dtype)
+        if adapter is not None:
+            from .lora import fuse_lora, load_adapters
+
+            load_adapters(model, Path(adapter))
+            fuse_lora(model)
         if mx.default_device() == mx.cpu:
             cpu.warn_if_slow(model)
             if not cpu.portable_requested():
@@ -158,7 +165,7 @@ class MusicGen(nn.Module):
         mask = mx.where(blank[:, None], 0, mx.array(tokens["attention_mask"]))
         states = self.text_encoder(ids, mask)
         if self.config.project_text:
-            states = self.enc_to_dec_proj(states.astype(self.enc_to_dec_proj.weight.dtype))
+            states = self.enc_to_dec_proj(states.astype(self.decoder.dtype))
         return states * mask[..., None].astype(states.dtype), mask
 
     def conditioning(self, texts: list[str] | None, num_samples: int, guided: bool) -> tuple[mx.array, mx.array]:
@@ -183,7 +190,7 @@ class MusicGen(nn.Module):
         rows = states.shape[0] // (2 if guided else 1)
         features = mx.array(chroma_rows(chroma, rows, guided, self.config.melody.num_chroma))
         if hasattr(self, "audio_enc_to_dec_proj"):
-            features = self.audio_enc_to_dec_proj(features.astype(self.audio_enc_to_dec_proj.weight.dtype))
+            features = self.audio_enc_to_dec_proj(features.astype(self.decoder.dtype))
         return prefix(features, states.astype(self.decoder.dtype), self.config.melody.chroma_length)
 
     # ---- audio <-> codes

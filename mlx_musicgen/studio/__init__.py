@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=float, default=1.0, help="seconds of audio per streamed chunk (default 1)")
     p.add_argument("--allow-origin", action="append", default=[],
                    help="a web origin (e.g. http://localhost:5173) allowed to call the API (repeatable)")
+    p.add_argument("--adapter", help="a fine-tune's output folder (finetune.py --adapter-path) to apply")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="decoder precision when loading an unconverted model")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -80,9 +81,10 @@ def run(args: argparse.Namespace) -> None:
         from ..model import MusicGen
 
         dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
-        return MusicGen.from_pretrained(args.model, dtype=dtype)
+        return MusicGen.from_pretrained(args.model, dtype=dtype, adapter=args.adapter)
 
-    jobs = JobQueue(load, output, str(args.model), max_queued=args.max_queue, chunk_seconds=args.chunk)
+    jobs = JobQueue(load, output, str(args.model), max_queued=args.max_queue, chunk_seconds=args.chunk,
+                    adapter=args.adapter)
     print(f"loading {args.model} ...", file=sys.stderr)
     jobs.start()
     app = create_app(jobs, max_upload_bytes=int(args.max_upload_mb * 2**20), allowed_origins=tuple(args.allow_origin),

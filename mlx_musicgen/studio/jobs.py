@@ -143,11 +143,12 @@ class JobQueue:
     """Jobs in order, run one at a time by a worker thread that owns the model."""
 
     def __init__(self, load_model: Callable[[], object], output: Path, model_name: str, *, max_queued: int = 16,
-                 chunk_seconds: float = 1.0):
+                 chunk_seconds: float = 1.0, adapter: str | None = None):
         self.output = output
         self.store = TakeStore(output)
         self.state = output / STATE_FOLDER
         self.model_name = model_name
+        self.adapter = adapter
         self.max_queued = max_queued
         self.chunk_seconds = chunk_seconds
         self.jobs: OrderedDict[str, Job] = OrderedDict()
@@ -379,7 +380,8 @@ class JobQueue:
         audio = np.concatenate(chunks, axis=-1)
         take = new_take_id(s.text)
         record = {
-            "text": s.text, "batch_index": 0, "model": self.model_name, "duration": s.duration, "seed": s.seed,
+            "text": s.text, "batch_index": 0, "model": self.model_name, "adapter": self.adapter,
+            "duration": s.duration, "seed": s.seed,
             "batch": [s.text], "audio_prompt": s.audio_prompt, "melody": s.melody, "do_sample": True,
             "guidance_scale": s.guidance_scale, "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature,
             "extend_stride": s.extend_stride, "normalize": "none", "sampling_rate": rate, "mlx_musicgen": __version__,

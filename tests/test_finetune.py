@@ -1,0 +1,331 @@
+"""Fine-tuning: the loss against transformers' loss with labels, LoRA gradients against torch autograd on the
+same LoRA, learning (a synthetic dataset memorised: greedy generation with the adapters reproduces a training
+clip's codes), adapters saved, loaded, fused and resumed, and the CLI's errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import fixtures
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from mlx.utils import tree_flatten
+
+from mlx_musicgen import MusicGen, lora, training
+from mlx_musicgen.dataset import load_examples
+from mlx_musicgen.loading import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+LOSS_RTOL = 1e-5
+GRAD_RTOL = 1e-4
+CAPTIONS = ["jazz trumpet solo", "techno kick house", "folk acoustic guitar"]
+
+
+def reference_labels(reference, codes: list[np.ndarray]) -> torch.Tensor:
+    """transformers' labels (B, T, K): build_delay_pattern_mask + apply_delay_pattern_mask on [start | codes]
+    (max_length T + 1 + K, as the reference's training recipe), the start column dropped, -100 padding."""
+    decoder = reference.decoder
+    K = codes[0].shape[0]
+    labels = []
+    for clip in codes:
+        ids = torch.cat([torch.full((K, 1), 2048), torch.tensor(clip)], dim=1)
+        ids, mask = decoder.build_delay_pattern_mask(ids, pad_token_id=2048, max_length=ids.shape[-1] + K)
+        labels.append(decoder.apply_delay_pattern_mask(ids, mask)[:, 1:])
+    longest = max(label.shape[-1] for label in labels)
+    padded = [torch.nn.functional.pad(label, (0, longest - label.shape[-1]), value=-100) for label in labels]
+    return torch.stack(padded).transpose(1, 2)
+
+
+def clips(K: int, lengths=(12, 9), seed=0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 2048, (K, n)) for n in lengths]
+
+
+def our_batch(model, texts, codes, chroma=None) -> training.Batch:
+    tokens = model.tokenizer(texts, padding=True, return_tensors="np")
+    states = model.text_encoder(mx.array(tokens["input_ids"]), mx.array(tokens["attention_mask"]))
+    inputs, labels = training.delayed_sequences(codes, 2048, model.audio_channels)
+    return training.Batch(mx.array(inputs), mx.array(labels), states, mx.array(tokens["attention_mask"]), chroma)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny", "tiny_stereo"])
+def test_labels_are_the_references_delay_pattern(checkpoint, request):
+    reference = request.getfixturevalue(checkpoint).reference
+    K = reference.decoder.num_codebooks
+    codes = clips(K)
+    expected = reference_labels(reference, codes).transpose(1, 2).numpy()
+    _, labels = training.delayed_sequences(codes, 2048, reference.config.decoder.audio_channels)
+    np.testing.assert_array_equal(np.where(expected == -100, 2048, expected), labels)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny", "tiny_stereo"])
+def test_loss_is_the_references(checkpoint, request):
+    """A padded batch of two texts and two clips of different lengths, teacher-forced."""
+    ckpt = request.getfixturevalue(checkpoint)
+    reference, model = ckpt.reference, load_model(ckpt.folder)
+    reference.config.decoder.decoder_start_token_id = 2048
+    texts = ["80s pop track with bassy drums and synth", "jazz"]
+    codes = clips(reference.decoder.num_codebooks)
+    inputs = ckpt.processor(text=texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = reference(**inputs, labels=reference_labels(reference, codes)).loss.item()
+    ours = training.loss(model, our_batch(model, texts, codes)).item()
+    assert abs(ours - expected) / expected < LOSS_RTOL
+    assert training.loss(model, our_batch(model, texts, codes), checkpoint=True).item() == ours
+
+
+def test_melody_loss_is_the_references(tiny_melody):
+    model = load_model(tiny_melody.folder)
+    reference = tiny_melody.reference
+    reference.config.decoder.decoder_start_token_id = 2048
+    texts = ["lofi slow bpm", "epic orchestral strings cinematic"]
+    codes = clips(4, (10, 8), seed=1)
+    chroma = np.eye(12, dtype=np.float32)[np.random.default_rng(2).integers(0, 12, (2, 9))]
+    inputs = tiny_melody.inputs(texts)
+    with torch.no_grad():
+        expected = reference(**inputs, input_features=torch.from_numpy(chroma),
+                             labels=reference_labels(reference, codes)).loss.item()
+    ours = training.loss(model, our_batch(model, texts, codes, chroma)).item()
+    assert abs(ours - expected) / expected < LOSS_RTOL
+
+
+def test_lora_gradients_match_torch_autograd(tiny):
+    """Every adapter on (rank 4, alpha 8), B drawn non-zero so that both matrices get gradients; the same
+    LoRA built in plain torch around transformers' modules (forward hooks), its gradients by autograd."""
+    model = load_model(tiny.folder)
+    config = lora.AdapterConfig(rank=4, alpha=8.0)
+    mx.random.seed(0)
+    lora.apply_lora(model, config)
+    rng = np.random.default_rng(3)
+    adapters = {}
+    for name, value in lora.adapter_weights(model).items():
+        if name.endswith("lora_b"):
+            value = mx.array(rng.normal(0, 0.02, value.shape).astype(np.float32))
+        adapters[name] = value
+    model.load_weights(list(adapters.items()), strict=False)
+    texts = ["80s pop track with bassy drums and synth", "jazz"]
+    codes = clips(4)
+    loss, grads = nn.value_and_grad(model, training.loss)(model, our_batch(model, texts, codes))
+    grads = dict(tree_flatten(grads))
+
+    reference = tiny.reference
+    reference.config.decoder.decoder_start_token_id = 2048
+    params, hooks = {}, []
+    for name in {n.rsplit(".", 1)[0] for n in adapters}:
+        a = torch.tensor(np.array(adapters[f"{name}.lora_a"]), requires_grad=True)
+        b = torch.tensor(np.array(adapters[f"{name}.lora_b"]), requires_grad=True)
+        params[name] = (a, b)
+        hf_name = name.removesuffix(".linear").replace("decoder.layers.", "decoder.model.decoder.layers.")
+        module = reference.get_submodule(hf_name)
+        hooks.append(module.register_forward_hook(
+            lambda mod, args, out, a=a, b=b: out + config.scale * (args[0] @ a.T) @ b.T))
+    try:
+        with torch.enable_grad():
+            inputs = tiny.processor(text=texts, padding=True, return_tensors="pt")
+            expected = reference(**inputs, labels=reference_labels(reference, codes)).loss
+            expected.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert abs(loss.item() - expected.item()) / expected.item() < LOSS_RTOL
+    assert len(params) == 2 * 4 * 2 + 2 * 2 + 4 + 1  # per layer: 2 attentions x 4, fc1, fc2; heads; projection
+    for name, (a, b) in params.items():
+        for suffix, tensor in (("lora_a", a), ("lora_b", b)):
+            ours, theirs = np.array(grads[f"{name}.{suffix}"]), tensor.grad.numpy()
+            error = np.abs(ours - theirs).max() / np.abs(theirs).max()
+            assert error < GRAD_RTOL, (name, suffix, error)
+
+
+# ---- training end to end (a codec at 50 frames/s, as the Hub's: 1 s is 50 frames)
+
+
+@pytest.fixture(scope="module")
+def studio_data(tmp_path_factory):
+    """A tiny 50 Hz model and three 1.2 s clips with distinct captions (.txt beside each)."""
+    root = tmp_path_factory.mktemp("finetune")
+    fixtures.build_checkpoint(root / "model", fixtures.Shape(upsampling_ratios=(8, 5, 4, 4),
+                                                             max_position_embeddings=2048))
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(CAPTIONS):
+        t = np.arange(int(1.2 * 32000)) / 32000
+        clip = 0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t) + 0.05 * rng.standard_normal(t.size)
+        sf.write(data / f"clip{i}.wav", clip.astype(np.float32), 32000)
+        (data / f"clip{i}.txt").write_text(caption)
+    return root
+
+
+def finetune(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "finetune.py"), *map(str, args), "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained(studio_data):
+    out = studio_data / "adapters"
+    result = finetune("--model", studio_data / "model", "--data", studio_data / "data", "--adapter-path", out,
+                      "--iters", 150, "--learning-rate", 1e-2, "--lora-rank", 8, "--batch-size", 3,
+                      "--val-fraction", 0, "--log-every", 10)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_the_loss_falls_and_the_clips_are_memorised(studio_data, trained):
+    metrics = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(10, 151, 10))
+    assert metrics[0]["train_loss"] > 3 and metrics[-1]["train_loss"] < 0.05 * metrics[0]["train_loss"]
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((trained / "adapter_config.json").read_text())
+    assert (config["rank"], config["alpha"], config["step"], config["model"]) == (8, 16.0, 150,
+                                                                                str(studio_data / "model"))
+    model = MusicGen.from_pretrained(studio_data / "model", adapter=trained)
+    base = MusicGen.from_pretrained(studio_data / "model")
+    for example in load_examples(model, studio_data / "data", log=lambda m: None):
+        for guidance in (1.0, 3.0):
+            codes = model.generate_tokens([example.text], total_frames=60, do_sample=False, guidance_scale=guidance)
+            np.testing.assert_array_equal(codes[0], example.codes)
+        before = base.generate_tokens([example.text], total_frames=60, do_sample=False)
+        assert (before[0] == example.codes).mean() < 0.1
+
+
+def test_fused_adapters_give_the_adapted_logits(studio_data, trained, tmp_path):
+    result = finetune("--fuse", "--adapter-path", trained, "--mlx-path", tmp_path / "fused")
+    assert result.returncode == 0, result.stderr
+    adapted = load_model(studio_data / "model")  # the adapters on, as trained
+    lora.load_adapters(adapted, trained)
+    codes = clips(4, (20, 14), seed=5)
+    expected = np.array(training.forward(adapted, our_batch(adapted, CAPTIONS[:2], codes)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLX_MUSICGEN_PORTABLE", "1")
+        merged = MusicGen.from_pretrained(studio_data / "model", adapter=trained)  # merged at load
+    for model in (load_model(tmp_path / "fused"), merged):
+        logits = np.array(training.forward(model, our_batch(model, CAPTIONS[:2], codes)))
+        assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-5
+
+
+def test_a_resumed_run_continues_the_same_curve(studio_data, tmp_path):
+    """Six steps straight, against three steps stopped by Ctrl-C (which saves a checkpoint) and --resume: the
+    same losses, validation losses included (LoRA dropout on: its draws follow the step too)."""
+    from mlx_musicgen.dataset import split
+    from mlx_musicgen.finetune import Trainer, TrainConfig
+
+    common = ("--model", studio_data / "model", "--data", studio_data / "data", "--learning-rate", 1e-3,
+              "--lora-rank", 4, "--lora-dropout", 0.1, "--log-every", 1, "--val-every", 2, "--val-fraction", 0.34,
+              "--iters", 6)
+    straight = finetune(*common, "--adapter-path", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "stopped"
+    out.mkdir()
+    model = load_model(studio_data / "model")
+    mx.random.seed(0)
+    train, val = split(load_examples(model, studio_data / "data", log=lambda m: None), 0.34, 0)
+    config = TrainConfig(iters=6, learning_rate=1e-3, log_every=1, val_every=2, val_fraction=0.34)
+    trainer = Trainer(model, train, val, out, config, lora.AdapterConfig(rank=4, dropout=0.1),
+                      str(studio_data / "model"))
+
+    def ctrl_c_after_step_3(step, entry):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(ctrl_c_after_step_3, log=lambda m: None)
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    resumed = finetune(*common, "--adapter-path", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+
+    def curve(folder):
+        return [(m["step"], m["train_loss"], m.get("val_loss")) for m in
+                map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+    a, b = curve(tmp_path / "straight"), curve(out)
+    assert [s for s, _, _ in a] == [s for s, _, _ in b] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([loss for _, loss, _ in b], [loss for _, loss, _ in a], rtol=1e-5)
+    assert [v is None for *_, v in a] == [v is None for *_, v in b] == [True, False] * 3
+    np.testing.assert_allclose([v for *_, v in b if v is not None], [v for *_, v in a if v is not None],
+                               rtol=1e-5)
+
+
+def test_full_fine_tuning(studio_data, tmp_path):
+    out = tmp_path / "full"
+    result = finetune("--model", studio_data / "model", "--data", studio_data / "data", "--adapter-path", out,
+                      "--iters", 4, "--full", "--val-fraction", 0, "--log-every", 1, "--grad-checkpoint")
+    assert result.returncode == 0, result.stderr
+    weights = mx.load(str(out / "adapters.safetensors"))
+    assert all(k.startswith(("decoder.", "enc_to_dec_proj.")) for k in weights) and "decoder.layer_norm.weight" in weights
+    model = MusicGen.from_pretrained(studio_data / "model", adapter=out)
+    assert np.array_equal(np.array(model.decoder.layer_norm.weight), np.array(weights["decoder.layer_norm.weight"]))
+    losses = [json.loads(line)["train_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+
+
+def test_a_melody_model_fine_tunes(tiny_melody, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    t = np.arange(40000) / 32000
+    sf.write(data / "a.flac", (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32), 32000)
+    (data / "metadata.jsonl").write_text(json.dumps({"file_name": "a.flac", "text": "calm"}) + "\n")
+    result = finetune("--model", tiny_melody.folder, "--data", data, "--adapter-path", tmp_path / "out",
+                      "--iters", 3, "--val-fraction", 0, "--log-every", 1)
+    assert result.returncode == 0, result.stderr
+    model = MusicGen.from_pretrained(tiny_melody.folder, adapter=tmp_path / "out")
+    assert model.generate(["calm"], melody=t.astype(np.float32), max_new_tokens=5).shape[0] == 1
+
+
+def one_line_error(result, pattern: str) -> None:
+    import re
+
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert re.search(pattern, lines[-1]), lines[-1]
+
+
+def test_bad_data_is_refused_in_one_line(studio_data, tmp_path):
+    model = studio_data / "model"
+
+    def run(data: Path, *extra):
+        out = tmp_path / f"out-{data.name}"
+        result = finetune("--model", model, "--data", data, "--adapter-path", out, "--iters", 2, *extra)
+        return result, out
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result, out = run(empty)
+    one_line_error(result, r"empty holds no audio files")
+    assert not (out / "adapters.safetensors").exists()
+
+    uncaptioned = tmp_path / "uncaptioned"
+    uncaptioned.mkdir()
+    shutil.copy(studio_data / "data" / "clip0.wav", uncaptioned / "clip0.wav")
+    result, out = run(uncaptioned)
+    one_line_error(result, r"clip0.wav has no caption: add clip0.txt, a metadata.jsonl line for it, or give --caption")
+    assert not out.exists() or not any(out.iterdir())
+
+    short = tmp_path / "short"
+    short.mkdir()
+    sf.write(short / "blip.wav", (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32), 32000)  # 0.5 s
+    (short / "notes.wav").write_text("not audio")
+    result, out = run(short, "--caption", "blip")
+    one_line_error(result, r"no clip in .*short is 1 s or longer \(and readable\): nothing to train on")
+    assert "skipped: 1 unreadable file(s), 1 window(s) under 1 s" in result.stderr
+
+    result, _ = run(studio_data / "data", "--lora-targets", "q_proj,attention")
+    one_line_error(result, r"LoRA targets must be some of q_proj, .*got q_proj, attention")
+    result, _ = run(studio_data / "data", "--lora-rank", "0")
+    one_line_error(result, r"the LoRA rank must be a whole number from 1 to 4096, got 0")
+    result = finetune("--fuse", "--adapter-path", tmp_path / "nothing", "--mlx-path", tmp_path / "fused")
+    one_line_error(result, r"nothing holds no adapters \(adapter_config.json and adapters.safetensors\)")
+    assert not (tmp_path / "fused").exists()
+    made = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(model), "--adapter",
+                           str(tmp_path / "nothing"), "--output", str(tmp_path / "x.wav")], capture_output=True,
+                          text=True, cwd=ROOT)
+    one_line_error(made, r"nothing holds no adapters")
+    assert not (tmp_path / "x.wav").exists()
