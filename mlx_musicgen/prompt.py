@@ -248,6 +248,8 @@ def prepare(
     if total_frames is None and config.duration is None:
         steps = config.max_new_tokens
         steps = model.config.max_length - 1 - prompt_frames if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+            raise ValueError(f"max_new_tokens must be a whole number of decoder steps, got {steps!r}.")
         if steps < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {steps}.")
         request.max_new_tokens = int(steps)

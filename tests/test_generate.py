@@ -87,3 +87,9 @@ def test_optimizing_twice_changes_nothing(model):
     after = model.generate(["techno"], max_new_tokens=8, do_sample=False, return_tokens=True)
     np.testing.assert_array_equal(after[1], before[1])
     assert reference.relative_error(after[0], before[0]) < AUDIO_RTOL
+
+
+def test_max_new_tokens_is_a_whole_number(model):
+    for steps in (2.5, "8", True):
+        with pytest.raises(ValueError, match="max_new_tokens must be a whole number of decoder steps"):
+            model.generate(["rock"], max_new_tokens=steps)

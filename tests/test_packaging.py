@@ -48,6 +48,8 @@ def test_pip_install_gives_working_commands(tiny, tmp_path):
     assert sf.info(str(work / "take.wav")).frames == 50 * 32  # 50 frames of the tiny codec's 32-sample hop
     assert (work / "take.json").is_file()
 
+    tune = command("mlx_musicgen.finetune", "--help")
+    assert tune.returncode == 0 and "--adapter-path" in tune.stdout, tune.stderr
     studio = command("mlx_musicgen.studio", "--help")
     assert studio.returncode == 0 and "--output-dir" in studio.stdout, studio.stderr
     page = subprocess.run([python, "-c", "from mlx_musicgen.studio.server import STATIC; "

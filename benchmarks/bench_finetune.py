@@ -1,0 +1,194 @@
+#!/usr/bin/env python
+"""Fine-tuning speed and memory: this MLX port against transformers + torch, same random weights, same batch
+(codes of --seconds of audio and a text), LoRA and full fine-tuning, in one run.
+
+    python benchmarks/bench_finetune.py --shape small --seconds 10 --steps 3 --json finetune.json
+    python benchmarks/bench_finetune.py --shape tiny --seconds 1 --steps 2                       # smoke run
+
+Each side and mode runs in a fresh child process: one warm-up step, then --steps timed optimizer steps (the
+loss, its gradients and an AdamW update). tokens/s counts the codes predicted (the reference's loss counts the
+same ones); peak RSS is the child's, the loaded model included. The reference's LoRA is the same update built
+with forward hooks around transformers' modules (rank 16, alpha 16, the same targets). The checkpoint is
+bench_generate.py's, built once and cached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import REPO, SHAPES, peak_rss_mb, prepare  # noqa: E402
+
+TEXT = "80s pop track with bassy drums and synth"
+
+
+def codes_for(cfg: dict):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 2048, (cfg["codebooks"], cfg["frames"])) for _ in range(cfg["batch"])]
+
+
+def ours(cfg: dict) -> dict:
+    import mlx_musicgen  # noqa: F401  (BLAS before mlx)
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_musicgen import lora, training
+    from mlx_musicgen.loading import load_model
+
+    model = load_model(cfg["hf"])
+    if cfg["mode"] == "full":
+        lora.unfreeze_for_full(model)
+    else:
+        lora.apply_lora(model, lora.AdapterConfig())
+    tokens = model.tokenizer([TEXT] * cfg["batch"], return_tensors="np")
+    states = model.text_encoder(mx.array(tokens["input_ids"]), mx.array(tokens["attention_mask"]))
+    inputs, labels = training.delayed_sequences(codes_for(cfg), 2048, model.audio_channels)
+    batch = training.Batch(mx.array(inputs), mx.array(labels), states, mx.array(tokens["attention_mask"]))
+    predicted = int((batch.labels != 2048).sum())
+    optimizer = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95])
+    step = nn.value_and_grad(model, lambda m, b: training.loss(m, b, cfg["checkpoint"]))
+
+    def one_step():
+        loss, grads = step(model, batch)
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, loss)
+        return loss.item()
+
+    return measure(one_step, predicted, cfg)
+
+
+def reference(cfg: dict) -> dict:
+    import torch
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = MusicgenForConditionalGeneration.from_pretrained(cfg["hf"]).train()
+    model.config.decoder.decoder_start_token_id = 2048
+    processor = AutoProcessor.from_pretrained(cfg["hf"])
+    inputs = processor(text=[TEXT] * cfg["batch"], padding=True, return_tensors="pt")
+    K = cfg["codebooks"]
+    labels = []
+    for clip in codes_for(cfg):
+        ids = torch.cat([torch.full((K, 1), 2048), torch.tensor(clip)], dim=1)
+        ids, mask = model.decoder.build_delay_pattern_mask(ids, pad_token_id=2048, max_length=ids.shape[-1] + K)
+        labels.append(model.decoder.apply_delay_pattern_mask(ids, mask)[:, 1:])
+    labels = torch.stack(labels).transpose(1, 2)
+    predicted = int((labels != 2048).sum())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if cfg["mode"] == "full":
+        trainable = list(model.decoder.parameters()) + list(model.enc_to_dec_proj.parameters())
+        for p in trainable:
+            p.requires_grad_(True)
+    else:  # the same LoRA, as forward hooks
+        trainable = []
+        targets = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "lm_heads.", "enc_to_dec_proj")
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and any(t in name for t in targets) and \
+                    not name.startswith(("text_encoder", "audio_encoder")):
+                a = torch.nn.Parameter(torch.randn(16, module.in_features) / module.in_features**0.5)
+                b = torch.nn.Parameter(torch.zeros(module.out_features, 16))
+                trainable += [a, b]
+                module.register_forward_hook(lambda mod, args, out, a=a, b=b: out + (args[0] @ a.T) @ b.T)
+    if cfg["checkpoint"]:
+        model.decoder.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, betas=(0.9, 0.95))
+
+    def one_step():
+        optimizer.zero_grad()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return measure(one_step, predicted, cfg)
+
+
+def measure(one_step, predicted: int, cfg: dict) -> dict:
+    one_step()  # warm-up
+    peak_rss_mb(reset=True)
+    times, losses = [], []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        losses.append(one_step())
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    return {"step_s": step_s, "tokens_per_s": predicted / step_s, "peak_rss_mb": peak_rss_mb(), "losses": losses,
+            "predicted_tokens": predicted}
+
+
+def child(kind: str, cfg: dict) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        if subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(cfg), str(out)]).returncode:
+            raise SystemExit(f"bench: the {kind} child failed (its error is above)")
+        return json.loads(out.read_text())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=SHAPES, default="small")
+    p.add_argument("--seconds", type=float, default=10.0, help="audio per example (frames at the codec's rate)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per child (after one warm-up)")
+    p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
+    p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--cache-dir", type=Path, default=REPO / ".bench_cache")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+
+    import hashlib
+
+    import fixtures
+
+    shape = SHAPES[args.shape]
+    hop = 1
+    for r in shape.upsampling_ratios:
+        hop *= r
+    key = hashlib.sha1((repr(shape) + Path(fixtures.__file__).read_text()).encode()).hexdigest()[:10]
+    folders = prepare({"root": str(args.cache_dir / f"{args.shape}-{key}"), "shape": args.shape, "variants": [],
+                       "q_group_size": 64})
+    cfg = {"hf": folders["hf"], "batch": args.batch, "steps": args.steps, "checkpoint": args.grad_checkpoint,
+           "frames": round(args.seconds * shape.sampling_rate / hop), "codebooks": shape.num_codebooks}
+    report = {"config": {**cfg, "shape": args.shape, "seconds": args.seconds}, "results": {}}
+    for mode in args.modes.split(","):
+        sides = ["reference", "ours"] if not args.skip_reference else ["ours"]
+        for side in sides:
+            report["results"][f"{side}-{mode}"] = child(side, {**cfg, "mode": mode})
+    print(f"{'':16} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12}")
+    for name, r in report["results"].items():
+        print(f"{name:16} {r['step_s']:8.2f} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f}")
+    for mode in args.modes.split(","):
+        if f"reference-{mode}" in report["results"]:
+            ours_r, ref = report["results"][f"ours-{mode}"], report["results"][f"reference-{mode}"]
+            ratio = ours_r["tokens_per_s"] / ref["tokens_per_s"]
+            report.setdefault("ratios", {})[mode] = {"tokens_per_s": ratio,
+                                                     "peak_rss": ours_r["peak_rss_mb"] / ref["peak_rss_mb"]}
+            print(f"{mode}: ours / reference tokens/s {ratio:.2f}x, peak RSS "
+                  f"{report['ratios'][mode]['peak_rss']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, cfg, out = sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
+        if kind == "reference":
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+        out.write_text(json.dumps({"ours": ours, "reference": reference}[kind](cfg)))
+    else:
+        main()
