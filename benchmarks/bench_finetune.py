@@ -43,8 +43,10 @@ def ours(cfg: dict) -> dict:
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from mlx_musicgen import lora, training
+    from mlx_musicgen import _linux, lora, training
     from mlx_musicgen.loading import load_model
+
+    _linux.use_all_cores_for_blas()  # as finetune.py does
 
     model = load_model(cfg["hf"])
     if cfg["mode"] == "full":

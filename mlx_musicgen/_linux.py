@@ -22,6 +22,7 @@ MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
 
 
 LOADED: str | None = None  # what load_optimized_blas loaded
+THREADS_SET_BY_US: list[str] = []  # the thread settings settle_threads made (the user made none of them)
 
 
 def load_optimized_blas() -> str | None:
@@ -96,8 +97,23 @@ def settle_threads() -> list[str]:
     return list(chosen)
 
 
+def use_all_cores_for_blas() -> bool:
+    """For large products (training: hundreds of rows a product, where building a step's graph is not the
+    bottleneck), MKL's team gets every usable core, unless the user chose its size. Returns whether it did."""
+    if LOADED != MKL or "MKL_NUM_THREADS" not in THREADS_SET_BY_US:
+        return False
+    for name in MKL_NAMES:
+        try:
+            ctypes.CDLL(name).MKL_Set_Num_Threads(ctypes.c_int(usable_cores()))
+            return True
+        except (OSError, AttributeError):
+            continue
+    return False
+
+
 def load_mkl() -> bool:
     settled = settle_threads()
+    THREADS_SET_BY_US[:] = settled
     # The pip wheel puts its libraries in the environment's lib/ folder, which the loader does not search.
     folders = [Path(sys.prefix) / "lib", Path(sys.base_prefix) / "lib"]
     candidates = [str(folder / name) for folder in folders for name in MKL_NAMES] + list(MKL_NAMES)

@@ -344,6 +344,9 @@ def run(args: argparse.Namespace) -> None:
     if not args.resume and (out / lora.WEIGHTS_FILE).exists():
         raise FileExistsError(f"{out} already holds adapters: --resume to continue them, or choose another "
                               f"--adapter-path.")
+    from . import _linux
+
+    _linux.use_all_cores_for_blas()  # training's products are large: every core helps (generation keeps one free)
     model = load_model(args.model)  # the portable model: the CPU forms are for generation
     mx.random.seed(args.seed)
     examples = load_examples(model, Path(args.data), args.caption, log=lambda m: print(m, file=sys.stderr))
