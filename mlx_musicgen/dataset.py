@@ -65,9 +65,13 @@ def read_captions(folder: Path, files: list[Path], caption: str | None) -> dict[
 
 
 def model_fingerprint(model) -> str:
-    """Identifies the model's EnCodec and T5 (what the cache holds the output of)."""
+    """Identifies what the cache holds the output of: the model's EnCodec and T5, its codebooks and channels,
+    its window and (melody models) its chroma settings."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([repr(model.config.text_encoder), repr(model.config.audio_encoder)]).encode())
+    melody = model.config.melody
+    digest.update(json.dumps([repr(model.config.text_encoder), repr(model.config.audio_encoder),
+                              model.num_codebooks, model.audio_channels, model.window_frames,
+                              None if melody is None else repr(melody)]).encode())
     for codebook in model.audio_encoder.quantizer.layers[:2]:
         digest.update(np.array(codebook.embed[:64]).tobytes())
     digest.update(np.array(model.text_encoder.embed_tokens.weight[:64]).tobytes())

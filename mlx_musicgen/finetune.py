@@ -144,12 +144,13 @@ class Trainer:
             value, grads = self.loss_and_grad(self.model, batch)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             loss_sum = loss_sum + value
+            mx.eval(grads_sum, loss_sum)  # one micro-batch's activations alive at a time
             tokens += predicted_tokens(batch, self.pad)
         grads = tree_map(lambda g: g / config.grad_accum, grads_sum)
         grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
         self.optimizer.update(self.model, grads)
-        mx.eval(self.model.trainable_parameters(), self.optimizer.state, loss_sum)
-        self.step += 1
+        self.step += 1  # with the update: a Ctrl-C from here on saves the updated weights with this step
+        mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return loss_sum.item() / config.grad_accum, tokens
 
     def validation_loss(self) -> float | None:
@@ -352,6 +353,9 @@ def run(args: argparse.Namespace) -> None:
     examples = load_examples(model, Path(args.data), args.caption, log=lambda m: print(m, file=sys.stderr))
     train, val = split(examples, config.val_fraction, config.seed)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:  # what a run stopped before its first save left
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
     trainer = Trainer(model, train, val, out, config, adapters, str(args.model))
     if args.resume:
         trainer.resume()

@@ -317,6 +317,11 @@ def test_bad_data_is_refused_in_one_line(studio_data, tmp_path):
     one_line_error(result, r"no clip in .*short is 1 s or longer \(and readable\): nothing to train on")
     assert "skipped: 1 unreadable file(s), 1 window(s) under 1 s" in result.stderr
 
+    (tmp_path / "out-data").mkdir()
+    (tmp_path / "out-data" / "metrics.jsonl").write_text('{"step": 99}\n')  # a killed run's, before any save
+    result, out = run(studio_data / "data", "--iters", "1", "--log-every", "1", "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     result, _ = run(studio_data / "data", "--lora-targets", "q_proj,attention")
     one_line_error(result, r"LoRA targets must be some of q_proj, .*got q_proj, attention")
     result, _ = run(studio_data / "data", "--lora-rank", "0")

@@ -175,6 +175,12 @@ def test_bad_values_are_422_with_a_message(studio, fields, message):
     assert response.json()["detail"].startswith(message)
 
 
+def test_numbers_past_a_double_are_422(studio):
+    response = studio.client.post("/api/jobs", content='{"duration": 1' + "0" * 400 + "}",
+                                  headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["detail"].startswith("duration must be a number")
+
+
 def wav_bytes(samples: np.ndarray, rate: int = 32000) -> bytes:
     out = io.BytesIO()
     sf.write(out, samples.astype(np.float32), rate, format="WAV", subtype="FLOAT")
@@ -216,6 +222,11 @@ def test_an_audio_prompt_upload_is_continued(studio):
     second = studio.wait(again.json()["id"])
     record = studio.client.get(f"/api/takes/{second['take']}").json()
     assert record["audio_prompt"] == settings["audio_prompt"] and record["seed"] != settings["seed"]
+    upload = (studio.output / settings["audio_prompt"]).parent
+    assert studio.client.delete(f"/api/takes/{job['take']}").status_code == 204
+    assert upload.is_dir()  # the second take still names it
+    assert studio.client.delete(f"/api/takes/{second['take']}").status_code == 204
+    assert not upload.exists()
 
 
 def test_unknown_and_hostile_ids_are_404(studio):
@@ -280,6 +291,22 @@ def test_restart_keeps_takes_and_accepted_jobs(tiny, tmp_path):
             job = server.wait(job_id)
             assert job["status"] == "done"
             assert server.client.get(f"/api/takes/{job['take']}").json()["text"] == text
+    finally:
+        server.stop()
+
+
+def test_a_job_running_when_the_process_died_is_not_run_again(tiny, tmp_path):
+    """It may be what killed the process: reported failed, not retried at every start."""
+    queue = tmp_path / "takes" / ".studio" / "queue"
+    queue.mkdir(parents=True)
+    job_id = "0123456789abcdef0123456789abcdef"
+    (queue / f"{job_id}.json").write_text(json.dumps({"id": job_id, "created": 1.0, "started": True,
+                                                       "settings": {"text": "boom", "duration": 0.02}}))
+    server = Studio(tiny.folder, tmp_path / "takes")
+    try:
+        job = server.client.get(f"/api/jobs/{job_id}").json()
+        assert job["status"] == "failed" and "stopped while running this job" in job["error"]
+        assert not list(queue.iterdir())
     finally:
         server.stop()
 

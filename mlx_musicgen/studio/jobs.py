@@ -30,7 +30,6 @@ STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ENDED = ("done", "failed", "cancelled")
 MAX_TEXT = 2000  # characters: T5 reads at most 512 tokens
 KEPT_JOBS = 200  # ended jobs remembered for status queries (their takes stay on disk)
-KEPT_AUDIO = 4  # finished jobs whose streamed audio stays in memory for late listeners (then: the take's file)
 STATE_FOLDER = ".studio"
 
 
@@ -95,16 +94,16 @@ class JobSettings:
 
 def parse_number(name: str, value, kind: type):
     """A form's text or a JSON number -> int or float; anything else is refused with the field's name."""
+    want = "a whole number" if kind is int else "a number"
     try:
         number = kind(value) if isinstance(value, str) else value
-    except ValueError:
-        number = None
-    if kind is int and isinstance(number, float) and number.is_integer():
-        number = int(number)
-    if not is_real(number) or (kind is int and not isinstance(number, (int, np.integer))):
-        want = "a whole number" if kind is int else "a number"
-        raise ValueError(f"{name} must be {want}, got {value!r}.")
-    return kind(number)  # as the CLI's argparse types make them: -1 and "-1" are both -1.0 for a duration
+        if kind is int and isinstance(number, float) and number.is_integer():
+            number = int(number)
+        if not is_real(number) or (kind is int and not isinstance(number, (int, np.integer))):
+            raise ValueError
+        return kind(number)  # as the CLI's argparse types make them: -1 and "-1" are both -1.0 for a duration
+    except (ValueError, OverflowError):  # not a number, or one past a double
+        raise ValueError(f"{name} must be {want}, got {value!r}.") from None
 
 
 @dataclass
@@ -121,7 +120,8 @@ class Job:
     error: str | None = None
     version: int = 0  # bumped on every change, for listeners
     chunks: list[np.ndarray] = field(default_factory=list)  # the audio so far (channels, samples), while running
-    cancel_requested: bool = False
+    cancel_requested: bool = False  # by the user, or by a stop
+    cancelled_by_user: bool = False
 
     def view(self, position: int | None) -> dict:
         """The job as the API shows it."""
@@ -167,7 +167,8 @@ class JobQueue:
         """Load the model (on the worker thread) and wait for it; then run the jobs left from the last run."""
         (self.state / "queue").mkdir(parents=True, exist_ok=True)
         (self.state / "uploads").mkdir(parents=True, exist_ok=True)
-        self.resume()
+        with self.changed:
+            self.resume()
         self.worker.start()
         self.ready.wait()
         if self.load_error is not None:
@@ -181,6 +182,25 @@ class JobQueue:
 
     def forget_uploads(self, job_id: str) -> None:
         shutil.rmtree(self.upload_folder(job_id), ignore_errors=True)
+
+    def delete_take(self, take_id: str) -> bool:
+        """Remove a take, and the uploads it was made from once no other take or waiting job names them."""
+        record = self.store.settings(take_id) or {}
+        if not self.store.delete(take_id):
+            return False
+        named = {record.get(name) for name in ("audio_prompt", "melody")} - {None}
+        if named:
+            with self.changed:
+                waiting = {getattr(j.settings, name) for j in self.jobs.values() if j.status in ("queued", "running")
+                           for name in ("audio_prompt", "melody")}
+            still = {t["settings"].get(name) for t in self.store.list() for name in ("audio_prompt", "melody")}
+            for relative in named - still - waiting:
+                try:
+                    folder = Path(self.checked_upload(relative)).parent
+                except ValueError:
+                    continue
+                shutil.rmtree(self.output / folder, ignore_errors=True)
+        return True
 
     def checked_upload(self, relative: str) -> str:
         """An upload a take names (its path relative to the output folder), if it is one of ours and is still
@@ -201,8 +221,7 @@ class JobQueue:
             if len(self.queue) >= self.max_queued:
                 raise QueueFull(f"{len(self.queue)} jobs are waiting, the most this studio queues: try again when "
                                 f"one has finished.")
-            atomic.write_text(self.state / "queue" / f"{job_id}.json",
-                              json.dumps({"id": job_id, "created": job.created, "settings": asdict(settings)}))
+            self.write_spec(job, started=False)
             self.jobs[job_id] = job
             self.queue.append(job_id)
             self.touch(job)
@@ -238,7 +257,7 @@ class JobQueue:
                 self.queue.remove(job.id)
                 self.end(job, "cancelled")
             elif job.status == "running":
-                job.cancel_requested = True
+                job.cancel_requested = job.cancelled_by_user = True
                 self.touch(job)
 
     def wait_change(self, job: Job, seen: int, timeout: float) -> int:
@@ -281,30 +300,39 @@ class JobQueue:
         """Record a job's end (under the lock) and forget its spec on disk; a failed or cancelled job's uploads
         go too (a take keeps those it was made from, for "again")."""
         job.status, job.error, job.take, job.ended = status, error, take, time.time()
+        job.chunks = []  # listeners still streaming read the rest from the take's file
         if status != "done":
-            job.chunks = []
             self.forget_uploads(job.id)
         (self.state / "queue" / f"{job.id}.json").unlink(missing_ok=True)
         self.touch(job)
-        done = [j for j in self.jobs.values() if j.status == "done" and j.chunks]
-        for old in done[: max(0, len(done) - KEPT_AUDIO)]:
-            old.chunks = []
         ended = [j for j in self.jobs.values() if j.status in ENDED]
         for old in ended[: max(0, len(ended) - KEPT_JOBS)]:
             del self.jobs[old.id]
 
+    def write_spec(self, job: Job, started: bool) -> None:
+        """The job's spec on disk, until it ends; `started` marks one being run (if the process dies with it,
+        the next start does not run it again: it may be what killed the process)."""
+        spec = {"id": job.id, "created": job.created, "settings": asdict(job.settings), "started": started}
+        atomic.write_text(self.state / "queue" / f"{job.id}.json", json.dumps(spec))
+
     def resume(self) -> None:
-        """The jobs accepted by an earlier run that did not end, back in the queue in their order."""
+        """The jobs accepted by an earlier run that did not end, back in the queue in their order; one that was
+        running when the process died is reported failed instead."""
         specs = []
         for file in (self.state / "queue").glob("*.json"):
             try:
                 spec = json.loads(file.read_text())
-                specs.append((spec["created"], spec["id"], JobSettings(**spec["settings"])))
+                specs.append((spec["created"], spec["id"], JobSettings(**spec["settings"]), spec.get("started")))
             except (OSError, ValueError, KeyError, TypeError):
                 file.unlink(missing_ok=True)  # not a spec this version wrote
-        for created, job_id, settings in sorted(specs):
-            self.jobs[job_id] = Job(job_id, settings, created, seconds_total=settings.duration)
-            self.queue.append(job_id)
+        for created, job_id, settings, started in sorted(specs):
+            job = Job(job_id, settings, created, seconds_total=settings.duration)
+            self.jobs[job_id] = job
+            if started:
+                self.end(job, "failed", error="the studio stopped while running this job (did it crash?): "
+                                               "submit it again.")
+            else:
+                self.queue.append(job_id)
 
     def work(self, load_model: Callable[[], object]) -> None:
         try:
@@ -325,12 +353,14 @@ class JobQueue:
                     return
                 job = self.jobs[self.queue.popleft()]
                 job.status, job.started = "running", time.time()
+                self.write_spec(job, started=True)
                 self.touch(job)
             try:
                 take = self.run(job)
             except Cancelled:
                 with self.changed:
-                    if self.stopping:  # Ctrl-C: the job stays queued on disk, to run after a restart
+                    if self.stopping and not job.cancelled_by_user:  # Ctrl-C: it runs again after a restart
+                        self.write_spec(job, started=False)
                         job.status, job.chunks = "cancelled", []
                         self.touch(job)
                     else:
@@ -377,6 +407,8 @@ class JobQueue:
                     raise Cancelled()
                 job.chunks.append(item)
                 self.touch(job)
+        if job.cancel_requested:  # asked for after the last chunk: still nothing is written
+            raise Cancelled()
         audio = np.concatenate(chunks, axis=-1)
         take = new_take_id(s.text)
         record = {

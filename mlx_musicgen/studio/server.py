@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .. import __version__, audio
@@ -110,15 +111,20 @@ def create_app(jobs: JobQueue, *, max_upload_bytes: int = 50 * 2**20, allowed_or
                 if len(data) > max_upload_bytes:
                     jobs.forget_uploads(job_id)
                     return error(413, f"{upload.filename} is larger than {max_upload_bytes // 2**20} MiB.")
-                path = store_upload(folder, name, upload.filename or name, data, settings, jobs.model_info)
+                # decoding and writing off the event loop, which keeps serving streams meanwhile
+                path = await run_in_threadpool(store_upload, folder, name, upload.filename or name, data, settings,
+                                               jobs.model_info)
                 setattr(settings, name, str(path.relative_to(jobs.output)))
-            job = jobs.submit(job_id, settings)
+            job = await run_in_threadpool(jobs.submit, job_id, settings)
         except ValueError as e:
             jobs.forget_uploads(job_id)
             return error(422, one_line(e))
         except QueueFull as e:
             jobs.forget_uploads(job_id)
             return error(429, str(e))
+        except BaseException:
+            jobs.forget_uploads(job_id)
+            raise
         view = jobs.view(job)
         return JSONResponse(status_code=202, headers={"Location": f"/api/jobs/{job.id}"},
                             content={"id": job.id, "status": view["status"], "position": view["position"]})
@@ -175,7 +181,7 @@ def create_app(jobs: JobQueue, *, max_upload_bytes: int = 50 * 2**20, allowed_or
         job = find_job(job_id)
         if job is None:
             return no_job(job_id)
-        if job.status == "done" and job.take and not job.chunks:
+        if job.status == "done" and job.take:
             return take_audio(job.take)
         if job.status in ("failed", "cancelled"):
             return error(409, f"the job {job.status}: it has no audio.")
@@ -183,14 +189,18 @@ def create_app(jobs: JobQueue, *, max_upload_bytes: int = 50 * 2**20, allowed_or
 
         def stream():
             yield wav_header(info["sampling_rate"], info["channels"])
-            sent = seen = 0
+            sent = samples = seen = 0
             while True:
                 for chunk in jobs.audio_after(job, sent):
                     sent += 1
+                    samples += chunk.shape[-1]
                     yield interleaved(chunk)
                 if job.status in ENDED or jobs.stopping:
-                    for chunk in jobs.audio_after(job, sent):  # what came with the end
-                        yield interleaved(chunk)
+                    if job.status == "done" and (path := jobs.store.audio_path(job.take or "")) is not None:
+                        import soundfile as sf  # the job's audio left memory with its end: the rest is the take's
+
+                        rest = sf.read(str(path), start=samples, dtype="float32", always_2d=True)[0]
+                        yield interleaved(rest.T)
                     return
                 seen = jobs.wait_change(job, seen, timeout=10.0)
 
@@ -249,7 +259,7 @@ def create_app(jobs: JobQueue, *, max_upload_bytes: int = 50 * 2**20, allowed_or
 
     @app.delete("/api/takes/{take_id}")
     def delete_take(take_id: str):
-        if not valid_take_id(take_id) or not jobs.store.delete(take_id):
+        if not valid_take_id(take_id) or not jobs.delete_take(take_id):
             return no_take(take_id)
         return Response(status_code=204)
 

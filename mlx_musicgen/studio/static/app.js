@@ -29,16 +29,28 @@ class StreamPlayer {
     this.next = 0;
     this.frames = 0; // scheduled so far
     this.stopped = false;
+    this.abort = new AbortController();
   }
 
   async play(url) {
-    const response = await fetch(url);
+    let response;
+    try {
+      response = await fetch(url, { signal: this.abort.signal });
+    } catch (error) {
+      return; // stopped
+    }
     if (!response.ok || !response.body) return;
     const reader = response.body.getReader();
     let pending = new Uint8Array(0);
     let dataStart = null;
     while (!this.stopped) {
-      const { done, value } = await reader.read();
+      let chunk;
+      try {
+        chunk = await reader.read();
+      } catch (error) {
+        break; // stopped
+      }
+      const { done, value } = chunk;
       if (done) break;
       pending = concat(pending, value);
       if (dataStart === null) {
@@ -74,6 +86,7 @@ class StreamPlayer {
 
   stop() {
     this.stopped = true;
+    this.abort.abort(); // frees the connection (a queued job's stream is silent until it runs)
     this.context.close().catch(() => {});
   }
 }
@@ -100,17 +113,24 @@ function findData(bytes) {
 // ---- jobs
 
 function followJob(id) {
+  if (current) { // one job followed at a time: let go of the last one
+    current.events.close();
+    if (current.player) current.player.stop();
+  }
   const box = $("#job");
   box.hidden = false;
   $("#bar").style.width = "0%";
   $("#cancel").disabled = false;
+  setBusy(true);
   const events = new EventSource(`/api/jobs/${id}/events`);
-  current = { id, events, player: null };
+  const followed = { id, events, player: null };
+  current = followed;
   if ($("#listen").checked && info.sampling_rate) {
-    current.player = new StreamPlayer(info.sampling_rate, info.channels);
-    current.player.play(`/api/jobs/${id}/audio`);
+    followed.player = new StreamPlayer(info.sampling_rate, info.channels);
+    followed.player.play(`/api/jobs/${id}/audio`);
   }
   events.onmessage = (event) => {
+    if (current !== followed) return;
     const job = JSON.parse(event.data);
     const p = job.progress;
     const share = p.seconds_total ? Math.min(1, p.seconds_done / p.seconds_total) : 0;
@@ -122,9 +142,9 @@ function followJob(id) {
     if (["done", "failed", "cancelled"].includes(job.status)) {
       events.close();
       $("#cancel").disabled = true;
-      $("#generate").disabled = false;
+      setBusy(false);
       if (job.status === "failed") showError(job.error);
-      if (job.status !== "done" && current.player) current.player.stop();
+      if (job.status !== "done" && followed.player) followed.player.stop();
       loadTakes();
     }
   };
@@ -140,15 +160,19 @@ async function submit(event) {
   await sendJob(() => api("/api/jobs", { method: "POST", body: form }));
 }
 
+function setBusy(busy) {
+  // while a job is followed, the buttons that start another wait for it
+  $("#generate").disabled = busy;
+  document.querySelectorAll("li.take .again").forEach((button) => { button.disabled = busy; });
+}
+
 async function sendJob(request) {
-  $("#generate").disabled = true;
+  setBusy(true);
   try {
-    const job = await request();
-    if (current && current.player) current.player.stop();
-    followJob(job.id);
+    followJob((await request()).id);
   } catch (error) {
     showError(error.message);
-    $("#generate").disabled = false;
+    setBusy(false);
   }
 }
 
@@ -194,6 +218,7 @@ function renderTake(take) {
     event.dataTransfer.setData("DownloadURL", `audio/${take.format}:${file}:${url}`);
     event.dataTransfer.setData("text/uri-list", url);
   });
+  $(".again", item).disabled = $("#generate").disabled;
   $(".again", item).addEventListener("click", () =>
     sendJob(() => api(`/api/takes/${take.id}/again`, { method: "POST" })));
   $(".delete", item).addEventListener("click", async () => {
