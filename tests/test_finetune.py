@@ -334,3 +334,20 @@ def test_bad_data_is_refused_in_one_line(studio_data, tmp_path):
                           text=True, cwd=ROOT)
     one_line_error(made, r"nothing holds no adapters")
     assert not (tmp_path / "x.wav").exists()
+
+
+def test_the_studio_serves_an_adapted_model(studio_data, trained, tmp_path):
+    from studio import Studio
+
+    server = Studio(studio_data / "model", tmp_path / "takes", "--adapter", str(trained))
+    try:
+        response = server.client.post("/api/jobs", json={"text": CAPTIONS[1], "duration": 1.2, "temperature": 0})
+        job = server.wait(response.json()["id"])
+        record = server.client.get(f"/api/takes/{job['take']}").json()
+        assert record["adapter"] == str(trained)
+        take = sf.read(server.output / f"{job['take']}.wav", dtype="float32", always_2d=True)[0].T
+    finally:
+        server.stop()
+    model = MusicGen.from_pretrained(studio_data / "model", adapter=trained)
+    expected = model.generate([CAPTIONS[1]], duration=1.2, temperature=0, seed=record["seed"])
+    np.testing.assert_allclose(take, expected[0], rtol=0, atol=1e-6)

@@ -357,3 +357,27 @@ def test_twenty_jobs_from_several_clients(tiny, tmp_path):
         assert len(list((tmp_path / "takes").glob("*.wav"))) == len(accepted) + len(accepted_again)
     finally:
         server.stop()
+
+
+def test_a_melody_model_follows_an_uploaded_melody(tiny_melody, tmp_path):
+    """The page's melody field, through the API: the take follows the upload (the same codes as the library
+    given the same melody and seed), and its settings name the kept upload."""
+    from mlx_musicgen import MusicGen
+    from test_chroma import tune_over_noise
+
+    tune = tune_over_noise()
+    server = Studio(tiny_melody.folder, tmp_path / "takes")
+    try:
+        assert server.client.get("/api/info").json()["melody"] is True
+        response = server.client.post("/api/jobs", data={"text": "lofi", "duration": "0.05", "seed": "3"},
+                                      files={"melody": ("tune.wav", wav_bytes(tune), "audio/wav")})
+        assert response.status_code == 202, response.text
+        job = server.wait(response.json()["id"])
+        assert job["status"] == "done", job
+        record = server.client.get(f"/api/takes/{job['take']}").json()
+        assert record["melody"].startswith(".studio/uploads/") and (server.output / record["melody"]).is_file()
+        take = sf.read(server.output / f"{job['take']}.wav", dtype="float32", always_2d=True)[0].T
+    finally:
+        server.stop()
+    expected = MusicGen.from_pretrained(tiny_melody.folder).generate(["lofi"], melody=tune, duration=0.05, seed=3)
+    np.testing.assert_allclose(take, expected[0], rtol=0, atol=1e-6)
