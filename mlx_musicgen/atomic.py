@@ -97,14 +97,19 @@ def removed_on_error(remove: Callable[[], None], folder: Path) -> Iterator[None]
         raise
 
 
-def write_text(path: Path, text: str) -> None:
-    """A text file (UTF-8) written under a temporary name and renamed into place, with the normal mode."""
+def write_bytes(path: Path, data: bytes) -> None:
+    """A file written under a temporary name and renamed into place, with the normal mode."""
     path = Path(path)
     tmp = temp_file(path)
     with removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent):
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         give_normal_mode(tmp)
         os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    """A text file (UTF-8), written as write_bytes writes."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def save_safetensors(path: Path, arrays: dict, metadata: dict | None = None) -> None:

@@ -9,6 +9,7 @@ FOLDER/.mlx_musicgen_cache/, keyed by each file's content and the model, so a se
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -167,12 +168,9 @@ def load_examples(model, folder: Path, caption: str | None = None, log=print) ->
 
 
 def write_npz(path: Path, **arrays) -> None:
-    tmp = atomic.temp_file(path)
-    with atomic.removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        atomic.give_normal_mode(tmp)
-        tmp.replace(path)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic.write_bytes(path, buffer.getvalue())
 
 
 def split(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import atomic, lora, training
 from .dataset import Example, load_examples, split
+from .melody import null_chroma
 from .plot import plot_losses
 
 CHECKPOINT = "checkpoint"
@@ -84,8 +85,7 @@ def make_batch(model, examples: list[Example], unconditioned: np.ndarray | None 
     chroma = None
     if model.config.melody is not None:
         frames = max(e.chroma.shape[0] for e in examples)
-        chroma = np.zeros((len(examples), frames, model.config.melody.num_chroma), dtype=np.float32)
-        chroma[..., 0] = 1
+        chroma = null_chroma(len(examples), frames, model.config.melody.num_chroma)
         for i, e in enumerate(examples):
             chroma[i, : e.chroma.shape[0]] = e.chroma
     return training.Batch(mx.array(inputs), mx.array(labels), mx.array(states), mx.array(mask), chroma,

@@ -132,24 +132,12 @@ def run(args: argparse.Namespace) -> None:
     for start in range(0, len(texts), args.batch_size):
         batch = texts[start : start + args.batch_size]
         paths = outputs[start : start + args.batch_size]
-        settings = {
-            "model": str(args.model),
-            "adapter": args.adapter,
-            "duration": args.duration,
-            "seed": seed,
-            "batch": batch,
-            "audio_prompt": args.audio_prompt,
-            "melody": args.melody,
-            "do_sample": not args.greedy,
-            "guidance_scale": args.guidance_scale,
-            "top_k": args.top_k,
-            "top_p": args.top_p,
-            "temperature": args.temperature,
-            "extend_stride": args.extend_stride,
-            "normalize": args.normalize,
-            "sampling_rate": model.sampling_rate,
-            "mlx_musicgen": __version__,
-        }
+        settings = clip_settings(
+            model=str(args.model), adapter=args.adapter, duration=args.duration, seed=seed, batch=batch,
+            audio_prompt=args.audio_prompt, melody=args.melody, do_sample=not args.greedy,
+            guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+            extend_stride=args.extend_stride, normalize=args.normalize, sampling_rate=model.sampling_rate,
+        )
         clips = make_clips(model, args, batch, paths, seed, speaker)
         for i, (path, audio) in enumerate(zip(paths, clips)):
             sidecar = write_clip(path, audio, {"text": batch[i], "batch_index": i, **settings}, model.sampling_rate,
@@ -159,6 +147,16 @@ def run(args: argparse.Namespace) -> None:
                   f"{audio.shape[0]} channel(s))", file=sys.stderr)
     if speaker is not None:
         speaker.close()
+
+
+def clip_settings(*, model: str, adapter: str | None, duration: float, seed: int, batch: list, audio_prompt,
+                  melody, do_sample: bool, guidance_scale: float, top_k: int, top_p: float, temperature: float,
+                  extend_stride: float, normalize: str, sampling_rate: int) -> dict:
+    """What a clip's sidecar records beside its text and batch index: everything that remakes it."""
+    return {"model": model, "adapter": adapter, "duration": duration, "seed": seed, "batch": batch,
+            "audio_prompt": audio_prompt, "melody": melody, "do_sample": do_sample, "guidance_scale": guidance_scale,
+            "top_k": top_k, "top_p": top_p, "temperature": temperature, "extend_stride": extend_stride,
+            "normalize": normalize, "sampling_rate": sampling_rate, "mlx_musicgen": __version__}
 
 
 def write_clip(path: Path, audio, record: dict, sampling_rate: int, *, bits: str, normalization: str) -> Path:

@@ -127,14 +127,17 @@ def is_converted(config: dict) -> bool:
     return CONVERTED_KEY in config
 
 
-def read_generation_config(folder: Path) -> dict:
-    file = folder / "generation_config.json"
-    if not file.is_file():
-        return {}
+def read_settings(file: Path) -> dict:
+    """A JSON file that must hold a table of settings."""
     config = read_json(file)
     if not isinstance(config, dict):
         raise CheckpointError(f"{file} is not a table of settings; download or convert the model again.")
     return config
+
+
+def read_generation_config(folder: Path) -> dict:
+    file = folder / "generation_config.json"
+    return read_settings(file) if file.is_file() else {}
 
 
 def read_preprocessor_config(folder: Path, raw: dict) -> dict | None:
@@ -145,10 +148,7 @@ def read_preprocessor_config(folder: Path, raw: dict) -> dict | None:
     if not file.is_file():
         raise CheckpointError(f"{folder} has no preprocessor_config.json, which holds a melody model's chroma "
                               f"settings: download the model again, or copy the file from the Hub checkpoint.")
-    config = read_json(file)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file} is not a table of settings; download or convert the model again.")
-    return config
+    return read_settings(file)
 
 
 def check_safetensors_header(file: Path) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from . import atomic
 
@@ -28,6 +28,7 @@ from . import atomic
 TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "lm_heads", "enc_to_dec_proj",
            "audio_enc_to_dec_proj")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapters.safetensors"
+FULL_PARTS = ("decoder.", "enc_to_dec_proj", "audio_enc_to_dec_proj")  # what LoRA adapts and a full fine-tune trains
 
 
 @dataclass
@@ -88,57 +89,30 @@ class LoRALinear(nn.Module):
         return fused
 
 
-def adapted_modules(model, targets: list[str]):
-    """(parent, key, index, module) of every Linear a target names: attributes of the decoder's layers, the
-    decoder's heads, and the model's projections."""
-    found = []
-    for name in ("enc_to_dec_proj", "audio_enc_to_dec_proj"):
-        if name in targets and name in model:
-            found.append((model, name, None, model[name]))
-    decoder = model.decoder
-    if "lm_heads" in targets:
-        found += [(decoder, "lm_heads", i, head) for i, head in enumerate(decoder.lm_heads)]
-    for layer in decoder.layers:
-        for attention in ("self_attn", "encoder_attn"):
-            if attention in layer:
-                found += [(layer[attention], name, None, layer[attention][name])
-                          for name in ("q_proj", "k_proj", "v_proj", "out_proj") if name in targets]
-        found += [(layer, name, None, layer[name]) for name in ("fc1", "fc2") if name in targets]
-    return found
+def is_target(name: str, targets: list[str]) -> bool:
+    """Whether a Linear's path names a target: the decoder's projections by their own names, its heads as
+    lm_heads, and the model's projections into it; T5 and EnCodec never."""
+    parts = name.split(".")
+    if not name.startswith(FULL_PARTS):
+        return False
+    return parts[-1] in targets or (len(parts) > 1 and parts[-2] == "lm_heads" and "lm_heads" in targets)
 
 
 def apply_lora(model, config: AdapterConfig) -> None:
     """Freeze the model and put a LoRALinear on every targeted Linear; only the adapters train."""
     config.check()
     model.freeze()
-    for parent, key, index, module in adapted_modules(model, config.targets):
-        adapter = LoRALinear(module, config.rank, config.scale, config.dropout)
-        if index is None:
-            setattr(parent, key, adapter)
-        else:
-            getattr(parent, key)[index] = adapter
+    adapters = [(name, LoRALinear(module, config.rank, config.scale, config.dropout))
+                for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and is_target(name, config.targets)]
+    model.update_modules(tree_unflatten(adapters))
 
 
 def fuse_lora(model) -> None:
     """Fold every LoRALinear of a model into a plain Linear, in place."""
-
-    def visit(parent):
-        for key, child in list(parent.items()):
-            if isinstance(child, LoRALinear):
-                setattr(parent, key, child.fused())
-            elif isinstance(child, list):
-                for i, item in enumerate(child):
-                    if isinstance(item, LoRALinear):
-                        child[i] = item.fused()
-                    elif isinstance(item, nn.Module):
-                        visit(item)
-            elif isinstance(child, nn.Module):
-                visit(child)
-
-    visit(model)
-
-
-FULL_PARTS = ("decoder.", "enc_to_dec_proj.", "audio_enc_to_dec_proj.")  # what a full fine-tune trains
+    fused = [(name, module.fused()) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
 
 
 def unfreeze_for_full(model) -> None:

@@ -163,10 +163,13 @@ class MusicGen(nn.Module):
         ids = mx.array(tokens["input_ids"])
         blank = mx.array([not text.strip() for text in texts])
         mask = mx.where(blank[:, None], 0, mx.array(tokens["attention_mask"]))
-        states = self.text_encoder(ids, mask)
+        return self.project_text(self.text_encoder(ids, mask), mask), mask
+
+    def project_text(self, states: mx.array, mask: mx.array) -> mx.array:
+        """T5 states (B, S, d_model) -> the decoder's width (when the widths differ), zero where `mask` is 0."""
         if self.config.project_text:
             states = self.enc_to_dec_proj(states.astype(self.decoder.dtype))
-        return states * mask[..., None].astype(states.dtype), mask
+        return states * mask[..., None].astype(states.dtype)
 
     def conditioning(self, texts: list[str] | None, num_samples: int, guided: bool) -> tuple[mx.array, mx.array]:
         """Cross-attention states and mask; with guidance, unconditional rows (zero states, empty mask) follow."""

@@ -71,8 +71,4 @@ def plot_losses(path: Path, train: list[tuple[int, float]], val: list[tuple[int,
         text = {"Title": "mlx-musicgen fine-tuning loss (no steps yet)"}
     image[MARGIN : HEIGHT - MARGIN, MARGIN] = AXES
     image[HEIGHT - MARGIN, MARGIN : WIDTH - MARGIN] = AXES
-    tmp = atomic.temp_file(path)
-    with atomic.removed_on_error(lambda: tmp.unlink(missing_ok=True), path.parent):
-        tmp.write_bytes(png(image, text))
-        atomic.give_normal_mode(tmp)
-        tmp.replace(path)
+    atomic.write_bytes(path, png(image, text))

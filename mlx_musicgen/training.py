@@ -17,6 +17,7 @@ import numpy as np
 
 from . import delay
 from .decoder import TextKV
+from .melody import null_chroma
 
 
 @dataclass
@@ -58,49 +59,43 @@ def codebook_loss(logits: mx.array, labels: mx.array, pad: int) -> mx.array:
     return per_codebook.mean()
 
 
-def layer_call(layer, x: mx.array, text: TextKV | None, checkpoint: bool) -> mx.array:
-    """One decoder layer, its activations recomputed in the backward pass when `checkpoint` (the layer's
-    parameters and the text's keys and values are the checkpointed function's inputs, so gradients reach
-    them)."""
-    if not checkpoint:
-        return layer(x, text)
+class CheckpointedLayer(nn.Module):
+    """A decoder layer whose activations are recomputed in the backward pass (the layer's parameters and the
+    text's keys and values are the checkpointed function's inputs, so gradients reach them)."""
 
-    def run(params, x, *text_arrays):
-        layer.update(params)
-        return layer(x, TextKV(*text_arrays) if text_arrays else None)
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
 
-    text_arrays = () if text is None else (text.keys, text.values, text.mask)
-    return mx.checkpoint(run)(layer.trainable_parameters(), x, *text_arrays)
+    def __call__(self, x: mx.array, text: TextKV | None = None, cache=None) -> mx.array:
+        layer = self.layer
+
+        def run(params, x, *text_arrays):
+            layer.update(params)
+            return layer(x, TextKV(*text_arrays) if text_arrays else None)
+
+        text_arrays = () if text is None else (text.keys, text.values, text.mask)
+        return mx.checkpoint(run)(layer.trainable_parameters(), x, *text_arrays)
 
 
 def forward(model, batch: Batch, checkpoint: bool = False) -> mx.array:
     """Teacher-forced logits (B, K, L, vocab) of a batch, the conditioning computed from the cached T5 states
     through the (trainable) projections; unconditioned rows get the null text (and the null melody)."""
-    mask = batch.text_mask
+    mask, chroma = batch.text_mask, batch.chroma
     if batch.unconditioned is not None:
         mask = mask * (1 - batch.unconditioned[:, None].astype(mask.dtype))
-    states = batch.text_states
-    if model.config.project_text:
-        states = model.enc_to_dec_proj(states.astype(model.decoder.dtype))
-    states = states * mask[..., None].astype(states.dtype)
+        if chroma is not None:
+            dropped = np.array(batch.unconditioned).astype(bool)
+            chroma = np.where(dropped[:, None, None], null_chroma(*chroma.shape), chroma)
+    context = model.decoder_context(model.project_text(batch.text_states, mask), mask, chroma)
     decoder = model.decoder
-    if model.config.melody is not None:
-        chroma = batch.chroma
-        if batch.unconditioned is not None and chroma is not None:
-            null = np.zeros_like(chroma)
-            null[..., 0] = 1
-            chroma = np.where(np.array(batch.unconditioned)[:, None, None], null, chroma)
-        prefix = model.decoder_context(states, mask, chroma)
-        x = mx.concatenate([prefix.astype(decoder.dtype), decoder.embed(batch.inputs)], axis=1)
-        x = decoder.add_positions(x, 0)
-        for layer in decoder.layers:
-            x = layer_call(layer, x, None, checkpoint)
-        return decoder.logits(x[:, -batch.inputs.shape[2] :])
-    text = decoder.text_context(states, mask)
-    x = decoder.add_positions(decoder.embed(batch.inputs), 0)
-    for layer, layer_text in zip(decoder.layers, text):
-        x = layer_call(layer, x, layer_text, checkpoint)
-    return decoder.logits(x)
+    layers = decoder.layers
+    if checkpoint:  # for this call only: the model's own layers (and its parameters' names) stay as they are
+        decoder.layers = [CheckpointedLayer(layer) for layer in layers]
+    try:
+        return decoder(batch.inputs, context)
+    finally:
+        decoder.layers = layers
 
 
 def loss(model, batch: Batch, checkpoint: bool = False) -> mx.array:

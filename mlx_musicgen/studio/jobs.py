@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from .. import __version__, atomic
+from .. import atomic
 from ..prompt import check_duration, check_extend_stride, check_sampling, is_real
 from .takes import FORMATS, TakeStore, new_take_id
 
@@ -378,7 +378,7 @@ class JobQueue:
 
     def run(self, job: Job) -> str:
         """Generate a job's audio, kept chunk by chunk for listeners, then write it as a take."""
-        from ..generate import write_clip
+        from ..generate import clip_settings, write_clip
 
         model, s = self.model, job.settings
         rate = model.sampling_rate
@@ -411,14 +411,13 @@ class JobQueue:
             raise Cancelled()
         audio = np.concatenate(chunks, axis=-1)
         take = new_take_id(s.text)
-        record = {
-            "text": s.text, "batch_index": 0, "model": self.model_name, "adapter": self.adapter,
-            "duration": s.duration, "seed": s.seed,
-            "batch": [s.text], "audio_prompt": s.audio_prompt, "melody": s.melody, "do_sample": True,
-            "guidance_scale": s.guidance_scale, "top_k": s.top_k, "top_p": s.top_p, "temperature": s.temperature,
-            "extend_stride": s.extend_stride, "normalize": "none", "sampling_rate": rate, "mlx_musicgen": __version__,
-            "studio_job": job.id,
-        }
+        settings = clip_settings(
+            model=self.model_name, adapter=self.adapter, duration=s.duration, seed=s.seed, batch=[s.text],
+            audio_prompt=s.audio_prompt, melody=s.melody, do_sample=True, guidance_scale=s.guidance_scale,
+            top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, extend_stride=s.extend_stride,
+            normalize="none", sampling_rate=rate,
+        )
+        record = {"text": s.text, "batch_index": 0, **settings, "studio_job": job.id}
         # float WAV (24-bit FLAC) and no normalisation: the take is, sample for sample, what was streamed
         write_clip(self.output / f"{take}.{s.format}", audio, record, rate,
                    bits="float" if s.format == "wav" else "24", normalization="none")
