@@ -48,14 +48,14 @@ def ours(cfg: dict) -> dict:
 
     _linux.use_all_cores_for_blas()  # as finetune.py does
 
-    model = load_model(cfg["hf"])
+    model, tokenizer = load_model(cfg["hf"])  # the portable model, as finetune.py trains it
     if cfg["mode"] == "full":
         lora.unfreeze_for_full(model)
     else:
         lora.apply_lora(model, lora.AdapterConfig())
-    tokens = model.tokenizer([TEXT] * cfg["batch"], return_tensors="np")
+    tokens = tokenizer([TEXT] * cfg["batch"], return_tensors="np")
     states = model.text_encoder(mx.array(tokens["input_ids"]), mx.array(tokens["attention_mask"]))
-    inputs, labels = training.delayed_sequences(codes_for(cfg), 2048, model.audio_channels)
+    inputs, labels = training.delayed_sequences(codes_for(cfg), 2048, model.config.decoder.audio_channels)
     batch = training.Batch(mx.array(inputs), mx.array(labels), states, mx.array(tokens["attention_mask"]))
     predicted = int((batch.labels != 2048).sum())
     optimizer = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95])

@@ -1,13 +1,14 @@
-"""MusicGen text-to-music in MLX."""
+"""MusicGen text-to-music in MLX: `MusicGen.from_pretrained(...)`, then `generate`, `generate_stream`,
+`generate_tokens` and `decode`."""
 
 from . import _linux
-
-__version__ = "0.1.0"
 
 _linux.load_optimized_blas()  # must run before the first `import mlx`
 _linux.keep_freed_memory()
 
-from .generation import GenerationConfig  # noqa: E402
-from .model import MusicGen, MusicGenConfig  # noqa: E402
+from .model import MusicGenConfig  # noqa: E402
+from .musicgen import MusicGen  # noqa: E402
+from .request import GenerationConfig  # noqa: E402
+from .version import __version__  # noqa: E402
 
-__all__ = ["MusicGen", "MusicGenConfig", "GenerationConfig"]
+__all__ = ["MusicGen", "MusicGenConfig", "GenerationConfig", "__version__"]

@@ -87,7 +87,7 @@ def settle_threads() -> list[str]:
     A decoding step keeps two threads busy besides MKL's helpers: MLX's worker, which calls MKL (and leads its
     team), and Python building the next step's graph. With a helper for every core, three threads spun on two
     cores, each product's barrier waited for a descheduled thread: speed varied ~2x from process to process,
-    and fell to a fifth with one core taken by another program (docs/PERFORMANCE.md). Settings the user made
+    and fell to a fifth with one core taken by another program (docs/performance.md). Settings the user made
     (MKL_NUM_THREADS, OMP_NUM_THREADS, OMP_WAIT_POLICY) win. Returns the names it set."""
     settings = {"OMP_WAIT_POLICY": "PASSIVE"}  # read by the OpenMP runtime when it loads
     if "OMP_NUM_THREADS" not in os.environ:
@@ -142,7 +142,7 @@ def keep_freed_memory() -> None:
 
     MLX's CPU allocator mallocs every buffer and caches only 32 MB of freed ones. glibc serves blocks over
     128 KB with fresh mmaps and trims a freed heap top, so each large intermediate was page-faulted in anew:
-    much of EnCodec's decode time (docs/PERFORMANCE.md). Blocks up to 32 MB (glibc's most) now come from the
+    much of EnCodec's decode time (docs/performance.md). Blocks up to 32 MB (glibc's most) now come from the
     heap, and up to 256 MB of free heap stays mapped. Settings the user made through the environment win.
     """
     if platform.libc_ver()[0] != "glibc" or any(

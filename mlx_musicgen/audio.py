@@ -13,7 +13,8 @@ import numpy as np
 from . import atomic
 
 SUBTYPES = {"16": "PCM_16", "24": "PCM_24", "float": "FLOAT"}
-FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+FORMATS = {".wav": "WAV", ".flac": "FLAC"}  # what outputs are written as
+READABLE_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")  # what prompts, melodies and data are read from
 MIN_RATE, MAX_RATE = 8_000, 384_000  # audio-prompt sample rates accepted (and resampled to the model's)
 SILENCE = 1e-5  # a prompt whose peak is below this (-100 dBFS) holds nothing to continue
 
@@ -182,36 +183,24 @@ def to_channels(audio: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"cannot map audio of {audio.shape[0]} channels to {channels}.")
 
 
-def resample(audio: np.ndarray, orig_sr: int, target_sr: int, half_width: int = 32) -> np.ndarray:
-    """Band-limited resampling along the last axis: a Kaiser-windowed sinc, evaluated polyphase.
+RESAMPLE_QUALITY = "VHQ"  # soxr's 28-bit setting: as fast as its 20-bit HQ here, and finer than float32's 24 bits
 
-    Output sample n sits at input position n * orig_sr / target_sr; it is the sum of the `2 * half_width`
-    (scaled by the low-pass ratio when downsampling) nearest inputs weighted by a sinc whose cutoff is the lower
-    of the two Nyquist frequencies, so nothing above the new Nyquist folds back.
+
+def resample(audio: np.ndarray, orig_sr: int, target_sr: int, quality: str = RESAMPLE_QUALITY) -> np.ndarray:
+    """Band-limited resampling along the last axis by soxr (libsoxr), float32 in and out.
+
+    Output sample n sits at input position n * orig_sr / target_sr; there are ceil(samples * target_sr / orig_sr)
+    of them (soxr alone gives the nearest whole number: a few zeros after the input make up the last one, as
+    they are what a band-limited signal holds past its end). At VHQ the passband is flat within 0.01 dB to 0.9 of
+    the lower Nyquist, and what lies above the new Nyquist is attenuated by over 150 dB (docs/performance.md).
     """
+    import soxr
+
     if orig_sr == target_sr:
         return audio.astype(np.float32)
-    g = math.gcd(orig_sr, target_sr)
-    up, down = target_sr // g, orig_sr // g
-    cutoff = min(1.0, up / down) * 0.97  # just below Nyquist, leaving room for the window's transition band
-    width = int(math.ceil(half_width / min(1.0, up / down)))
-    offsets = np.arange(-width + 1, width + 1)  # input taps relative to floor(position)
-
-    # One filter per phase (the fractional part of the position), shared by all outputs of that phase.
-    phases = np.arange(up)[:, None] / up
-    distance = phases - offsets[None, :]
-    beta = 8.6
-    window = np.i0(beta * np.sqrt(np.clip(1 - (distance / width) ** 2, 0, None))) / np.i0(beta)
-    table = (cutoff * np.sinc(cutoff * distance) * window).astype(np.float32)
-
     samples = audio.shape[-1]
-    out_len = int(math.ceil(samples * up / down))
+    out_len = -(-samples * target_sr // orig_sr)  # ceil, in whole numbers
     flat = audio.reshape(-1, samples).astype(np.float32)
-    padded = np.pad(flat, ((0, 0), (width, width + 1)))
-    out = np.empty((flat.shape[0], out_len), dtype=np.float32)
-    for begin in range(0, out_len, 16384):  # in chunks, to bound the gather's memory
-        n = np.arange(begin, min(begin + 16384, out_len))
-        base = (n * down) // up
-        taps = padded[:, base[:, None] + offsets[None, :] + width]  # (rows, chunk, taps)
-        out[:, n] = np.einsum("rct,ct->rc", taps, table[(n * down) % up])
-    return out.reshape(*audio.shape[:-1], out_len)
+    padded = np.pad(flat, ((0, 0), (0, math.ceil(2 * orig_sr / target_sr) + 1)))
+    out = soxr.resample(np.ascontiguousarray(padded.T), orig_sr, target_sr, quality=quality)[:out_len]
+    return np.ascontiguousarray(out.T).reshape(*audio.shape[:-1], out_len)

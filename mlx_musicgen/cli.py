@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import warnings
@@ -10,6 +11,8 @@ from typing import Callable
 from tqdm import tqdm
 
 from .loading import CheckpointError
+from .model import DTYPES
+from .request import COMMAND_SETTINGS, GenerationConfig, command_settings
 
 # CheckpointError is a ValueError; OSError covers missing, existing, unwritable files; FloatingPointError is
 # NaN/inf in the model's output (sampling.NonFiniteLogitsError, audio.write_audio).
@@ -55,6 +58,25 @@ def run_main(main: Callable[[], None], debug: bool) -> None:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """--duration, --seed, --guidance-scale, --top-k, --top-p, --temperature, --extend-stride and --greedy, made
+    from GenerationConfig's fields (request.command_settings): their types, defaults and help."""
+    for name, setting in command_settings().items():
+        shown = "" if setting.default is None else f" (default {setting.default:g})"
+        parser.add_argument(f"--{name.replace('_', '-')}", type=setting.kind, default=setting.default,
+                            help=setting.help + shown)
+    parser.add_argument("--greedy", action="store_true", help="always take the most likely code")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The settings that add_generation_options' options give."""
+    return GenerationConfig(do_sample=not args.greedy, **{name: getattr(args, name) for name in COMMAND_SETTINGS})
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=list(DTYPES), help="decoder precision when loading an unconverted model")
 
 
 class Bar(tqdm):

@@ -1,5 +1,6 @@
 """Hugging Face MusicGen checkpoint -> MLX folder (safetensors + config + tokenizer), written atomically
-(the `mlx_musicgen.convert` command; convert.py runs it too).
+(the `mlx_musicgen.convert` command; convert.py runs it too), and a fine-tune's adapters fused into such a
+folder (`fuse`, for `mlx_musicgen.finetune --fuse`).
 
     mlx_musicgen.convert --hf-path facebook/musicgen-small --mlx-path mlx_model [--dtype float16] [-q --q-bits 4]
 """
@@ -18,12 +19,11 @@ from typing import Callable
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from . import atomic, loading
+from . import atomic, loading, lora
 from .cli import Bar, run_main
-from .model import MusicGen
+from .model import CONVERTED_KEY, DTYPES, MusicGenModel
 
 STAGES = ("finding the checkpoint", "reading and mapping weights", "casting the decoder", "writing")
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 TOKENIZER_FILES = (
     "spiece.model",
     "tokenizer.json",
@@ -73,7 +73,7 @@ def convert(
         quantization = {"group_size": q_group_size, "bits": q_bits}
         model.quantize_decoder(**quantization)
 
-    config[loading.CONVERTED_KEY] = {
+    config[CONVERTED_KEY] = {
         "format_version": loading.FORMAT_VERSION,
         "source": str(hf_path),
         "dtype": dtype,
@@ -82,6 +82,31 @@ def convert(
     }
     report(STAGES[3])
     write_atomically(out, model, config, folder)
+    return out
+
+
+def fuse(adapter_path: str | Path, mlx_path: str | Path, model_id: str | None = None,
+         overwrite: bool = False) -> Path:
+    """A converted folder of the base model (`model_id`, default the one the adapters record) with the adapters
+    (or the full fine-tune) of `adapter_path` merged in; returns the folder."""
+    adapter_path = Path(adapter_path).expanduser()
+    lora.read_adapter_config(adapter_path)  # refuses a folder without (sound) adapters
+    recorded = json.loads((adapter_path / lora.CONFIG_FILE).read_text()).get("model")
+    model_id = model_id or recorded
+    if model_id is None:
+        raise ValueError(f"{adapter_path} does not say which model it adapts: give --model.")
+    out = Path(mlx_path).expanduser()
+    check_destination(out, overwrite)
+    folder = loading.resolve(model_id)
+    model, raw = loading.build_model(folder)
+    lora.load_adapters(model, adapter_path)
+    lora.fuse_lora(model)
+    converted = raw.get(CONVERTED_KEY, {})
+    raw[CONVERTED_KEY] = {
+        "format_version": loading.FORMAT_VERSION, "source": str(model_id), "dtype": converted.get("dtype", "float32"),
+        "quantization": None, "max_length": model.config.max_length, "adapters": str(adapter_path),
+    }
+    write_atomically(out, model, raw, folder)
     return out
 
 
@@ -100,7 +125,7 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise PermissionError(f"cannot write in the folder {parent} ({e.strerror}): choose another --mlx-path.") from None
 
 
-def write_atomically(out: Path, model: MusicGen, config: dict, source: Path) -> None:
+def write_atomically(out: Path, model: MusicGenModel, config: dict, source: Path) -> None:
     """Write everything into a temporary sibling folder, then swap it into place with renames (see atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.clean_stale(out)

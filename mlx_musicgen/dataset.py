@@ -19,8 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from . import atomic, audio
+from .audio import READABLE_SUFFIXES
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
 MIN_SECONDS = 1.0  # shorter windows (and clips) teach nothing: skipped, with a count
 CACHE_FOLDER = ".mlx_musicgen_cache"
 
@@ -91,7 +91,7 @@ def encode_clip(model, samples: np.ndarray, rate: int) -> tuple[list[np.ndarray]
     """A clip (channels, samples) -> the codes (K, T) of each window of at most the model's window (shorter
     than MIN_SECONDS: dropped), their chroma for melody models, and how many windows were dropped."""
     samples = audio.resample(audio.to_channels(samples, model.audio_channels), rate, model.sampling_rate)
-    window = int(model.window_frames / model.frame_rate * model.sampling_rate)
+    window = int(model.shape.window_seconds * model.sampling_rate)
     codes, chroma, dropped = [], [], 0
     for start in range(0, samples.shape[-1], window):
         piece = samples[:, start : start + window]
@@ -124,10 +124,10 @@ def load_examples(model, folder: Path, caption: str | None = None, log=print) ->
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise ValueError(f"the data folder {folder} does not exist.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in READABLE_SUFFIXES and p.is_file()
                    and CACHE_FOLDER not in p.parts)
     if not files:
-        raise ValueError(f"{folder} holds no audio files ({', '.join(AUDIO_SUFFIXES)}).")
+        raise ValueError(f"{folder} holds no audio files ({', '.join(READABLE_SUFFIXES)}).")
     captions = read_captions(folder, files, caption)
     cache = folder / CACHE_FOLDER / model_fingerprint(model)
     cache.mkdir(parents=True, exist_ok=True)

@@ -116,12 +116,29 @@ class KVCache:
 
 @dataclass
 class TextKV:
-    """What cross-attention needs of the text: keys and values (B, heads, S, head_dim) and the additive key
-    mask (B, 1, 1, S)."""
+    """What one layer's cross-attention needs of the text: keys and values (B, heads, S, head_dim) and the
+    additive key mask (B, 1, 1, S). `folded`: the CPU's form for short texts (cpu.decoder.fold_text), keys and
+    values (rows, heads * S, D) with the query and output projections folded in (None: no row has text)."""
 
-    keys: mx.array
-    values: mx.array
+    keys: mx.array | None
+    values: mx.array | None
     mask: mx.array
+    folded: bool = False
+
+
+@dataclass
+class Context:
+    """What the decoder is conditioned on in one window, made once per window (not per step): each layer's
+    view of the text for cross-attention (MusicGen), or a prefix (B, S, D) of chroma and text that enters the
+    KV cache on the first step (MusicGen-Melody)."""
+
+    text: list[TextKV] | None = None
+    prefix: mx.array | None = None
+
+    @property
+    def length(self) -> int:
+        """Positions the context takes in the KV cache: the prefix's (cross-attended text takes none)."""
+        return 0 if self.prefix is None else self.prefix.shape[1]
 
 
 class Attention(nn.Module):
@@ -219,18 +236,26 @@ class MusicgenDecoder(nn.Module):
     def dtype(self) -> mx.Dtype:
         return self.layer_norm.weight.dtype
 
-    def text_context(self, states: mx.array, mask: mx.array) -> list[TextKV]:
+    @property
+    def num_codebooks(self) -> int:
+        return self.config.num_codebooks
+
+    @property
+    def audio_channels(self) -> int:
+        return self.config.audio_channels
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.config.pad_token_id
+
+    def text_context(self, states: mx.array, mask: mx.array) -> Context:
         """Each layer's view of the text (B, S, D) with its (B, S) padding mask, computed once per generation
         rather than once per step."""
         states = states.astype(self.dtype)
-        return [layer.text_kv(states, mask) for layer in self.layers]
+        return Context(text=[layer.text_kv(states, mask) for layer in self.layers])
 
     def make_cache(self, batch: int, max_length: int) -> list:
         return [layer.make_cache(batch, max_length, self.dtype) for layer in self.layers]
-
-    def context_length(self, context) -> int:
-        """Positions the conditioning takes in the KV cache: none, the text is cross-attended."""
-        return 0
 
     def embed(self, codes: mx.array) -> mx.array:
         """codes (B, K, T) -> the sum of their K embeddings (B, T, D)."""
@@ -248,11 +273,11 @@ class MusicgenDecoder(nn.Module):
         x = self.layer_norm(x)
         return mx.stack([head(x) for head in self.lm_heads], axis=1)
 
-    def __call__(self, codes: mx.array, text: list, cache: list | None = None) -> mx.array:
+    def __call__(self, codes: mx.array, context: Context, cache: list | None = None) -> mx.array:
         """codes (B, K, T) -> logits (B, K, T, vocab); positions continue from the cache's."""
         x = self.add_positions(self.embed(codes), cache[0].offset if cache else 0)
         for i, layer in enumerate(self.layers):
-            x = layer(x, text[i], cache[i] if cache else None)
+            x = layer(x, context.text[i], cache[i] if cache else None)
         return self.logits(x)
 
     @staticmethod

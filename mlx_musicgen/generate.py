@@ -7,22 +7,14 @@
 """
 
 import argparse
-import json
+import dataclasses
 import secrets
 import sys
 from pathlib import Path
 
-from . import __version__, atomic
-from .audio import (
-    NORMALIZATIONS,
-    ProgressiveWriter,
-    check_output,
-    check_prompt,
-    normalize,
-    read_audio,
-    write_audio,
-)
-from .cli import player, progress_bar, run_main
+from .audio import NORMALIZATIONS, ProgressiveWriter, check_prompt, read_audio
+from .cli import add_dtype_option, add_generation_options, generation_config, player, progress_bar, run_main
+from .clips import check_clip_output, clip_settings, write_clip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,25 +26,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts-file", help="a text file with one description per line, one clip each")
     p.add_argument("--audio-prompt", help="a wav/flac/ogg file to continue (the output starts with it)")
     p.add_argument("--melody", help="a wav/flac/ogg file whose tune the music follows (melody models only)")
-    p.add_argument("--duration", type=float, default=10.0,
-                   help="seconds of audio in all, an audio prompt included (default 10)")
     p.add_argument("--output", default="musicgen.wav",
                    help="a .wav or .flac file (default musicgen.wav); several clips are numbered NAME-1, NAME-2, ...")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.add_argument("--seed", type=int, help="the same seed gives the same music")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance (default 3)")
-    p.add_argument("--top-k", type=int, default=250, help="sample from the k most likely codes (0: off; default 250)")
-    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling threshold (0: off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely code")
+    add_generation_options(p)
     p.add_argument("--adapter", help="a fine-tune's output folder (finetune.py --adapter-path) to apply")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="decoder precision when loading an unconverted model")
+    add_dtype_option(p)
     p.add_argument("--bits", choices=["16", "24", "float"], default="16", help="sample format (default 16)")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="peak",
                    help="peak: to -1 dBFS (default); loudness: to -14 LUFS (ITU-R BS.1770); none: as generated")
-    p.add_argument("--extend-stride", type=float, default=18.0,
-                   help="beyond the model's 30 s window, seconds each next window moves on (default 18)")
     p.add_argument("--batch-size", type=int, default=4, help="clips generated together (default 4)")
     p.add_argument("--stream", action="store_true",
                    help="write the .wav as it is made (a valid, growing file), then normalise it at the end")
@@ -97,48 +79,41 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> None:
-    import mlx.core as mx
-
-    from .model import MusicGen
-    from .prompt import check_duration, check_extend_stride, check_sampling
+    from .model import DTYPES
+    from .musicgen import MusicGen
 
     # Everything that can be checked without the model fails here, before the (slow) load.
     texts = read_texts(args)
-    outputs = [check_output(p, overwrite=args.overwrite, bits=args.bits) for p in output_paths(args.output, len(texts))]
+    outputs = [check_clip_output(p, overwrite=args.overwrite, bits=args.bits)
+               for p in output_paths(args.output, len(texts))]
     if args.stream and any(p.suffix.lower() != ".wav" for p in outputs):
         raise ValueError("--stream writes WAV files (their header can be kept valid as they grow): use .wav.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if not args.chunk > 0:
         raise ValueError(f"--chunk must be a positive number of seconds, got {args.chunk}.")
-    check_duration(args.duration)
-    check_extend_stride(args.extend_stride, args.duration)
-    check_sampling(guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p,
-                   temperature=args.temperature)
+    config = generation_config(args)
+    config.check()
     if args.audio_prompt:
         check_prompt(*read_audio(args.audio_prompt), f"audio prompt {args.audio_prompt}")
     if args.melody:
         check_prompt(*read_audio(args.melody, "melody"), f"melody {args.melody}")
-
-    dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
     if args.adapter:
         from .lora import read_adapter_config
 
         read_adapter_config(Path(args.adapter))  # before the load
     # generate_stream checks top_k against its vocabulary
-    model = MusicGen.from_pretrained(args.model, dtype=dtype, adapter=args.adapter)
-    seed = args.seed if args.seed is not None else secrets.randbits(31)  # recorded, so every clip can be remade
+    model = MusicGen.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), adapter=args.adapter)
+    # the seed is recorded, so that every clip can be made again
+    config = dataclasses.replace(config, seed=config.seed if config.seed is not None else secrets.randbits(31))
     speaker = player(model.sampling_rate, model.audio_channels) if args.play else None
     for start in range(0, len(texts), args.batch_size):
         batch = texts[start : start + args.batch_size]
         paths = outputs[start : start + args.batch_size]
-        settings = clip_settings(
-            model=str(args.model), adapter=args.adapter, duration=args.duration, seed=seed, batch=batch,
-            audio_prompt=args.audio_prompt, melody=args.melody, do_sample=not args.greedy,
-            guidance_scale=args.guidance_scale, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
-            extend_stride=args.extend_stride, normalize=args.normalize, sampling_rate=model.sampling_rate,
-        )
-        clips = make_clips(model, args, batch, paths, seed, speaker)
+        settings = clip_settings(model=str(args.model), adapter=args.adapter, config=config, batch=batch,
+                                 audio_prompt=args.audio_prompt, melody=args.melody, normalize=args.normalize,
+                                 sampling_rate=model.sampling_rate)
+        clips = make_clips(model, args, config, batch, paths, speaker)
         for i, (path, audio) in enumerate(zip(paths, clips)):
             sidecar = write_clip(path, audio, {"text": batch[i], "batch_index": i, **settings}, model.sampling_rate,
                                  bits=args.bits, normalization=args.normalize)
@@ -149,33 +124,13 @@ def run(args: argparse.Namespace) -> None:
         speaker.close()
 
 
-def clip_settings(*, model: str, adapter: str | None, duration: float, seed: int, batch: list, audio_prompt,
-                  melody, do_sample: bool, guidance_scale: float, top_k: int, top_p: float, temperature: float,
-                  extend_stride: float, normalize: str, sampling_rate: int) -> dict:
-    """What a clip's sidecar records beside its text and batch index: everything that remakes it."""
-    return {"model": model, "adapter": adapter, "duration": duration, "seed": seed, "batch": batch,
-            "audio_prompt": audio_prompt, "melody": melody, "do_sample": do_sample, "guidance_scale": guidance_scale,
-            "top_k": top_k, "top_p": top_p, "temperature": temperature, "extend_stride": extend_stride,
-            "normalize": normalize, "sampling_rate": sampling_rate, "mlx_musicgen": __version__}
-
-
-def write_clip(path: Path, audio, record: dict, sampling_rate: int, *, bits: str, normalization: str) -> Path:
-    """A clip (channels, samples), normalised, written atomically with `record` (its settings) in its comment
-    tag and beside it as NAME.json, also atomically; returns the sidecar's path."""
-    write_audio(path, normalize(audio, sampling_rate, normalization), sampling_rate, bits=bits,
-                comment=json.dumps(record, ensure_ascii=False))
-    sidecar = path.with_suffix(".json")
-    atomic.write_text(sidecar, json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-    return sidecar
-
-
-def make_clips(model, args, batch, paths, seed, speaker) -> list:
+def make_clips(model, args, config, batch, paths, speaker) -> list:
     """Generate one batch of clips as a stream: with --stream each chunk is appended to its file at once, with
     --play the first clip's chunks are played; the whole clips are returned for normalising and writing."""
     import numpy as np
 
     conditional = any(t is not None for t in batch)
-    bar, update = progress_bar(args.duration, "generating", disable=args.quiet)
+    bar, update = progress_bar(config.duration, "generating", disable=args.quiet)
     writers = [ProgressiveWriter(p, model.sampling_rate, model.audio_channels, args.bits) for p in paths] \
         if args.stream else []
     pieces: list[list] = [[] for _ in batch]
@@ -186,15 +141,8 @@ def make_clips(model, args, batch, paths, seed, speaker) -> list:
                 num_samples=len(batch),
                 audio_prompt=[args.audio_prompt] * len(batch) if args.audio_prompt else None,
                 melody=args.melody,
-                duration=args.duration,
                 chunk_duration=args.chunk,
-                do_sample=not args.greedy,
-                guidance_scale=args.guidance_scale,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                temperature=args.temperature,
-                seed=seed,
-                extend_stride=args.extend_stride,
+                config=config,
                 progress=update,
             ):
                 for i, item in enumerate(chunk):

@@ -8,63 +8,33 @@ as soon as all their codebooks are decoded. Codes stay MLX arrays throughout.
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import mlx.core as mx
 import numpy as np
 
 from . import delay, longform
-from .melody import window_features
-from .prompt import Request, check_sampling
-from .sampling import apply_guidance, sample
-
-if TYPE_CHECKING:
-    from .model import MusicGen
+from .decoder import Context
+from .request import GenerationConfig, Request
+from .sampling import apply_guidance, check_tokens, sample
 
 Progress = Callable[[int, int], None]  # called with (frames done, frames in all), the prompt's not counted
 Sampler = Callable[[mx.array, mx.array], mx.array]  # (logits (B, K, vocab), key) -> tokens (B, K)
+Contexts = Callable[[longform.Window], Context]  # the decoder's conditioning for each window
 
 
-@dataclass
-class GenerationConfig:
-    """The sampling and length settings that generate and generate_stream share.
+class DelayedLM(Protocol):
+    """What the step loop needs of a decoder over K delayed codebooks (decoder.MusicgenDecoder and its forms)."""
 
-    duration: seconds of audio in all, the prompt included (round(duration * frame_rate) frames); one window
-        up to the model's 30 s, beyond it audiocraft's windows, each continuing the last (30 - extend_stride) s.
-    max_new_tokens: decoder steps, as the reference counts them (give this or duration; neither: one window).
-    do_sample / temperature / top_k / top_p: sampling (greedy when do_sample is False or temperature is 0).
-    guidance_scale: classifier-free guidance; 1 or less is none. seed: the same seed gives the same audio.
-    """
+    num_codebooks: int
+    audio_channels: int
+    pad_token_id: int
 
-    duration: float | None = None
-    max_new_tokens: int | None = None
-    do_sample: bool = True
-    guidance_scale: float = 3.0
-    top_k: int = 250
-    top_p: float = 0.0
-    temperature: float = 1.0
-    seed: int | None = None
-    extend_stride: float = 18.0
+    def make_cache(self, batch: int, max_length: int) -> list: ...
 
-    @classmethod
-    def with_settings(cls, config: GenerationConfig | None, settings: dict) -> GenerationConfig:
-        """`config` (or the defaults) with keyword settings applied over it; a length given as a keyword
-        (duration or max_new_tokens) replaces the config's length of either kind."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(settings) - names)
-        if unknown:
-            raise TypeError(f"unknown generation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
-        lengths = {"duration", "max_new_tokens"}
-        if config is not None and any(settings.get(name) is not None for name in lengths):
-            settings = {**{name: None for name in lengths}, **settings}
-        return dataclasses.replace(config or cls(), **settings)
-
-    def check(self, vocab_size: int | None = None) -> None:
-        check_sampling(guidance_scale=self.guidance_scale, top_k=self.top_k, top_p=self.top_p,
-                       temperature=self.temperature, vocab_size=vocab_size)
+    def __call__(self, codes: mx.array, context: Context, cache: list | None = None) -> mx.array:
+        """codes (B, K, T) -> logits (B, K, T, vocab), positions continuing from the cache's."""
 
 
 def make_sampler(config: GenerationConfig) -> Sampler:
@@ -78,8 +48,8 @@ def make_sampler(config: GenerationConfig) -> Sampler:
 
 
 def generate_window(
-    model: MusicGen,
-    context,
+    lm: DelayedLM,
+    context: Context,
     guidance_scale: float | None,
     sampler: Sampler,
     prompt_codes: mx.array,
@@ -88,8 +58,9 @@ def generate_window(
 ) -> Iterator[mx.array]:
     """One generation window continuing `prompt_codes` (B, K, P) (the start column first): yields the new
     frames (B, K, n) as soon as all their codebooks are decoded. `context` is the decoder's conditioning
-    (MusicGen.decoder_context; doubled rows when guided, with `guidance_scale`; None: no guidance)."""
-    K, C, pad = model.num_codebooks, model.audio_channels, model.config.decoder.pad_token_id
+    (doubled rows when guided, with `guidance_scale`; None: no guidance). A code sampled from non-finite
+    logits is sampling.NONFINITE: the caller checks the codes (sampling.check_tokens) where it waits for them."""
+    K, C, pad = lm.num_codebooks, lm.audio_channels, lm.pad_token_id
     batch, length = prompt_codes.shape[0], prompt_codes.shape[-1] + max_new_tokens
     pattern = delay.delay_pattern(np.array(prompt_codes), length, pad, C)
     start = delay.first_free_position(pattern, prompt_codes.shape[-1])
@@ -97,7 +68,7 @@ def generate_window(
     last_delay = int(delay.codebook_delays(K, C)[-1]) if delay.applies(length, K, C) else 0
     total = delay.frames_out(length, K, C)
     guided = guidance_scale is not None
-    cache = model.decoder.make_cache(batch * (2 if guided else 1), length + model.decoder.context_length(context))
+    cache = lm.make_cache(batch * (2 if guided else 1), length + context.length)
 
     columns = [known[:, :, i] for i in range(start)]  # the sequence so far, one (B, K) column per position
     emitted = prompt_codes.shape[-1] - 1  # frames already out: the prompt's are the caller's
@@ -115,7 +86,7 @@ def generate_window(
     inputs = known[:, :, :start]
     for position in range(start, length):
         key, step_key = mx.random.split(key)
-        logits = model.decoder(mx.concatenate([inputs, inputs]) if guided else inputs, context, cache)[:, :, -1]
+        logits = lm(mx.concatenate([inputs, inputs]) if guided else inputs, context, cache)[:, :, -1]
         if guided:
             logits = apply_guidance(logits, guidance_scale)
         forced = known[:, :, position]
@@ -132,45 +103,33 @@ def generate_window(
         yield frames
 
 
-def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
+def generate_frames(lm: DelayedLM, contexts: Contexts, guided: bool, request: Request, config: GenerationConfig,
                     progress: Progress | None = None) -> Iterator[mx.array]:
     """Codes (B, K, n) in order, the prompt's first, as they are decoded.
 
     The request's windows say what to make (see longform): by `max_new_tokens`, one window of that many decoder
-    steps, as the reference counts them; by duration, windows of the model's window_frames, each continuing
-    the last. The text is encoded and the sampler built once; each window has its own KV cache and seed, and
-    with a melody its own chroma: the melody from the window's time offset on (see melody.window_features)."""
-    K, C, pad = model.num_codebooks, model.audio_channels, model.config.decoder.pad_token_id
-    # as the reference: no guidance without text or melody
-    guided = (request.texts is not None or request.melody is not None) and config.guidance_scale > 1.0
-    states, mask = model.conditioning(request.texts, request.num_samples, guided)
-    fixed = model.decoder_context(states, mask, guided=guided) if request.melody is None else None
-
-    def context_for(window: longform.Window):
-        if fixed is not None:
-            return fixed
-        time_offset = window.offset / model.frame_rate if len(request.windows) > 1 else None
-        chroma = window_features(request.melody, model.config.melody.features, time_offset,
-                                 model.window_frames / model.frame_rate)
-        return model.decoder_context(states, mask, chroma, guided)
-
+    steps, as the reference counts them; by duration, windows of the model's window, each continuing the last.
+    `contexts` gives each window's conditioning (doubled rows when `guided`); the sampler is built once; each
+    window has its own KV cache and seed."""
+    K, C, pad = lm.num_codebooks, lm.audio_channels, lm.pad_token_id
     sampler = make_sampler(config)
     batch, prompt_frames, expected = request.num_samples, request.prompt_frames, request.total_frames
     done = prompt_frames
+    scale = config.guidance_scale if guided else None
 
-    def generate(index: int, context: mx.array | None, window: longform.Window) -> Iterator[mx.array]:
+    def generate(index: int, prompt: mx.array | None, window: longform.Window) -> Iterator[mx.array]:
         nonlocal done
         wanted = window.span - window.known
         steps = request.max_new_tokens
         if steps is None:  # by frames: always delayed, as audiocraft (the reference leaves very short sequences
             # undelayed, which would make more frames than asked), then cut to the frames wanted
             steps = max(wanted + K // C - 1, 2 * (K // C) - 2 - window.known)
+        if index > 0:  # the last window's codes, made here: NaN/inf logits are reported, not continued
+            check_tokens(prompt)
         seed = secrets.randbits(63) if config.seed is None else (config.seed + index * 1_000_003) % 2**63
         start = mx.full((batch, K, 1), pad, dtype=mx.int32)
-        prompt = start if context is None else mx.concatenate([start, context.astype(mx.int32)], axis=2)
-        scale = config.guidance_scale if guided else None
-        for frames in generate_window(model, context_for(window), scale, sampler, prompt, steps,
-                                      mx.random.key(seed)):
+        codes = start if prompt is None else mx.concatenate([start, prompt.astype(mx.int32)], axis=2)
+        for frames in generate_window(lm, contexts(window), scale, sampler, codes, steps, mx.random.key(seed)):
             frames = frames[:, :, :wanted]
             if frames.shape[-1] == 0:
                 break
@@ -180,4 +139,5 @@ def generate_frames(model: MusicGen, request: Request, config: GenerationConfig,
                 progress(done - prompt_frames, expected - prompt_frames)
             yield frames
 
-    yield from longform.extend(generate, request.windows, request.prompt_codes)
+    prompt = None if request.prompt_codes is None else mx.array(request.prompt_codes)
+    yield from longform.extend(generate, request.windows, prompt)

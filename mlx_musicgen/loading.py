@@ -12,18 +12,15 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .prompt import MAX_DURATION
-
-if TYPE_CHECKING:
-    from .model import MusicGen, MusicGenConfig
+from .limits import MAX_DURATION
+from .model import CONVERTED_KEY, MusicGenConfig, MusicGenModel
 
 FORMAT_VERSION = 2  # of converted folders; bump when the layout of weights or config changes (2: portable layout)
-CONVERTED_KEY = "mlx_musicgen"  # the converted config.json's own section
 SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
 
 # What a download needs: configs, tokenizer and weights (the .bin only where a repo has no safetensors).
@@ -335,12 +332,10 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
                                   f"could fill: the config does not belong to these weights.")
 
 
-def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicGen, dict]:
+def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicGenModel, dict]:
     """The model a checkpoint folder describes, its weights loaded strictly, and its raw config. The config is
     checked against the weights (loaded lazily: their shapes are known before any is read) before the model is
     built."""
-    from .model import MusicGen, MusicGenConfig
-
     raw = read_config(folder)
     check_tokenizer_files(folder)  # a converted folder holds them too
     generation, preprocessor = read_generation_config(folder), read_preprocessor_config(folder, raw)
@@ -354,26 +349,25 @@ def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicG
     if not weights:
         raise CheckpointError(f"{folder / 'model.safetensors'} holds no tensors: download or convert the model again.")
     check_config(config, folder / "config.json", len(weights))
-    model = MusicGen(config)
+    model = MusicGenModel(config)
     if not is_converted(raw):
         # Contiguous, as a converted folder's are: the same layouts give the same kernels, hence the same bits.
-        weights = {k: mx.contiguous(v) for k, v in MusicGen.sanitize(weights).items()}
+        weights = {k: mx.contiguous(v) for k, v in MusicGenModel.sanitize(weights).items()}
     load_weights(model, weights, folder)
     return model, raw
 
 
-def load_model(path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> MusicGen:
-    """A converted folder, a Hub-layout folder (converted in memory) or a Hub id -> MusicGen with its tokenizer,
+def load_model(path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> tuple[MusicGenModel, object]:
+    """A converted folder, a Hub-layout folder (converted in memory) or a Hub id -> the model and its tokenizer,
     the decoder in `dtype` if given (the portable model: see MusicGen.from_pretrained for the device's)."""
     folder = resolve(path_or_id)
     model, _ = build_model(folder)
     if dtype is not None:
         model.set_decoder_dtype(dtype)
-    model.tokenizer = load_tokenizer(folder, model.config.text_encoder.vocab_size)
-    return model
+    return model, load_tokenizer(folder, model.config.text_encoder.vocab_size)
 
 
-def load_weights(model: MusicGen, weights: dict[str, mx.array], source: Path | str) -> None:
+def load_weights(model: MusicGenModel, weights: dict[str, mx.array], source: Path | str) -> None:
     """Strict loading: every tensor must fill a parameter of the same shape, and every parameter be filled."""
     expected = dict(tree_flatten(model.parameters()))
     unexpected = sorted(set(weights) - set(expected))

@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import atomic
+from .loading import CheckpointError, load_safetensors, read_json
 
 # What the known transformers + PEFT recipe adapts: the decoder's attention and feed-forward projections, the
 # per-codebook heads, and the projections of the text (and melody) into the decoder.
@@ -138,8 +139,6 @@ def save_adapters(model, config: AdapterConfig, folder: Path, extra: dict | None
 
 
 def read_adapter_config(folder: Path) -> AdapterConfig:
-    from .loading import CheckpointError, read_json
-
     file = folder / CONFIG_FILE
     if not file.is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{folder} holds no adapters ({CONFIG_FILE} and {WEIGHTS_FILE}): give the "
@@ -157,8 +156,6 @@ def read_adapter_config(folder: Path) -> AdapterConfig:
 def load_adapters(model, folder: Path) -> AdapterConfig:
     """Put the adapters of `folder` on a model (or, for a full fine-tune, its weights into the model),
     strictly: every tensor present with its shape."""
-    from .loading import CheckpointError, load_safetensors
-
     folder = Path(folder).expanduser()
     config = read_adapter_config(folder)
     if not config.full:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import chroma
 from .chroma import ChromaSettings
-from .decoder import DecoderLayer, MusicgenDecoder
+from .decoder import Context, DecoderLayer, MusicgenDecoder
 
 
 @dataclass
@@ -51,17 +51,13 @@ class MelodyDecoder(MusicgenDecoder):
 
     Layer = MelodyDecoderLayer
 
-    def context_length(self, prefix: mx.array | None) -> int:
-        """Positions the prefix takes in the KV cache."""
-        return 0 if prefix is None else prefix.shape[1]
-
-    def __call__(self, codes: mx.array, prefix: mx.array | None, cache: list | None = None) -> mx.array:
-        """codes (B, K, T), the prefix (B, S, D) -> logits of the codes' positions (B, K, T, vocab). The prefix is
-        read on the first call of a cache (or without one) and held in the cache from then on."""
+    def __call__(self, codes: mx.array, context: Context, cache: list | None = None) -> mx.array:
+        """codes (B, K, T), the context's prefix (B, S, D) -> logits of the codes' positions (B, K, T, vocab). The
+        prefix is read on the first call of a cache (or without one) and held in the cache from then on."""
         offset = cache[0].offset if cache else 0
         x = self.embed(codes)
-        if offset == 0 and prefix is not None:
-            x = mx.concatenate([prefix.astype(x.dtype), x], axis=1)
+        if offset == 0 and context.prefix is not None:
+            x = mx.concatenate([context.prefix.astype(x.dtype), x], axis=1)
         x = self.add_positions(x, offset)
         for i, layer in enumerate(self.layers):
             x = layer(x, cache=cache[i] if cache else None)
@@ -92,10 +88,10 @@ def fit_frames(states: mx.array, length: int) -> mx.array:
     return states[:, :length]
 
 
-def prefix(chroma_states: mx.array, text_states: mx.array, chroma_length: int) -> mx.array:
+def prefix_context(chroma_states: mx.array, text_states: mx.array, chroma_length: int) -> Context:
     """Projected chroma (B, F, D) and text (B, S, D) -> the decoder's prefix (B, chroma_length + S, D)."""
     chroma_states = fit_frames(chroma_states, chroma_length).astype(text_states.dtype)
-    return mx.concatenate([chroma_states, text_states], axis=1)
+    return Context(prefix=mx.concatenate([chroma_states, text_states], axis=1))
 
 
 def window_features(melodies: list[np.ndarray], settings: ChromaSettings, time_offset: float | None,

@@ -13,8 +13,10 @@ from __future__ import annotations
 from typing import Iterable, Iterator
 
 import mlx.core as mx
+import numpy as np
 
 from .encodec import EncodecModel, LSTMState, context_frames
+from .sampling import check_tokens
 
 
 class StreamingDecoder:
@@ -95,3 +97,23 @@ def regroup(frames: Iterable[mx.array], size: int) -> Iterator[mx.array]:
             pending, held = [joined[..., size:]], held - size
     if held:
         yield mx.concatenate(pending, axis=-1)
+
+
+def decode_stream(model: EncodecModel, channels: int, codes: Iterable[mx.array | np.ndarray]) -> Iterator[np.ndarray]:
+    """Codes arriving a stretch (batch, codebooks, n) at a time -> the audio (batch, channels, samples) that each
+    makes final; the audio joined is the whole decode, sample-exact at the seams. Stereo codebooks are
+    interleaved L0, R0, L1, ... and each channel decoded apart."""
+    decoders = [StreamingDecoder(model) for _ in range(channels)]
+
+    def joined(pieces: list[mx.array]) -> np.ndarray:
+        return np.array(mx.concatenate(pieces, axis=1).astype(mx.float32))
+
+    for stretch in codes:
+        check_tokens(stretch)  # NaN/inf logits are reported, not decoded into noise
+        stretch = mx.array(stretch)
+        audio = joined([d.push(stretch[:, c::channels]) for c, d in enumerate(decoders)])
+        if audio.shape[-1]:
+            yield audio
+    audio = joined([d.flush() for d in decoders])
+    if audio.shape[-1]:
+        yield audio

@@ -12,14 +12,17 @@ from pathlib import Path
 
 import httpx
 
+from slow import runner, slow_steps
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class Studio:
-    """`python -m mlx_musicgen.studio` on port 0 (a free port), its URL read from what it prints."""
+    """`python -m mlx_musicgen.studio` on port 0 (a free port), its URL read from what it prints; `slow`: seconds
+    each decoder step sleeps (see slow.slow_steps), so that a long job is still running when a test acts on it."""
 
-    def __init__(self, model: Path, output: Path, *args: str):
-        self.model, self.output, self.args = model, output, args
+    def __init__(self, model: Path, output: Path, *args: str, slow: float = 0.0):
+        self.model, self.output, self.args, self.slow = model, output, args, slow
         self.log = output.parent / f"{output.name}-studio.log"
         self.process = None
         self.url = None
@@ -27,8 +30,10 @@ class Studio:
 
     def start(self) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, "-m", "mlx_musicgen.studio", "--model", str(self.model), "--port", "0",
-                   "--output-dir", str(self.output), *self.args]
+        start = ["-c", runner(slow_steps(self.slow), module="mlx_musicgen.studio")] if self.slow else \
+            ["-m", "mlx_musicgen.studio"]
+        command = [sys.executable, *start, "--model", str(self.model), "--port", "0", "--output-dir",
+                   str(self.output), *self.args]
         offset = self.log.stat().st_size if self.log.exists() else 0
         self.log_file = self.log.open("a")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)

@@ -19,7 +19,6 @@ from mlx.utils import tree_flatten
 
 from mlx_musicgen import MusicGen, lora, training
 from mlx_musicgen.dataset import load_examples
-from mlx_musicgen.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-5
@@ -47,6 +46,11 @@ def clips(K: int, lengths=(12, 9), seed=0) -> list[np.ndarray]:
     return [rng.integers(0, 2048, (K, n)) for n in lengths]
 
 
+def portable(folder) -> MusicGen:
+    """The model as finetune.py trains it: the portable modules (the CPU forms are for generation)."""
+    return MusicGen.from_pretrained(folder, portable=True)
+
+
 def our_batch(model, texts, codes, chroma=None) -> training.Batch:
     tokens = model.tokenizer(texts, padding=True, return_tensors="np")
     states = model.text_encoder(mx.array(tokens["input_ids"]), mx.array(tokens["attention_mask"]))
@@ -68,20 +72,20 @@ def test_labels_are_the_references_delay_pattern(checkpoint, request):
 def test_loss_is_the_references(checkpoint, request):
     """A padded batch of two texts and two clips of different lengths, teacher-forced."""
     ckpt = request.getfixturevalue(checkpoint)
-    reference, model = ckpt.reference, load_model(ckpt.folder)
+    reference, musicgen = ckpt.reference, portable(ckpt.folder)
     reference.config.decoder.decoder_start_token_id = 2048
     texts = ["80s pop track with bassy drums and synth", "jazz"]
     codes = clips(reference.decoder.num_codebooks)
     inputs = ckpt.processor(text=texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         expected = reference(**inputs, labels=reference_labels(reference, codes)).loss.item()
-    ours = training.loss(model, our_batch(model, texts, codes)).item()
+    ours = training.loss(musicgen.model, our_batch(musicgen, texts, codes)).item()
     assert abs(ours - expected) / expected < LOSS_RTOL
-    assert training.loss(model, our_batch(model, texts, codes), checkpoint=True).item() == ours
+    assert training.loss(musicgen.model, our_batch(musicgen, texts, codes), checkpoint=True).item() == ours
 
 
 def test_melody_loss_is_the_references(tiny_melody):
-    model = load_model(tiny_melody.folder)
+    musicgen = portable(tiny_melody.folder)
     reference = tiny_melody.reference
     reference.config.decoder.decoder_start_token_id = 2048
     texts = ["lofi slow bpm", "epic orchestral strings cinematic"]
@@ -91,14 +95,15 @@ def test_melody_loss_is_the_references(tiny_melody):
     with torch.no_grad():
         expected = reference(**inputs, input_features=torch.from_numpy(chroma),
                              labels=reference_labels(reference, codes)).loss.item()
-    ours = training.loss(model, our_batch(model, texts, codes, chroma)).item()
+    ours = training.loss(musicgen.model, our_batch(musicgen, texts, codes, chroma)).item()
     assert abs(ours - expected) / expected < LOSS_RTOL
 
 
 def test_lora_gradients_match_torch_autograd(tiny):
     """Every adapter on (rank 4, alpha 8), B drawn non-zero so that both matrices get gradients; the same
     LoRA built in plain torch around transformers' modules (forward hooks), its gradients by autograd."""
-    model = load_model(tiny.folder)
+    musicgen = portable(tiny.folder)
+    model = musicgen.model
     config = lora.AdapterConfig(rank=4, alpha=8.0)
     mx.random.seed(0)
     lora.apply_lora(model, config)
@@ -111,7 +116,7 @@ def test_lora_gradients_match_torch_autograd(tiny):
     model.load_weights(list(adapters.items()), strict=False)
     texts = ["80s pop track with bassy drums and synth", "jazz"]
     codes = clips(4)
-    loss, grads = nn.value_and_grad(model, training.loss)(model, our_batch(model, texts, codes))
+    loss, grads = nn.value_and_grad(model, training.loss)(model, our_batch(musicgen, texts, codes))
     grads = dict(tree_flatten(grads))
 
     reference = tiny.reference
@@ -198,15 +203,15 @@ def test_the_loss_falls_and_the_clips_are_memorised(studio_data, trained):
 def test_fused_adapters_give_the_adapted_logits(studio_data, trained, tmp_path):
     result = finetune("--fuse", "--adapter-path", trained, "--mlx-path", tmp_path / "fused")
     assert result.returncode == 0, result.stderr
-    adapted = load_model(studio_data / "model")  # the adapters on, as trained
-    lora.load_adapters(adapted, trained)
+    adapted = portable(studio_data / "model")  # the adapters on, as trained
+    lora.load_adapters(adapted.model, trained)
     codes = clips(4, (20, 14), seed=5)
-    expected = np.array(training.forward(adapted, our_batch(adapted, CAPTIONS[:2], codes)))
+    expected = np.array(training.forward(adapted.model, our_batch(adapted, CAPTIONS[:2], codes)))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLX_MUSICGEN_PORTABLE", "1")
         merged = MusicGen.from_pretrained(studio_data / "model", adapter=trained)  # merged at load
-    for model in (load_model(tmp_path / "fused"), merged):
-        logits = np.array(training.forward(model, our_batch(model, CAPTIONS[:2], codes)))
+    for model in (portable(tmp_path / "fused"), merged):
+        logits = np.array(training.forward(model.model, our_batch(model, CAPTIONS[:2], codes)))
         assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-5
 
 
@@ -214,7 +219,7 @@ def test_a_resumed_run_continues_the_same_curve(studio_data, tmp_path):
     """Six steps straight, against three steps stopped by Ctrl-C (which saves a checkpoint) and --resume: the
     same losses, validation losses included (LoRA dropout on: its draws follow the step too)."""
     from mlx_musicgen.dataset import split
-    from mlx_musicgen.finetune import Trainer, TrainConfig
+    from mlx_musicgen.training import Trainer, TrainConfig
 
     common = ("--model", studio_data / "model", "--data", studio_data / "data", "--learning-rate", 1e-3,
               "--lora-rank", 4, "--lora-dropout", 0.1, "--log-every", 1, "--val-every", 2, "--val-fraction", 0.34,
@@ -224,11 +229,11 @@ def test_a_resumed_run_continues_the_same_curve(studio_data, tmp_path):
 
     out = tmp_path / "stopped"
     out.mkdir()
-    model = load_model(studio_data / "model")
+    musicgen = portable(studio_data / "model")
     mx.random.seed(0)
-    train, val = split(load_examples(model, studio_data / "data", log=lambda m: None), 0.34, 0)
+    train, val = split(load_examples(musicgen, studio_data / "data", log=lambda m: None), 0.34, 0)
     config = TrainConfig(iters=6, learning_rate=1e-3, log_every=1, val_every=2, val_fraction=0.34)
-    trainer = Trainer(model, train, val, out, config, lora.AdapterConfig(rank=4, dropout=0.1),
+    trainer = Trainer(musicgen.model, train, val, out, config, lora.AdapterConfig(rank=4, dropout=0.1),
                       str(studio_data / "model"))
 
     def ctrl_c_after_step_3(step, entry):

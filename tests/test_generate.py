@@ -82,8 +82,8 @@ def test_generate_tokens_takes_a_duration(model):
 
 def test_optimizing_twice_changes_nothing(model):
     before = model.generate(["techno"], max_new_tokens=8, do_sample=False, return_tokens=True)
-    optimize_for_cpu(model)
-    optimize_for_cpu(model)
+    optimize_for_cpu(model.decoder, model.audio_encoder)
+    optimize_for_cpu(model.decoder, model.audio_encoder)
     after = model.generate(["techno"], max_new_tokens=8, do_sample=False, return_tokens=True)
     np.testing.assert_array_equal(after[1], before[1])
     assert reference.relative_error(after[0], before[0]) < AUDIO_RTOL

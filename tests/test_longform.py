@@ -12,7 +12,7 @@ import torch
 
 from mlx_musicgen import GenerationConfig, MusicGen
 from mlx_musicgen.longform import Window, plan_windows, stride_frames
-from mlx_musicgen.prompt import prepare
+from mlx_musicgen.request import prepare
 
 STRIDE = 0.02  # seconds: 20 frames of the tiny codec (1000 frames/s)
 
@@ -154,7 +154,8 @@ def test_window_plan_is_audiocrafts(duration, stride):
 @pytest.mark.parametrize("seconds,frames", [(0.0399, 40), (0.0404, 40), (0.0996, 100), (0.1004, 100)])
 def test_duration_rounds_to_frames_and_fills_whole_windows(model, seconds, frames):
     """round(duration * frame_rate) frames in all (audiocraft truncates); one window whenever they fit in it."""
-    request = prepare(model, GenerationConfig(duration=seconds, extend_stride=STRIDE), ["rock"])
+    request = prepare(model.shape, model.encode_audio, GenerationConfig(duration=seconds, extend_stride=STRIDE),
+                      ["rock"])
     assert request.total_frames == frames
     assert len(request.windows) == (1 if frames <= model.window_frames else 4)
     assert request.windows[0] == Window(0, 0, min(frames, model.window_frames))

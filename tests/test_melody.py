@@ -52,13 +52,13 @@ def test_logits_with_the_prefix_match_the_reference(model, tiny_melody):
     codes = torch.randint(0, 2048, (2 * 4, 9), generator=torch.Generator().manual_seed(0))
     expected = tiny_melody.reference(**inputs, decoder_input_ids=codes).logits.reshape(2, 4, -1, 2048)[:, :, -9:]
     states, mask = model.conditioning(texts, 2, guided=False)
-    context = model.decoder_context(states, mask, inputs["input_features"].numpy())
-    assert context.shape[1] == 7 + inputs["input_ids"].shape[1]
+    context = model.model.decoder_context(states, mask, inputs["input_features"].numpy())
+    assert context.prefix.shape[1] == 7 + inputs["input_ids"].shape[1]
     codes = mx.array(codes.numpy().reshape(2, 4, 9))
     logits = np.array(model.decoder(codes, context))
     assert reference.relative_error(logits, expected.numpy()) < LOGITS_RTOL
 
-    cache = model.decoder.make_cache(2, 9 + model.decoder.context_length(context))
+    cache = model.decoder.make_cache(2, 9 + context.length)
     steps = [model.decoder(codes[:, :, :4], context, cache)] + [model.decoder(codes[:, :, i : i + 1], context, cache)
                                                                  for i in range(4, 9)]
     cached = np.array(mx.concatenate(steps, axis=2))
@@ -254,7 +254,7 @@ def test_conversion_round_trip_and_strict_loading(model, tiny_melody, tmp_path):
     states, mask = model.conditioning(["rock"], 1, guided=False)
     chroma = np.eye(12, dtype=np.float32)[None, [0, 4, 7, 9, 2]]
     codes = mx.array(np.arange(4 * 6).reshape(1, 4, 6))
-    logits = [np.array(m.decoder(codes, m.decoder_context(states, mask, chroma))) for m in (model, quantized)]
+    logits = [np.array(m.decoder(codes, m.model.decoder_context(states, mask, chroma))) for m in (model, quantized)]
     assert reference.relative_error(logits[1], logits[0]) < 0.05  # 8-bit weights: a small, bounded drift
 
     broken = tmp_path / "no-preprocessor"

@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 
 from mlx_musicgen.loudness import integrated_loudness
+from slow import runner, slow_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,10 +77,12 @@ def test_normalisation_levels(tiny, tmp_path, strategy):
 
 
 def test_stream_keeps_a_valid_growing_wav(tiny, tmp_path):
+    """Looked at while it grows (each step slowed, so that the growth is seen on any machine)."""
     out = tmp_path / "live.wav"
-    process = subprocess.Popen(command(tiny, "--text", "house", "--duration", 1.2, "--chunk", 0.05, "--stream",
-                                       "--normalize", "none", "--seed", 2, "--output", out),
-                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    args = command(tiny, "--text", "house", "--duration", 1.2, "--chunk", 0.05, "--stream", "--normalize", "none",
+                   "--seed", 2, "--output", out)[2:]
+    process = subprocess.Popen([sys.executable, "-c", runner(slow_steps(0.02), script=str(ROOT / "generate.py")),
+                                *args], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     sizes = []
     while process.poll() is None:
         if out.exists() and out.stat().st_size > 44:

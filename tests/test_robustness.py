@@ -30,9 +30,11 @@ from safetensors.numpy import load_file, save_file
 
 import fixtures
 from mlx_musicgen import MusicGen, atomic
+from slow import runner, slow_steps
 from mlx_musicgen.audio import write_audio
 from mlx_musicgen.loading import CheckpointError
-from mlx_musicgen.prompt import MAX_DURATION, check_sampling
+from mlx_musicgen.limits import MAX_DURATION
+from mlx_musicgen.request import check_sampling
 from mlx_musicgen.sampling import NonFiniteLogitsError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -427,6 +429,8 @@ CASES = [
          r"cannot write in the folder"),
     Case("output-exists", gen(output=lambda t, w: (w / "out.wav").write_bytes(OLD) and w / "out.wav"),
          r"out.wav exists: pass --overwrite"),
+    Case("output-sidecar-exists", gen(output=lambda t, w: (w / "out.json").write_text("{}") and w / "out.flac"),
+         r"out.json exists \(the record of another take\): pass --overwrite"),  # out.wav's, beside a new out.flac
     Case("output-wrong-extension", gen(output="out.mp3"), r"out.mp3: the output must end in .wav or .flac"),
     # convert.py
     Case("convert-into-non-empty-folder",
@@ -516,9 +520,7 @@ def start(script: str, args: list, tmp: Path, log: Path, code: str | None = None
     if code is None:
         command = [sys.executable, str(ROOT / script), *map(str, args)]
     else:
-        runner = f"{code}\nimport runpy, sys\nsys.argv = [{script!r}] + sys.argv[1:]\n" \
-                 f"runpy.run_path({str(ROOT / script)!r}, run_name='__main__')\n"
-        command = [sys.executable, "-c", runner, *map(str, args)]
+        command = [sys.executable, "-c", runner(code, script=str(ROOT / script)), *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=ROOT, env=env(tmp))
 
 
@@ -539,7 +541,7 @@ SIGNALS = [(signal.SIGINT, 130, "error: interrupted"), (signal.SIGTERM, 143, "er
 
 
 def test_killed_while_generating_keeps_the_old_file(tiny, tmp_path):
-    """Ctrl-C, kill and kill -9 during generation (seconds of work): the old file is untouched."""
+    """Ctrl-C, kill and kill -9 during generation (slowed to seconds of work): the old file is untouched."""
     runs = []
     for sig, code, message in SIGNALS:
         folder = tmp_path / sig.name
@@ -547,7 +549,8 @@ def test_killed_while_generating_keeps_the_old_file(tiny, tmp_path):
         (folder / "clip.wav").write_bytes(OLD)
         log = tmp_path / f"{sig.name}.log"
         process = start("generate.py", ["--model", tiny.folder, "--duration", 1.4, "--text", "rock",
-                                        "--output", folder / "clip.wav", "--overwrite"], tmp_path, log)
+                                        "--output", folder / "clip.wav", "--overwrite"], tmp_path, log,
+                        code=slow_steps(0.1))
         runs.append((sig, code, message, folder, log, process))
     for *_, log, process in runs:  # all mid-generation (a run takes seconds), then all interrupted at once
         wait_for(log, "generating:", process)

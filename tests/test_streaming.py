@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import reference
-from mlx_musicgen import MusicGen, model as model_module
+from mlx_musicgen import MusicGen, musicgen as musicgen_module
 from mlx_musicgen.cpu.encodec import optimize_encodec
 from mlx_musicgen.encodec import EncodecConfig, EncodecModel
 from mlx_musicgen.streaming import StreamingDecoder
@@ -90,5 +90,5 @@ def test_stereo_stream_equals_generate(tiny_stereo):
 def test_long_decode_in_stretches_equals_one_shot(model, monkeypatch):
     codes = np.random.default_rng(5).integers(0, 2048, size=(1, 4, 95))
     one_shot = model.decode(codes)
-    monkeypatch.setattr(model_module, "DECODE_FRAMES", 20)  # forces the stretch-by-stretch path
+    monkeypatch.setattr(musicgen_module, "DECODE_FRAMES", 20)  # forces the stretch-by-stretch path
     assert reference.relative_error(model.decode(codes), one_shot) < TOLERANCE

@@ -17,7 +17,7 @@ TAKE_FILES = ("*.wav", "*.flac", "*.json")
 
 @pytest.fixture(scope="module")
 def studio(tiny, tmp_path_factory):
-    server = Studio(tiny.folder, tmp_path_factory.mktemp("studio") / "takes", "--chunk", "0.02")
+    server = Studio(tiny.folder, tmp_path_factory.mktemp("studio") / "takes", "--chunk", "0.02", slow=0.01)
     yield server
     if server.process.poll() is None:
         server.stop()
@@ -260,9 +260,11 @@ def test_the_api_is_described(studio):
 
 
 def test_a_full_queue_is_429(tiny, tmp_path):
-    server = Studio(tiny.folder, tmp_path / "takes", "--max-queue", "2")
+    server = Studio(tiny.folder, tmp_path / "takes", "--max-queue", "2", slow=0.1)
     try:
         running = submit(server, text="long", duration=1.4).json()
+        while server.client.get(f"/api/jobs/{running['id']}").json()["status"] != "running":  # out of the queue
+            time.sleep(0.02)
         statuses = [submit(server, text=f"wait {i}", duration=0.02).status_code for i in range(4)]
         assert statuses == [202, 202, 429, 429]
         full = submit(server, text="more", duration=0.02)
@@ -273,7 +275,7 @@ def test_a_full_queue_is_429(tiny, tmp_path):
 
 
 def test_restart_keeps_takes_and_accepted_jobs(tiny, tmp_path):
-    server = Studio(tiny.folder, tmp_path / "takes", "--chunk", "0.05")
+    server = Studio(tiny.folder, tmp_path / "takes", "--chunk", "0.05", slow=0.05)
     made = server.wait(submit(server, text="kept", duration=0.03, seed=1).json()["id"])["take"]
     long = submit(server, text="interrupted", duration=1.4, seed=2).json()["id"]
     waiting = submit(server, text="waiting", duration=0.03, seed=3).json()["id"]

@@ -34,7 +34,7 @@ from ..decoder import (
     text_kv,
 )
 from ..melody import MelodyDecoderLayer
-from . import blas_threads_itself, parallel_streams
+from .threads import blas_threads_itself, parallel_streams
 
 MAX_BLOCKED_ROWS = 8  # more rows (a prefill) amortise the repacking: one ordinary product is faster
 BLOCK_WIDTH = 64  # output columns per block: small enough that OpenBLAS neither repacks nor spawns threads
@@ -120,13 +120,14 @@ def self_only_layer_output(x, attended, out_proj, final_norm, fc1, fc2, activati
 
 
 def cross_attention(h: mx.array, text: dict, heads: int, scale: float) -> mx.array:
-    """h (B, L, D) attending to the text, in one of the forms of CompiledDecoderLayer.text_kv."""
+    """h (B, L, D) attending to the text: TextKV's fields as a dict (which compiles), with the query and output
+    projections when the text is not folded (see fold_text)."""
     if "q_proj" in text:
         queries = split_heads(project(h, text["q_proj"]), heads)
         attended = mx.fast.scaled_dot_product_attention(queries, text["keys"], text["values"], scale=scale,
                                                         mask=text["mask"])
         return project(merge_heads(attended), text["out_proj"])
-    keys, values = text["folded_keys"], text["folded_values"]
+    keys, values = text["keys"], text["values"]
     if keys is None:
         return mx.zeros_like(h)
     rows, (B, L, _) = keys.shape[0], h.shape
@@ -143,13 +144,13 @@ def text_rows(mask: mx.array) -> int | None:
     return rows if has_text[:rows].all() else None
 
 
-def fold_text(attn: nn.Module, states: mx.array, rows: int) -> dict:
+def fold_text(attn: nn.Module, states: mx.array, mask: mx.array, rows: int) -> TextKV:
     """Cross-attention of a short text with the query and output projections folded in, per head:
         q_h . k = x . (Wq_h^T k)        and        sum_h p_h V_h Wo_h^T = sum_h p_h (V_h Wo_h^T),
     so a step reads rows * heads * S * D keys and as many values instead of the two D x D weights."""
     heads, D = attn.heads, states.shape[-1]
     if rows == 0:  # unconditional: no row attends to anything
-        return {"folded_keys": None, "folded_values": None}
+        return TextKV(None, None, additive_mask(mask, states.dtype), folded=True)
     states = states[:rows]
     keys = split_heads(project(states, attn.k_proj), heads) * attn.scale  # (rows, heads, S, head_dim)
     values = split_heads(project(states, attn.v_proj), heads)
@@ -157,8 +158,9 @@ def fold_text(attn: nn.Module, states: mx.array, rows: int) -> dict:
     # Wo's columns by head, (heads, D, head_dim): on a CPU a much cheaper copy than Wo.T's rows by head.
     out_by_head = attn.out_proj.weight.reshape(D, heads, -1).transpose(1, 0, 2)
     folded_values = (out_by_head @ values.swapaxes(-1, -2)).swapaxes(-1, -2)  # (rows, heads, S, D)
-    return {"folded_keys": (keys @ q_by_head).reshape(rows, heads * states.shape[1], D),
-            "folded_values": folded_values.reshape(rows, heads * states.shape[1], D)}
+    return TextKV((keys @ q_by_head).reshape(rows, heads * states.shape[1], D),
+                  folded_values.reshape(rows, heads * states.shape[1], D), additive_mask(mask, states.dtype),
+                  folded=True)
 
 
 class CompiledDecoderLayer(nn.Module):
@@ -180,16 +182,15 @@ class CompiledDecoderLayer(nn.Module):
     def make_cache(self, batch: int, max_length: int, dtype: mx.Dtype) -> KVCache:
         return DecoderLayer.make_cache(self, batch, max_length, dtype)
 
-    def text_kv(self, states: mx.array, mask: mx.array) -> dict:
-        """The text as layer_output takes it: a dict (which compiles) holding TextKV's keys, values and mask and
-        the cross-attention's query and output projections, or, for short texts, the folded form."""
+    def text_kv(self, states: mx.array, mask: mx.array) -> TextKV:
+        """The text's keys and values, or for short texts their folded form (fold_text)."""
         attn = self.encoder_attn
         rows, (_, S, D) = text_rows(mask), states.shape
         if rows is None or rows * attn.heads * S > D or "scales" in attn.q_proj or "scales" in attn.out_proj:
-            return {**vars(attn.text_kv(states, mask)), "q_proj": attn.q_proj, "out_proj": attn.out_proj}
-        return {"mask": additive_mask(mask, states.dtype), **fold_text(attn, states, rows)}
+            return attn.text_kv(states, mask)
+        return fold_text(attn, states, mask, rows)
 
-    def __call__(self, x: mx.array, text: dict | None = None, cache: KVCache | None = None) -> mx.array:
+    def __call__(self, x: mx.array, text: TextKV | None = None, cache: KVCache | None = None) -> mx.array:
         sa = self.self_attn
         queries, keys, values = self_attention_inputs(
             x, self.self_attn_layer_norm, sa.q_proj, sa.k_proj, sa.v_proj, sa.heads
@@ -202,8 +203,11 @@ class CompiledDecoderLayer(nn.Module):
         if "encoder_attn" not in self:
             return self_only_layer_output(x, attended, sa.out_proj, self.final_layer_norm, self.fc1, self.fc2,
                                           self.activation)
-        return layer_output(x, attended, sa.out_proj, self.encoder_attn_layer_norm, text, self.encoder_attn.heads,
-                            self.encoder_attn.scale, self.final_layer_norm, self.fc1, self.fc2, self.activation)
+        ca = self.encoder_attn
+        projections = {} if text.folded else {"q_proj": ca.q_proj, "out_proj": ca.out_proj}
+        text = {"keys": text.keys, "values": text.values, "mask": text.mask, **projections}
+        return layer_output(x, attended, sa.out_proj, self.encoder_attn_layer_norm, text, ca.heads, ca.scale,
+                            self.final_layer_norm, self.fc1, self.fc2, self.activation)
 
 
 # ---- split layers (OpenBLAS: two halves on two streams)

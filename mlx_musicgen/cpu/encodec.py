@@ -1,5 +1,5 @@
 """EnCodec on a CPU: `optimize_encodec(model)` swaps an EncodecModel's modules, in place, for ones with the same
-interface and the same outputs (up to float32 reordering) that run faster on a CPU (see docs/PERFORMANCE.md):
+interface and the same outputs (up to float32 reordering) that run faster on a CPU (see docs/performance.md):
 - MLX's CPU convolutions are slow on long sequences (transposed ones most of all), so every convolution is one
   matmul over all kernel taps plus, where needed, a sum of shifted slices, and a transposed one is the equivalent
   stride-1 convolution over frames of `stride` samples (its weight re-laid at swap time; nothing is saved so).
@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..encodec import EncodecConfig, EncodecDecoder, EncodecEncoder, EncodecModel, context_frames
-from . import blas_threads_itself, parallel_streams
+from .threads import blas_threads_itself, parallel_streams
 
 CHUNK_FRAMES = 50  # 1 s at 50 Hz: the largest buffers stay at a few MB
 

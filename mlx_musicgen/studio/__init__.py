@@ -15,6 +15,10 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..cli import add_dtype_option, run_main
+from ..model import DTYPES
+from ..musicgen import MusicGen
+
 DEFAULT_OUTPUT = "musicgen-takes"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -33,8 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-origin", action="append", default=[],
                    help="a web origin (e.g. http://localhost:5173) allowed to call the API (repeatable)")
     p.add_argument("--adapter", help="a fine-tune's output folder (finetune.py --adapter-path) to apply")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="decoder precision when loading an unconverted model")
+    add_dtype_option(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -76,11 +79,7 @@ def run(args: argparse.Namespace) -> None:
                       f"its takes; 127.0.0.1 keeps it to this machine.", stacklevel=1)
 
     def load():
-        import mlx.core as mx
-
-        from ..model import MusicGen
-
-        dtype = {None: None, "float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}[args.dtype]
+        dtype = DTYPES.get(args.dtype)
         return MusicGen.from_pretrained(args.model, dtype=dtype, adapter=args.adapter)
 
     jobs = JobQueue(load, output, str(args.model), max_queued=args.max_queue, chunk_seconds=args.chunk,
@@ -115,7 +114,5 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..cli import run_main
-
     args = parse_args(argv)
     run_main(lambda: run(args), args.debug)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 TAKE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,99}$")  # a file stem: no dots, no separators, no traversal
 FORMATS = ("wav", "flac")
@@ -73,8 +74,6 @@ class TakeStore:
     def peaks(self, take_id: str, points: int) -> dict | None:
         """A waveform picture's data: the lowest and highest sample of each of `points` stretches, channels
         mixed."""
-        import soundfile as sf
-
         path = self.audio_path(take_id)
         if path is None:
             return None

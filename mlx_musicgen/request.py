@@ -1,4 +1,6 @@
-"""What a generation is asked for, checked once at the boundary: texts, settings, audio prompts.
+"""What a generation is asked for, checked once at the boundary: the settings (GenerationConfig, the one source of
+their defaults and checks for the API, the CLI and the studio), texts, audio prompts and melodies, and how long
+to generate (Request).
 
 Every check raises a ValueError whose one-line message says what is wrong and what is allowed; notices
 (empty texts) are warnings.
@@ -6,25 +8,21 @@ Every check raises a ValueError whose one-line message says what is wrong and wh
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable, NamedTuple
 
-import mlx.core as mx
 import numpy as np
 
 from . import audio, delay, longform
+from .limits import MAX_DURATION, MAX_GUIDANCE, WINDOW_SECONDS
 
-if TYPE_CHECKING:
-    from .generation import GenerationConfig
-    from .model import MusicGen
-
-MAX_DURATION = 3600.0  # seconds: longer requests are refused as mistakes (an hour of music is a day on a laptop)
-WINDOW_SECONDS = 30.0  # the window of every MusicGen checkpoint (audiocraft's max_duration)
-MAX_GUIDANCE = 100.0  # guidance scales above this only amplify logits towards overflow (3 is typical)
 PromptInput = str | Path | np.ndarray  # an audio file, or samples
+COMMAND_DURATION = 10.0  # seconds: the commands' (CLI, studio) default length; the API's is one window
 
 
 def is_real(x) -> bool:
@@ -164,6 +162,117 @@ def trim_padding(audio: np.ndarray, padding: list[int]) -> np.ndarray | list[np.
     return [item[:, pad:] for item, pad in zip(audio, padding)]
 
 
+def check_seed(seed) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or not 0 <= seed < 2**63):
+        raise ValueError(f"seed must be a whole number from 0 to 2**63 - 1, got {seed!r}.")
+
+
+def check_steps(steps) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
+        raise ValueError(f"max_new_tokens must be a whole number of decoder steps, got {steps!r}.")
+    if steps < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {steps}.")
+
+
+def setting(default, help: str):
+    """A GenerationConfig field with the help text that the CLI's options and the studio's schema show."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class GenerationConfig:
+    """The sampling and length settings of a generation, with their defaults and checks: the API's keywords,
+    the CLI's options and the studio's job fields are all made from these fields.
+
+    duration: seconds of audio in all, the prompt included (round(duration * frame_rate) frames); one window
+        up to the model's 30 s, beyond it audiocraft's windows, each continuing the last (30 - extend_stride) s.
+    max_new_tokens: decoder steps, as the reference counts them (give this or duration; neither: one window).
+    do_sample / temperature / top_k / top_p: sampling (greedy when do_sample is False or temperature is 0).
+    guidance_scale: classifier-free guidance; 1 or less is none. seed: the same seed gives the same audio.
+    """
+
+    duration: float | None = setting(None, "seconds of audio in all, an audio prompt included")
+    max_new_tokens: int | None = setting(None, "decoder steps, as transformers counts them (instead of duration)")
+    do_sample: bool = setting(True, "sample (False: always take the most likely code)")
+    guidance_scale: float = setting(3.0, "classifier-free guidance (1 or less: none)")
+    top_k: int = setting(250, "sample from the k most likely codes (0: off)")
+    top_p: float = setting(0.0, "nucleus sampling threshold (0: off)")
+    temperature: float = setting(1.0, "sampling temperature (0: greedy)")
+    seed: int | None = setting(None, "the same seed gives the same music")
+    extend_stride: float = setting(18.0, "beyond the model's 30 s window, seconds each next window moves on")
+
+    @classmethod
+    def with_settings(cls, config: GenerationConfig | None, settings: dict) -> GenerationConfig:
+        """`config` (or the defaults) with keyword settings applied over it; a length given as a keyword
+        (duration or max_new_tokens) replaces the config's length of either kind."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise TypeError(f"unknown generation setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        lengths = {"duration", "max_new_tokens"}
+        if config is not None and any(settings.get(name) is not None for name in lengths):
+            settings = {**{name: None for name in lengths}, **settings}
+        return dataclasses.replace(config or cls(), **settings)
+
+    def check(self, vocab_size: int | None = None, window_seconds: float = WINDOW_SECONDS) -> None:
+        """Every setting in its range (top_k against `vocab_size` when the model is known): what can be checked
+        before a model loads is checked here, once, for the API, the CLI and the studio alike."""
+        check_sampling(guidance_scale=self.guidance_scale, top_k=self.top_k, top_p=self.top_p,
+                       temperature=self.temperature, vocab_size=vocab_size)
+        if self.duration is not None and self.max_new_tokens is not None:
+            raise ValueError("Give duration or max_new_tokens, not both.")
+        if self.duration is not None:
+            check_duration(self.duration)
+        if self.max_new_tokens is not None:
+            check_steps(self.max_new_tokens)
+        check_extend_stride(self.extend_stride, self.duration, window_seconds)
+        check_seed(self.seed)
+
+
+# GenerationConfig's fields that the commands (CLI options, studio fields) offer; do_sample is the CLI's --greedy
+COMMAND_SETTINGS = ("duration", "seed", "guidance_scale", "top_k", "top_p", "temperature", "extend_stride")
+
+
+class Setting(NamedTuple):
+    kind: type  # int or float
+    default: object
+    help: str
+
+
+def command_settings() -> dict[str, Setting]:
+    """The type, default and help of each setting the commands offer, from GenerationConfig's fields (the
+    duration's default is the commands', COMMAND_DURATION)."""
+    fields = {f.name: f for f in dataclasses.fields(GenerationConfig)}
+    hints = typing.get_type_hints(GenerationConfig)
+    settings = {}
+    for name in COMMAND_SETTINGS:
+        kind = next(k for k in typing.get_args(hints[name]) or (hints[name],) if k is not type(None))
+        default = COMMAND_DURATION if name == "duration" else fields[name].default
+        settings[name] = Setting(kind, default, fields[name].metadata["help"])
+    return settings
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What checking and planning a request needs to know of the model: its rates, channels, codebooks, window
+    (frames) and positions (max_length), vocabulary, and the melody's sampling rate (None: no melody
+    conditioning)."""
+
+    sampling_rate: int
+    frame_rate: float
+    audio_channels: int
+    num_codebooks: int
+    window_frames: int
+    max_length: int
+    vocab_size: int
+    melody_rate: int | None = None
+
+    @property
+    def window_seconds(self) -> float:
+        return self.window_frames / self.frame_rate
+
+
 @dataclass
 class Request:
     """A checked generation request: the texts (None: unconditional), the batch size, the prompt's codes
@@ -173,7 +282,7 @@ class Request:
 
     texts: list[str] | None
     num_samples: int
-    prompt_codes: mx.array | None = None
+    prompt_codes: np.ndarray | None = None
     padding: tuple[int, ...] = ()
     windows: list[longform.Window] = field(default_factory=list)
     max_new_tokens: int | None = None
@@ -189,15 +298,19 @@ class Request:
         return self.windows[-1].offset + self.windows[-1].span
 
 
+AudioEncoder = Callable[[np.ndarray], np.ndarray]  # (batch, channels, samples) -> codes (batch, codebooks, frames)
+
+
 def prepare(
-    model: MusicGen,
+    model: ModelShape,
+    encode_audio: AudioEncoder,
     config: GenerationConfig,
     texts: list[str] | str | None,
     *,
     num_samples: int = 1,
     audio_prompt: PromptInput | list[PromptInput] | None = None,
     audio_prompt_sr: int | None = None,
-    prompt_codes: mx.array | np.ndarray | None = None,
+    prompt_codes: np.ndarray | None = None,
     total_frames: int | None = None,
     melody: PromptInput | list[PromptInput] | None = None,
     melody_sr: int | None = None,
@@ -212,59 +325,86 @@ def prepare(
     A melody (melody checkpoints only) is one for every item or one per item; without texts or prompts, a
     list of melodies makes one item each."""
     texts, num_samples = check_texts(texts, num_samples)
-    config.check(model.config.decoder.vocab_size)
-    melodies = None
-    if melody is not None:
-        if model.config.melody is None:
-            raise ValueError("this model has no melody conditioning: use a melody checkpoint such as "
-                             "facebook/musicgen-melody, or leave the melody out.")
-        melodies = load_melodies(melody, melody_sr, rate=model.config.melody.features.sampling_rate)
-        if texts is None and audio_prompt is None and prompt_codes is None and num_samples == 1:
-            num_samples = len(melodies)
+    config.check(model.vocab_size)  # the model's own window is checked with the length (by_frames)
+    check_one_length(config, total_frames)
+    melodies = None if melody is None else model_melodies(model, melody, melody_sr)
+    if melodies is not None and texts is None and audio_prompt is None and prompt_codes is None \
+            and num_samples == 1:
+        num_samples = len(melodies)
+    num_samples, codes, padding = prompted(model, encode_audio, texts, num_samples, audio_prompt, audio_prompt_sr,
+                                           prompt_codes)
+    if melodies is not None:
+        melodies = melodies_per_item(melodies, num_samples)
+    prompt_frames = 0 if codes is None else codes.shape[-1]
+    steps = None
+    if total_frames is None and config.duration is None:
+        steps, windows = by_steps(model, config.max_new_tokens, prompt_frames)
+    else:
+        total = int(total_frames) if total_frames is not None else round(config.duration * model.frame_rate)
+        asked = f"total_frames {total}" if total_frames is not None else f"duration {config.duration} s"
+        windows = by_frames(model, total, asked, config.extend_stride, prompt_frames)
+    return Request(texts, num_samples, codes, padding, windows, steps, melodies)
+
+
+def check_one_length(config: GenerationConfig, total_frames: int | None) -> None:
     lengths = {"duration": config.duration, "max_new_tokens": config.max_new_tokens, "total_frames": total_frames}
     given = [name for name, value in lengths.items() if value is not None]
     if len(given) > 1:
         raise ValueError(f"Give {' or '.join(given)}, not both.")
-    if config.duration is not None:
-        check_duration(config.duration)
-    request = Request(texts, num_samples)
+
+
+def model_melodies(model: ModelShape, melody: PromptInput | list[PromptInput], melody_sr: int | None
+                   ) -> list[np.ndarray]:
+    if model.melody_rate is None:
+        raise ValueError("this model has no melody conditioning: use a melody checkpoint such as "
+                         "facebook/musicgen-melody, or leave the melody out.")
+    return load_melodies(melody, melody_sr, rate=model.melody_rate)
+
+
+def melodies_per_item(melodies: list[np.ndarray], items: int) -> list[np.ndarray]:
+    if len(melodies) not in (1, items):
+        raise ValueError(f"{len(melodies)} melodies for {items} items: give one melody for all, or one per item.")
+    return melodies * items if len(melodies) == 1 else melodies
+
+
+def prompted(model: ModelShape, encode_audio: AudioEncoder, texts: list[str] | None, num_samples: int,
+             audio_prompt, audio_prompt_sr: int | None, prompt_codes: np.ndarray | None
+             ) -> tuple[int, np.ndarray | None, tuple[int, ...]]:
+    """The request's items, its prompt's codes and each item's padding in samples: from an audio prompt
+    (encoded), from codes, or none."""
     if audio_prompt is not None:
-        window_seconds = model.window_frames / model.frame_rate
         prompt_audio, padding = load_audio_prompts(audio_prompt, audio_prompt_sr, model_rate=model.sampling_rate,
-                                                   channels=model.audio_channels, window_seconds=window_seconds)
+                                                   channels=model.audio_channels,
+                                                   window_seconds=model.window_seconds)
         if texts is not None and len(texts) != len(prompt_audio):
             raise ValueError(f"{len(texts)} texts for {len(prompt_audio)} audio prompts: give one text per prompt.")
-        request = Request(texts, len(prompt_audio), mx.array(model.encode_audio(prompt_audio)), tuple(padding))
-    elif prompt_codes is not None:
+        return len(prompt_audio), encode_audio(prompt_audio), tuple(padding)
+    if prompt_codes is not None:
         if texts is not None and len(texts) != prompt_codes.shape[0]:
             raise ValueError(f"{len(texts)} texts for {prompt_codes.shape[0]} prompts: give one text per prompt.")
-        request = Request(texts, prompt_codes.shape[0], mx.array(prompt_codes))
-    if melodies is not None:
-        if len(melodies) not in (1, request.num_samples):
-            raise ValueError(f"{len(melodies)} melodies for {request.num_samples} items: give one melody for all, "
-                             f"or one per item.")
-        request.melody = melodies * request.num_samples if len(melodies) == 1 else melodies
-    prompt_frames, frame_rate, window = request.prompt_frames, model.frame_rate, model.window_frames
-    if total_frames is None and config.duration is None:
-        steps = config.max_new_tokens
-        steps = model.config.max_length - 1 - prompt_frames if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-            raise ValueError(f"max_new_tokens must be a whole number of decoder steps, got {steps!r}.")
-        if steps < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {steps}.")
-        request.max_new_tokens = int(steps)
-        frames = delay.frames_out(1 + prompt_frames + steps, model.num_codebooks, model.audio_channels)
-        request.windows = [longform.Window(0, prompt_frames, frames)]
-        return request
-    total = int(total_frames) if total_frames is not None else round(config.duration * frame_rate)
+        return prompt_codes.shape[0], np.asarray(prompt_codes), ()
+    return num_samples, None, ()
+
+
+def by_steps(model: ModelShape, steps: int | None, prompt_frames: int) -> tuple[int, list[longform.Window]]:
+    """A length in decoder steps (None: the checkpoint's max_length positions) -> the steps and the one window
+    they make."""
+    steps = model.max_length - 1 - prompt_frames if steps is None else steps
+    check_steps(steps)
+    frames = delay.frames_out(1 + prompt_frames + steps, model.num_codebooks, model.audio_channels)
+    return int(steps), [longform.Window(0, prompt_frames, frames)]
+
+
+def by_frames(model: ModelShape, total: int, asked: str, extend_stride: float, prompt_frames: int
+              ) -> list[longform.Window]:
+    """A length of `total` frames in all -> the windows that make it (see longform.plan_windows)."""
+    frame_rate, window = model.frame_rate, model.window_frames
     if total <= prompt_frames:
-        asked = f"total_frames {total}" if total_frames is not None else f"duration {config.duration} s"
         raise ValueError(f"{asked} is not longer than the prompt ({prompt_frames} frames, "
                          f"{prompt_frames / frame_rate:.2f} s): ask for more.")
-    check_extend_stride(config.extend_stride, total / frame_rate, window / frame_rate)
-    stride = longform.stride_frames(config.extend_stride, frame_rate)
+    check_extend_stride(extend_stride, total / frame_rate, window / frame_rate)
+    stride = longform.stride_frames(extend_stride, frame_rate)
     if total > window and stride < 1:
-        raise ValueError(f"extend_stride {config.extend_stride} s is less than a frame: give at least "
+        raise ValueError(f"extend_stride {extend_stride} s is less than a frame: give at least "
                          f"{1 / frame_rate:g} s.")
-    request.windows = longform.plan_windows(total, window, stride, prompt_frames)
-    return request
+    return longform.plan_windows(total, window, stride, prompt_frames)

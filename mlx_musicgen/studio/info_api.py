@@ -1,0 +1,17 @@
+"""/api/info: the model and the limits, what the page's form offers."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from ..version import __version__
+from .deps import Jobs, MaxUploadBytes
+
+router = APIRouter()
+
+
+@router.get("/api/info")
+def info(jobs: Jobs, max_upload_bytes: MaxUploadBytes) -> dict:
+    """The model and the limits: what the page's form offers."""
+    return {**jobs.model_info, "model": jobs.model_name, "version": __version__, "max_upload_bytes": max_upload_bytes,
+            "max_queued": jobs.max_queued, "output": str(jobs.output)}

@@ -1,0 +1,119 @@
+"""What a studio job asks for. The generation settings are the core's GenerationConfig, the one source of their
+types, defaults, help and checks: the request's schema (JobRequest, JobForm: pydantic models made from its
+fields) and the job's settings (JobSettings: a GenerationConfig and the studio's own fields) are both made from
+it, and a job is checked by GenerationConfig.check(), as generate.py checks its options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import ConfigDict, Field, create_model
+
+from ..request import COMMAND_DURATION, COMMAND_SETTINGS, GenerationConfig, command_settings, is_real
+from .takes import FORMATS
+
+UPLOADS = ("audio_prompt", "melody")
+DEFAULT_FORMAT = FORMATS[0]  # wav
+MAX_TEXT = 2000  # characters: T5 reads at most 512 tokens
+
+
+GENERATION = command_settings()  # the settings a job may set, as the CLI's options offer them
+
+# The request body, as JSON: the studio's text and format around the offered settings (what OpenAPI shows).
+JobRequest = create_model(
+    "JobRequest",
+    __config__=ConfigDict(extra="forbid"),
+    text=(str | None, Field(None, description="what the music should be; empty or absent: unconditional")),
+    **{name: (s.kind if s.default is not None else s.kind | None, Field(s.default, description=s.help))
+       for name, s in GENERATION.items()},
+    format=(Literal[FORMATS], Field(DEFAULT_FORMAT, description="the take's file: wav (32-bit float) or flac "
+                                                                "(24-bit)")),
+)
+# ... and as a multipart form, which may carry the uploads too.
+JobForm = create_model(
+    "JobForm",
+    __base__=JobRequest,
+    audio_prompt=(bytes, Field(None, description="audio to continue")),
+    melody=(bytes, Field(None, description="a tune to follow (melody models)")),
+)
+KNOWN = tuple(JobForm.model_fields)
+
+
+def command_config(**settings) -> GenerationConfig:
+    """A GenerationConfig with the commands' default duration."""
+    return GenerationConfig(**{"duration": COMMAND_DURATION, **settings})
+
+
+@dataclass
+class JobSettings:
+    """What a job asks for: its generation settings (a GenerationConfig), its text and format; uploaded files
+    are kept under the output folder and named by their path relative to it. As JSON (`as_dict`, the API's
+    and the queue's files'), one flat object of JobForm's fields."""
+
+    config: GenerationConfig = field(default_factory=command_config)
+    text: str | None = None
+    format: str = DEFAULT_FORMAT
+    audio_prompt: str | None = None
+    melody: str | None = None
+
+    @classmethod
+    def from_fields(cls, fields: dict, model_info: dict | None = None) -> JobSettings:
+        """Form or JSON fields -> settings, numbers parsed and checked (ValueError: the CLI's message), against
+        the model too when its info is given."""
+        uploads = sorted(set(UPLOADS) & set(fields))
+        if uploads:
+            raise ValueError(f"{' and '.join(uploads)}: send the audio as a file, in a multipart form.")
+        unknown = sorted(set(fields) - set(KNOWN))
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}.")
+        numbers, texts = {}, {}
+        for name, value in fields.items():
+            if name in GENERATION and value is not None and value != "":
+                numbers[name] = parse_number(name, value, GENERATION[name].kind)
+            elif name in ("text", "format") and value is not None:
+                if not isinstance(value, str):
+                    raise ValueError(f"{name} must be text, got {value!r}.")
+                texts[name] = value
+        settings = cls(command_config(**numbers), **texts)
+        settings.check(model_info)
+        return settings
+
+    @classmethod
+    def from_dict(cls, values: dict) -> JobSettings:
+        """`as_dict`'s object back (TypeError for anything else); not checked again."""
+        if not isinstance(values, dict):
+            raise TypeError(f"settings must be an object, got {values!r}.")
+        values = dict(values)
+        generation = {name: values.pop(name) for name in COMMAND_SETTINGS if name in values}
+        return cls(command_config(**generation), **values)
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, **{name: getattr(self.config, name) for name in COMMAND_SETTINGS}, "format": self.format,
+                "audio_prompt": self.audio_prompt, "melody": self.melody}
+
+    def check(self, model_info: dict | None = None) -> None:
+        """The studio's own checks, then GenerationConfig.check() as generate.py makes it before it loads a
+        model; with the model's info, again against its vocabulary and window."""
+        if self.text is not None and len(self.text) > MAX_TEXT:
+            raise ValueError(f"text is {len(self.text)} characters long; at most {MAX_TEXT}.")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be wav or flac, got {self.format!r}.")
+        self.config.check()
+        if model_info is not None:
+            self.config.check(model_info["vocab_size"], model_info["window_seconds"])
+
+
+def parse_number(name: str, value, kind: type):
+    """A form's text or a JSON number -> int or float; anything else is refused with the field's name."""
+    want = "a whole number" if kind is int else "a number"
+    try:
+        number = kind(value) if isinstance(value, str) else value
+        if kind is int and isinstance(number, float) and number.is_integer():
+            number = int(number)
+        if not is_real(number) or (kind is int and not isinstance(number, (int, np.integer))):
+            raise ValueError
+        return kind(number)  # as the CLI's argparse types make them: -1 and "-1" are both -1.0 for a duration
+    except (ValueError, OverflowError):  # not a number, or one past a double
+        raise ValueError(f"{name} must be {want}, got {value!r}.") from None
