@@ -58,11 +58,8 @@ def frames_out(length: int, num_codebooks: int, audio_channels: int) -> int:
     return length - num_codebooks // audio_channels
 
 
-def undelay(
-    sequence: np.ndarray | mx.array, audio_channels: int, length: int | None = None, first_frame: int = 0
-) -> np.ndarray | mx.array:
-    """(B, K, n) delayed sequence with its start column -> (B, K, frames) aligned codes, from `first_frame` on
-    (numpy or MLX, as given).
+def undelay(sequence: np.ndarray | mx.array, audio_channels: int, length: int | None = None) -> np.ndarray | mx.array:
+    """(B, K, n) delayed sequence with its start column -> (B, K, frames) aligned codes (numpy or MLX, as given).
 
     `length` is the full length of the generation when `sequence` is only its first n columns (streaming):
     then only the frames whose every codebook is known are returned.
@@ -70,8 +67,8 @@ def undelay(
     B, K, n = sequence.shape
     length = n if length is None else length
     if not applies(length, K, audio_channels):
-        return sequence[:, :, 1 + first_frame :]
-    frames = max(first_frame, n - K // audio_channels)
+        return sequence[:, :, 1:]
+    frames = n - K // audio_channels
     delays = codebook_delays(K, audio_channels)
     stack = mx.stack if isinstance(sequence, mx.array) else np.stack
-    return stack([sequence[:, k, d + 1 + first_frame : d + 1 + frames] for k, d in enumerate(delays.tolist())], axis=1)
+    return stack([sequence[:, k, d + 1 : d + 1 + frames] for k, d in enumerate(delays.tolist())], axis=1)

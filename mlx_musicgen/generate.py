@@ -12,9 +12,14 @@ import secrets
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .audio import NORMALIZATIONS, ProgressiveWriter, check_prompt, read_audio
 from .cli import add_dtype_option, add_generation_options, generation_config, player, progress_bar, run_main
 from .clips import check_clip_output, clip_settings, write_clip
+from .lora import read_adapter_config
+from .model import DTYPES
+from .musicgen import MusicGen
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--melody", help="a wav/flac/ogg file whose tune the music follows (melody models only)")
     p.add_argument("--output", default="musicgen.wav",
                    help="a .wav or .flac file (default musicgen.wav); several clips are numbered NAME-1, NAME-2, ...")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --output (and its sidecar NAME.json) if either exists")
     add_generation_options(p)
     p.add_argument("--adapter", help="a fine-tune's output folder (finetune.py --adapter-path) to apply")
     add_dtype_option(p)
@@ -79,9 +85,6 @@ def output_paths(output: str, count: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .model import DTYPES
-    from .musicgen import MusicGen
-
     # Everything that can be checked without the model fails here, before the (slow) load.
     texts = read_texts(args)
     outputs = [check_clip_output(p, overwrite=args.overwrite, bits=args.bits)
@@ -99,8 +102,6 @@ def run(args: argparse.Namespace) -> None:
     if args.melody:
         check_prompt(*read_audio(args.melody, "melody"), f"melody {args.melody}")
     if args.adapter:
-        from .lora import read_adapter_config
-
         read_adapter_config(Path(args.adapter))  # before the load
     # generate_stream checks top_k against its vocabulary
     model = MusicGen.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), adapter=args.adapter)
@@ -127,8 +128,6 @@ def run(args: argparse.Namespace) -> None:
 def make_clips(model, args, config, batch, paths, speaker) -> list:
     """Generate one batch of clips as a stream: with --stream each chunk is appended to its file at once, with
     --play the first clip's chunks are played; the whole clips are returned for normalising and writing."""
-    import numpy as np
-
     conditional = any(t is not None for t in batch)
     bar, update = progress_bar(config.duration, "generating", disable=args.quiet)
     writers = [ProgressiveWriter(p, model.sampling_rate, model.audio_channels, args.bits) for p in paths] \

@@ -367,12 +367,17 @@ def load_model(path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> tupl
     return model, load_tokenizer(folder, model.config.text_encoder.vocab_size)
 
 
+def mismatches(weights: dict[str, mx.array], expected: dict[str, mx.array]) -> tuple[list, list, list]:
+    """The names of tensors `weights` lacks, those it has beyond `expected`, and those of another shape."""
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+    return missing, unexpected, wrong
+
+
 def load_weights(model: MusicGenModel, weights: dict[str, mx.array], source: Path | str) -> None:
     """Strict loading: every tensor must fill a parameter of the same shape, and every parameter be filled."""
     expected = dict(tree_flatten(model.parameters()))
-    unexpected = sorted(set(weights) - set(expected))
-    missing = sorted(set(expected) - set(weights))
-    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+    missing, unexpected, wrong = mismatches(weights, expected)
     problems = []
     for what, names in (("unexpected tensors", unexpected), ("missing tensors", missing), ("wrong shapes", wrong)):
         if names:

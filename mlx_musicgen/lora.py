@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import atomic
-from .loading import CheckpointError, load_safetensors, read_json
+from .loading import CheckpointError, load_safetensors, mismatches, read_json
 
 # What the known transformers + PEFT recipe adapts: the decoder's attention and feed-forward projections, the
 # per-codebook heads, and the projections of the text (and melody) into the decoder.
@@ -162,8 +162,7 @@ def load_adapters(model, folder: Path) -> AdapterConfig:
         apply_lora(model, config)
     expected = adapter_weights(model, config.full)
     weights = load_safetensors(folder / WEIGHTS_FILE)
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(weights) & set(expected) if weights[k].shape != expected[k].shape)
+    missing, unexpected, wrong = mismatches(weights, expected)
     if missing or unexpected or wrong:
         raise CheckpointError(f"the adapters in {folder} do not fit this model ({len(missing)} missing, "
                               f"{len(unexpected)} unexpected, {len(wrong)} misshapen, e.g. "

@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,12 +28,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import atomic, delay, lora
+from .dataset import Example
 from .decoder import TextKV
 from .melody import null_chroma
 from .plot import plot_losses
-
-if TYPE_CHECKING:
-    from .dataset import Example
 
 CHECKPOINT = "checkpoint"  # OUT/checkpoint: what --resume continues from
 NO_PLOT = 'loss.png needs matplotlib: pip install "mlx-musicgen[train]" (training goes on without the plot).'

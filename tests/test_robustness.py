@@ -842,6 +842,18 @@ def test_nan_weights_are_reported_not_written_as_noise(tiny, tmp_path):
     assert not (tmp_path / "x.wav").exists() and temporaries(tmp_path) == []
 
 
+def test_nan_weights_are_reported_by_generate_tokens(tiny, tmp_path):
+    """Codes in, codes out refuses them too; in long form before the next window continues them."""
+    model = MusicGen.from_pretrained(poisoned(tiny.folder, tmp_path / "m"))
+    with pytest.raises(NonFiniteLogitsError, match="NaN/inf logits"):
+        model.generate_tokens(["rock"], max_new_tokens=6)
+    done = []
+    with pytest.raises(NonFiniteLogitsError, match="NaN/inf logits"):
+        model.generate_tokens(["rock"], total_frames=model.window_frames + 10, extend_stride=0.5,
+                              progress=lambda made, total: done.append(made))
+    assert max(done) == model.window_frames  # the first window ran; the second did not start from its codes
+
+
 def test_missing_hub_repo_says_so(monkeypatch, tmp_path):
     import huggingface_hub
     from huggingface_hub.errors import RepositoryNotFoundError

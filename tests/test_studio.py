@@ -17,7 +17,7 @@ TAKE_FILES = ("*.wav", "*.flac", "*.json")
 
 @pytest.fixture(scope="module")
 def studio(tiny, tmp_path_factory):
-    server = Studio(tiny.folder, tmp_path_factory.mktemp("studio") / "takes", "--chunk", "0.02", slow=0.01)
+    server = Studio(tiny.folder, tmp_path_factory.mktemp("studio") / "takes", "--chunk", "0.02", slow=0.02)
     yield server
     if server.process.poll() is None:
         server.stop()

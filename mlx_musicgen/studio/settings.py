@@ -90,7 +90,8 @@ class JobSettings:
         return cls(command_config(**generation), **values)
 
     def as_dict(self) -> dict:
-        return {"text": self.text, **{name: getattr(self.config, name) for name in COMMAND_SETTINGS}, "format": self.format,
+        generation = {name: getattr(self.config, name) for name in COMMAND_SETTINGS}
+        return {"text": self.text, **generation, "format": self.format,
                 "audio_prompt": self.audio_prompt, "melody": self.melody}
 
     def check(self, model_info: dict | None = None) -> None:
