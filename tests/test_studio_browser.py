@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from mlx_musicgen.request import COMMAND_SETTINGS, command_settings
 from studio import Studio
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -39,6 +40,10 @@ def test_the_page_makes_plays_and_lists_a_take(browser, tiny, tmp_path):
         page.wait_for_selector("#model:not(:empty)")
         assert "32000 Hz" in page.inner_text("#model")
         assert page.is_hidden("#melody-field")  # this model has no melody conditioning
+        # the form's defaults are the library's (GenerationConfig, the commands' duration), sent by /api/info
+        shown = {name: page.input_value(f"input[name={name}]") for name in COMMAND_SETTINGS if name != "seed"}
+        assert {name: float(value) for name, value in shown.items()} == {
+            name: setting.default for name, setting in command_settings().items() if name != "seed"}
         page.fill("#text", "90s rock song with loud guitars")
         page.fill("input[name=duration]", "0.4")
         page.fill("input[name=seed]", "7")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from ..limits import MAX_DURATION, MAX_GUIDANCE
+from ..request import command_settings
 from ..version import __version__
 from .deps import Jobs, MaxUploadBytes
 
@@ -12,6 +14,8 @@ router = APIRouter()
 
 @router.get("/api/info")
 def info(jobs: Jobs, max_upload_bytes: MaxUploadBytes) -> dict:
-    """The model and the limits: what the page's form offers."""
+    """The model and the limits: what the page's form offers, with the settings' defaults (GenerationConfig's)."""
     return {**jobs.model_info, "model": jobs.model_name, "version": __version__, "max_upload_bytes": max_upload_bytes,
-            "max_queued": jobs.max_queued, "output": str(jobs.output)}
+            "max_queued": jobs.max_queued, "output": str(jobs.output),
+            "defaults": {name: setting.default for name, setting in command_settings().items()},
+            "max_duration": MAX_DURATION, "max_guidance": MAX_GUIDANCE}

@@ -241,6 +241,13 @@ async function start() {
   info = await api("/api/info");
   $("#model").textContent = `${info.model} · ${info.sampling_rate} Hz · ${info.channels === 2 ? "stereo" : "mono"}`;
   $("#melody-field").hidden = !info.melody;
+  const fields = $("#job-form").elements;  // the settings' defaults and limits are the server's (GenerationConfig)
+  for (const [name, value] of Object.entries(info.defaults)) {
+    if (value !== null && fields[name]) fields[name].value = value;
+  }
+  fields.duration.max = info.max_duration;
+  fields.guidance_scale.max = info.max_guidance;
+  fields.top_k.max = info.vocab_size;
   $("#job-form").addEventListener("submit", submit);
   $("#cancel").addEventListener("click", () => current &&
     api(`/api/jobs/${current.id}`, { method: "DELETE" }).catch((e) => showError(e.message)));
