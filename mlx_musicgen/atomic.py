@@ -5,7 +5,8 @@ rename is atomic): `.NAME.PID.RANDOM.part`, and, while a folder is being swapped
 `.NAME.PID.RANDOM.old`. An error or an interrupt (Ctrl-C, SIGTERM) removes them on the way out. A process
 killed outright (SIGKILL, power loss) cannot clean up after itself; the next write to the same destination
 removes what such a dead process left (the PID in the name tells whether its writer is still running) and,
-if the kill fell between the two renames of a folder swap, puts the old folder back first.
+if the kill fell between the two renames of a folder swap, puts the old folder back first; clean_stale_in
+does so for a whole folder (the studio's, at start).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -156,11 +158,23 @@ def clean_stale(path: Path) -> list[Path]:
         pid, _, tail = rest.partition(".")
         if not pid.isdigit() or not tail.endswith((".part", ".old")) or _writer_alive(int(pid)):
             continue
-        if tail.endswith(".old") and (entry / path.name).exists() and not os.path.lexists(path):
+        if tail.endswith(".old") and not entry.is_symlink() and (entry / path.name).exists() \
+                and not os.path.lexists(path):
             os.replace(entry / path.name, path)  # killed between the two renames of a swap: undo the first
         _remove(entry)
         removed.append(entry)
     return removed
+
+
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.\d+\.[^.]+\.(?:part|old)")  # .NAME.PID.RANDOM.part / .old
+
+
+def clean_stale_in(folder: Path) -> list[Path]:
+    """clean_stale for every destination in `folder` that has temporaries (whatever a killed writer was
+    writing there: a new take has a new name, so no later write to it would clean up); returns what was
+    removed. Temporaries of live processes are kept."""
+    names = {found["name"] for entry in Path(folder).glob(".*") if (found := TEMP_NAME.fullmatch(entry.name))}
+    return [removed for name in sorted(names) for removed in clean_stale(Path(folder) / name)]
 
 
 def replace_folder(staging: Path, path: Path) -> None:

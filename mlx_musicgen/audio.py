@@ -7,6 +7,7 @@ import numbers
 import os
 import warnings
 from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -136,8 +137,57 @@ def check_output(path: str | Path, *, overwrite: bool, bits: str = "16") -> Path
     return path
 
 
-def read_audio(path: str | Path, what: str = "audio prompt") -> tuple[np.ndarray, int]:
-    """A wav/flac/ogg file -> ((channels, samples) float32, sampling rate); `what` it is names it in errors."""
+MAX_CHANNELS = 8  # more than a music file has (7.1): a header claiming more is refused where a limit is asked for
+
+
+class AudioHeader(NamedTuple):
+    """What a file's header says, before anything is decoded: frames (samples per channel), channels, rate (Hz)."""
+
+    frames: int
+    channels: int
+    rate: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.rate if self.rate > 0 else 0.0
+
+
+def read_header(source: str | Path | BinaryIO) -> AudioHeader:
+    """What soundfile.info reads of a path or a seekable binary file (rewound after): nothing is decoded.
+    Opened for reading explicitly: soundfile.info takes a file object's own mode, read-write for a temporary
+    file, which libsndfile refuses for FLAC. Raises what soundfile raises for a file that is not audio."""
+    import soundfile as sf
+
+    try:
+        with sf.SoundFile(str(source) if isinstance(source, Path) else source, "r") as f:
+            return AudioHeader(int(f.frames), int(f.channels), int(f.samplerate))
+    finally:
+        if hasattr(source, "seek"):
+            source.seek(0)
+
+
+def frames_allowed(header: AudioHeader, name: str, *, max_seconds: float,
+                   max_channels: int = MAX_CHANNELS) -> int:
+    """Refuse, from its header alone, audio with an odd rate, too many channels, or longer than `max_seconds`;
+    return the most frames that may be decoded of it (what the limit allows: a header may lie). The messages
+    are built from numbers only, so that no refused audio is kept alive by an exception."""
+    check_rate(header.rate, name)
+    if not 1 <= header.channels <= max_channels:
+        raise ValueError(f"{name} has {header.channels} channels; at most {max_channels} are read: mix it down to "
+                         f"stereo or mono.")
+    if header.seconds > max_seconds:
+        raise ValueError(f"{name} is {header.seconds:.2f} s long; at most {max_seconds:g} s of it is used here: "
+                         f"trim it.")
+    return math.floor(max_seconds * header.rate)
+
+
+def read_audio(path: str | Path, what: str = "audio prompt", *, max_seconds: float | None = None,
+               max_channels: int = MAX_CHANNELS) -> tuple[np.ndarray, int]:
+    """A wav/flac/ogg file -> ((channels, samples) float32, sampling rate); `what` it is names it in errors.
+
+    With `max_seconds`, its header is checked first (frames_allowed: rate, channels, length) and at most the
+    frames allowed are decoded, so that a small file that claims or holds hours of audio (a decompression bomb)
+    costs no memory; without it, the whole file is decoded."""
     import soundfile as sf
 
     path = Path(path)
@@ -145,21 +195,61 @@ def read_audio(path: str | Path, what: str = "audio prompt") -> tuple[np.ndarray
         raise FileNotFoundError(f"{what} {path} does not exist.")
     if not path.is_file():
         raise IsADirectoryError(f"{what} {path} is not a file.")
+    frames = -1
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        header = read_header(path)
     except Exception as e:
         raise ValueError(f"cannot read {path} as audio ({e}); use a wav, flac or ogg file.") from None
+    if max_seconds is not None:
+        frames = frames_allowed(header, f"{what} {path}", max_seconds=max_seconds, max_channels=max_channels) + 1
+    try:
+        data, rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as audio ({e}); use a wav, flac or ogg file.") from None
+    if frames != -1 and len(data) == frames:  # more than its header said, and than allowed
+        seconds = len(data) / rate
+        del data
+        raise ValueError(f"{what} {path} is over {seconds:.2f} s long; at most {max_seconds:g} s of it is used here: "
+                         f"trim it.")
     return data.T, int(rate)
 
 
-def check_prompt(samples: np.ndarray, rate, name: str = "the audio prompt") -> None:
-    """Refuse audio (a prompt to continue, a melody to follow) that cannot be used: an odd sample rate, no
-    samples, NaN/inf, or silence."""
+def scan_audio(source: str | Path | BinaryIO, header: AudioHeader, max_frames: int, name: str,
+               block_frames: int = 2**16) -> int:
+    """Decode at most `max_frames` + 1 frames block by block (memory: one block of (block_frames, channels)
+    float32, none kept) and refuse what check_prompt refuses: no samples, NaN/inf, silence. Returns the frames
+    decoded: more than `max_frames` means the header understated the length."""
+    import soundfile as sf
+
+    frames, peak = 0, 0.0
+    source = str(source) if isinstance(source, Path) else source
+    for block in sf.blocks(source, blocksize=block_frames, frames=max_frames + 1, dtype="float32", always_2d=True):
+        frames += len(block)
+        block_peak = float(np.max(np.abs(block))) if block.size else 0.0
+        peak = block_peak if not math.isfinite(block_peak) else max(peak, block_peak)
+        if not math.isfinite(peak):
+            break
+    block = None  # an exception below keeps this frame alive: not the audio
+    if hasattr(source, "seek"):
+        source.seek(0)
+    # one value stands for the audio: check_prompt judges it by emptiness, finiteness and peak only
+    check_prompt(np.full((1, min(frames, 1)), peak, dtype=np.float32), header.rate, name)
+    return frames
+
+
+def check_rate(rate, name: str) -> None:
+    """Refuse a sample rate that is not a whole number from MIN_RATE to MAX_RATE."""
     if isinstance(rate, bool) or not isinstance(rate, numbers.Integral) or not MIN_RATE <= rate <= MAX_RATE:
         raise ValueError(
             f"{name} has a sample rate of {rate} Hz; supported are whole numbers from {MIN_RATE} to {MAX_RATE} Hz "
             "(it is resampled to the model's rate): convert it to e.g. 44100 or 48000 Hz."
         )
+
+
+def check_prompt(samples: np.ndarray, rate, name: str = "the audio prompt") -> None:
+    """Refuse audio (a prompt to continue, a melody to follow) that cannot be used: an odd sample rate, no
+    samples, NaN/inf, or silence."""
+    check_rate(rate, name)
     samples = np.asarray(samples)
     if samples.size == 0:
         raise ValueError(f"{name} is empty (no samples).")

@@ -21,6 +21,8 @@ class Studio:
     """`python -m mlx_musicgen.studio` on port 0 (a free port), its URL read from what it prints; `slow`: seconds
     each decoder step sleeps (see slow.slow_steps), so that a long job is still running when a test acts on it."""
 
+    URL = r"studio: (http://127\.0\.0\.1:\d+)/"  # in what it prints: group 1 is its URL
+
     def __init__(self, model: Path, output: Path, *args: str, slow: float = 0.0):
         self.model, self.output, self.args, self.slow = model, output, args, slow
         self.log = output.parent / f"{output.name}-studio.log"
@@ -39,7 +41,7 @@ class Studio:
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
-            found = re.search(r"studio: (http://127\.0\.0\.1:\d+)/", self.log.read_text()[offset:])
+            found = re.search(self.URL, self.log.read_text()[offset:])
             if found:
                 self.url = found.group(1)
                 self.client = httpx.Client(base_url=self.url, timeout=60)

@@ -4,13 +4,16 @@
     mlx_musicgen.studio --model facebook/musicgen-small --port 8000 --output-dir takes
 
 Jobs run one at a time, in order; each finished take is written into the output folder with its sidecar
-JSON, as generate.py writes it. It listens on 127.0.0.1 unless told otherwise. Needs the `studio` extra
-(FastAPI, uvicorn, python-multipart).
+JSON, as generate.py writes it. It listens on 127.0.0.1 unless told otherwise; on any other address every
+request needs a token, which it prints in its URL. Needs the `studio` extra (FastAPI, uvicorn, python-multipart).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import secrets
 import sys
 import warnings
 from pathlib import Path
@@ -20,7 +23,8 @@ from ..model import DTYPES
 from ..musicgen import MusicGen
 
 DEFAULT_OUTPUT = "musicgen-takes"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # binds that need no token
+TOKEN_ENV = "MLX_MUSICGEN_STUDIO_TOKEN"  # the token's default: out of sight of `ps`, unlike --token
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +40,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk", type=float, default=1.0, help="seconds of audio per streamed chunk (default 1)")
     p.add_argument("--allow-origin", action="append", default=[],
                    help="a web origin (e.g. http://localhost:5173) allowed to call the API (repeatable)")
+    p.add_argument("--allow-host", action="append", default=[],
+                   help="another name this server may be called by (e.g. its LAN name or address; repeatable)")
+    p.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                   help=f"the secret every request must carry (default: ${TOKEN_ENV}, else drawn at start "
+                        f"when --host is not 127.0.0.1, localhost or ::1)")
+    p.add_argument("--max-listeners", type=int, default=256,
+                   help="event and audio streams open at once, one job at most half of them (default 256)")
+    p.add_argument("--read-timeout", type=float, default=15.0,
+                   help="seconds a client may take to send a request's headers, or pause within its body (default "
+                        "15); then the connection is closed (408 for a body)")
     p.add_argument("--adapter", help="a fine-tune's output folder (finetune.py --adapter-path) to apply")
     add_dtype_option(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -55,6 +69,17 @@ def check_args(args: argparse.Namespace) -> Path:
     for origin in args.allow_origin:
         if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
             raise ValueError(f"--allow-origin takes an origin like http://localhost:5173, got {origin!r}.")
+    for name in args.allow_host:
+        if not re.fullmatch(r"[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]", name):
+            raise ValueError(f"--allow-host takes a host name or address without port, like studio.lan, "
+                             f"192.168.1.5 or [fe80::1], got {name!r}.")
+    if args.token is not None and not re.fullmatch(r"[A-Za-z0-9._~-]{16,}", args.token):
+        raise ValueError("--token must be at least 16 letters, digits, '.', '_', '~' or '-' (it goes in a URL).")
+    if not 0 < args.read_timeout < 3600:
+        raise ValueError(f"--read-timeout must be a number of seconds above 0 (and below an hour), got "
+                         f"{args.read_timeout}.")
+    if args.max_listeners < 2:
+        raise ValueError(f"--max-listeners must be at least 2, got {args.max_listeners}.")
     output = Path(args.output_dir or DEFAULT_OUTPUT).expanduser()
     if output.exists() and not output.is_dir():
         raise NotADirectoryError(f"{output} is not a folder: choose another --output-dir.")
@@ -67,16 +92,19 @@ def run(args: argparse.Namespace) -> None:
         import uvicorn
 
         from .jobs import JobQueue
-        from .server import create_app
+        from .server import Access, create_app, header_deadline_protocol
     except ImportError as e:
         raise ValueError(f"the studio needs the `studio` extra ({e.name} is missing): "
                          f"pip install 'mlx-musicgen[studio]'.") from None
     output = check_args(args)
     if args.output_dir is None:
         print(f"takes go to {output.resolve()} (--output-dir to choose)", file=sys.stderr)
+    token = args.token if args.token is not None or args.host in LOOPBACK else secrets.token_hex(24)
     if args.host not in LOOPBACK:
-        warnings.warn(f"listening on {args.host}: anyone who can reach this machine can use the studio and read "
-                      f"its takes; 127.0.0.1 keeps it to this machine.", stacklevel=1)
+        warnings.warn(f"listening on {args.host}: anyone who can reach this machine and has the token can use the "
+                      f"studio and read its takes; 127.0.0.1 keeps it to this machine."
+                      + (" Other machines call it by a name given with --allow-host." if args.host in ("0.0.0.0", "::")
+                         else ""), stacklevel=1)
 
     def load():
         dtype = DTYPES.get(args.dtype)
@@ -86,8 +114,9 @@ def run(args: argparse.Namespace) -> None:
                     adapter=args.adapter)
     print(f"loading {args.model} ...", file=sys.stderr)
     jobs.start()
-    app = create_app(jobs, max_upload_bytes=int(args.max_upload_mb * 2**20), allowed_origins=tuple(args.allow_origin),
-                     loopback_only=args.host in LOOPBACK)
+    access = Access.for_bind(args.host, allow_hosts=args.allow_host, token=token, origins=args.allow_origin)
+    app = create_app(jobs, max_upload_bytes=int(args.max_upload_mb * 2**20), access=access,
+                     max_listeners=args.max_listeners, body_seconds=args.read_timeout)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -98,12 +127,12 @@ def run(args: argparse.Namespace) -> None:
             await super().startup(sockets)
             for server in self.servers:
                 for socket in server.sockets:
-                    host, port = socket.getsockname()[:2]
-                    shown = f"[{host}]" if ":" in host else host
-                    print(f"mlx-musicgen studio: http://{shown}:{port}/  (Ctrl-C to stop)", file=sys.stderr,
-                          flush=True)
+                    print(f"mlx-musicgen studio: {studio_url(socket.getsockname(), token)}  (Ctrl-C to stop)",
+                          file=sys.stderr, flush=True)
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    # h11 with a deadline for headers (uvicorn has none); idle connections close after timeout_keep_alive
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5,
+                            http=header_deadline_protocol(args.read_timeout), timeout_keep_alive=5)
     try:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn raises the Ctrl-C again once it has shut down: the stop asked for
@@ -111,6 +140,15 @@ def run(args: argparse.Namespace) -> None:
     finally:
         jobs.stop()
     print(f"stopped; {jobs.pending()} job(s) left waiting will run at the next start", file=sys.stderr)
+
+
+def studio_url(address: tuple, token: str | None) -> str:
+    """The URL to open for a bound (host, port, ...): a wildcard address as the loopback one (a browser on this
+    machine reaches it there, and its Host is allowed), with the token when there is one."""
+    host, port = address[:2]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
 
 
 def main(argv: list[str] | None = None) -> None:

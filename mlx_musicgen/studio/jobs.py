@@ -9,6 +9,7 @@ left by the last run are queued again at start; one that was running when the pr
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -23,9 +24,10 @@ import numpy as np
 from ..cli import USER_ERRORS, one_line
 from ..clips import clip_settings, write_clip
 from .job import ENDED, Cancelled, Job, QueueFull
-from .queue_store import QueueStore
+from .queue_store import QueueStore, log, some_names, upload_owner, valid_job_id
 from .settings import UPLOADS, JobSettings
 from .takes import TakeStore, new_take_id
+from .waiters import Waiters
 
 KEPT_JOBS = 200  # ended jobs remembered for status queries (their takes stay on disk)
 
@@ -45,6 +47,9 @@ class JobQueue:
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.queue: deque[str] = deque()
         self.changed = threading.Condition()
+        # listeners waiting on the event loop for a job's change: job id -> their (loop, event); guarded by a lock
+        # of its own, which is never held for I/O, as the event loop takes it
+        self.waiters = Waiters()  # the listeners of each job, on the event loop
         self.stopping = False
         self.model = None
         self.model_info: dict = {}
@@ -55,8 +60,10 @@ class JobQueue:
     # ---- the API's side
 
     def start(self) -> None:
-        """Load the model (on the worker thread) and wait for it; then run the jobs left from the last run."""
+        """Check what the last run left (tidy_up, and each queued job's spec, as resume reads them), load the
+        model (on the worker thread) and wait for it; then run the jobs left from the last run."""
         self.queue_store.prepare()
+        tidy_up(self.queue_store, self.takes)
         with self.changed:
             self.resume()
         self.worker.start()
@@ -116,29 +123,25 @@ class JobQueue:
                 job.cancel_requested = job.cancelled_by_user = True
                 self.touch(job)
 
-    def wait_change(self, job: Job, seen: int, timeout: float) -> int:
-        """Wait until the job changes after version `seen` (or the timeout); return its version."""
-        with self.changed:
-            self.changed.wait_for(lambda: job.version != seen or self.stopping, timeout)
-            return job.version
+    async def wait_change(self, job: Job, seen: int, timeout: float) -> int:
+        """Wait on the event loop, holding no thread, until the job changes after version `seen`, the studio
+        stops, or `timeout` seconds pass; returns the job's version (`seen` when nothing changed)."""
+        await self.waiters.wait(job.id, lambda: job.version != seen or self.stopping, timeout)
+        return job.version
 
     def audio_after(self, job: Job, index: int) -> list[np.ndarray]:
         with self.changed:
             return job.chunks[index:]
 
     def delete_take(self, take_id: str) -> bool:
-        """Remove a take, and the uploads it was made from once no other take or waiting job names them."""
+        """Remove a take's own files (its audio and sidecar) and its own uploads (own_uploads), once no other
+        take and no waiting job needs them; nothing else."""
         record = self.takes.settings(take_id) or {}
         if not self.takes.delete(take_id):
             return False
-        named = {record.get(name) for name in UPLOADS} - {None}
-        if named:
-            with self.changed:
-                waiting = {getattr(j.settings, name) for j in self.jobs.values() if j.status in ("queued", "running")
-                           for name in UPLOADS}
-            still = {t["settings"].get(name) for t in self.takes.list() for name in UPLOADS}
-            for relative in named - still - waiting:
-                self.queue_store.remove_upload(relative)
+        with self.changed:  # no job is queued meanwhile (submit takes the lock)
+            for job_id in own_uploads(record) - upload_users(self.jobs.values(), self.takes, self.queue_store):
+                self.queue_store.forget_uploads(job_id)
         return True
 
     def request_stop(self) -> None:
@@ -150,6 +153,7 @@ class JobQueue:
                 if job.status == "running":
                     job.cancel_requested = True
             self.changed.notify_all()
+        self.waiters.wake()
 
     def stop(self) -> None:
         """request_stop, then wait for the worker."""
@@ -164,8 +168,10 @@ class JobQueue:
     # ---- the worker's side
 
     def touch(self, job: Job) -> None:
+        """Mark a change of the job (under the lock): a new version, and its listeners woken."""
         job.version += 1
         self.changed.notify_all()
+        self.waiters.wake(job.id)
 
     def end(self, job: Job, status: str, *, error: str | None = None, take: str | None = None) -> None:
         """Record a job's end (under the lock) and forget its spec on disk; a failed or cancelled job's uploads
@@ -182,7 +188,8 @@ class JobQueue:
 
     def resume(self) -> None:
         """The jobs accepted by an earlier run that did not end, back in the queue in their order; one that was
-        running when the process died is reported failed instead."""
+        running when the process died is reported failed instead. Specs that fail the checks a submission
+        passes are moved to .studio/rejected/ (QueueStore.read)."""
         for job, started in self.queue_store.read():
             self.jobs[job.id] = job
             if started:
@@ -215,7 +222,7 @@ class JobQueue:
                 if not isinstance(e, USER_ERRORS):
                     traceback.print_exc()
                 with self.changed:
-                    self.end(job, "failed", error=one_line(e))
+                    self.end(job, "failed", error=job_error(e, self.output))
             else:
                 with self.changed:
                     self.end(job, "done", take=take)
@@ -264,11 +271,58 @@ class JobQueue:
                           model_name=self.model_name, adapter=self.adapter)
 
 
+def tidy_up(store: QueueStore, takes: TakeStore) -> None:
+    """What a process killed outright (kill -9, power loss) left in the output folder: its temporaries are
+    removed (a live writer's are kept), and audio without its sidecar is named and left (it may be the user's
+    own); one line on stderr each."""
+    removed = store.clean_temporaries()
+    if removed:
+        log(f"removed {len(removed)} temporary file(s) left by a killed writer: "
+            f"{some_names([p.name for p in removed])}")
+    unpaired = takes.unpaired()
+    if unpaired:
+        log(f"{len(unpaired)} audio file(s) in {takes.folder} have no sidecar (NAME.json), so they are not listed "
+            f"as takes: {some_names(unpaired)}; left as they are: remove them if they are not yours.")
+
+
+def own_uploads(record: dict) -> set[str]:
+    """The jobs whose upload folders (.studio/uploads/JOB/) a take owns, by its sidecar: the job that made it
+    (studio_job), and the job whose uploads it reused ("again": it names .studio/uploads/JOB/FILE). Any other
+    path a sidecar (a file anyone may edit) names is not the take's."""
+    owners = {record.get("studio_job")} | {upload_owner(record.get(name)) for name in UPLOADS}
+    return {job_id for job_id in owners if valid_job_id(job_id)}
+
+
+def upload_users(jobs, takes: TakeStore, store: QueueStore) -> set:
+    """The jobs whose upload folders are still needed (called under the queue's lock): each of `jobs` waiting,
+    running or kept to run after a stop, and those whose uploads they or a take left (for "again") name."""
+    waiting = [j for j in jobs if j.status in ("queued", "running") or store.has_spec(j.id)]
+    users = {j.id for j in waiting} | {upload_owner(getattr(j.settings, n)) for j in waiting for n in UPLOADS}
+    for take in takes.list():
+        users |= {take["settings"].get("studio_job")} | {upload_owner(take["settings"].get(n)) for n in UPLOADS}
+    return users
+
+
 def describe(model) -> dict:
     """What the API and the checks need to know of the loaded model."""
+    melody = model.config.melody
     return {"sampling_rate": model.sampling_rate, "channels": model.audio_channels,
-            "melody": model.config.melody is not None, "vocab_size": model.config.decoder.vocab_size,
-            "window_seconds": model.shape.window_seconds}
+            "melody": melody is not None, "vocab_size": model.config.decoder.vocab_size,
+            "window_seconds": model.shape.window_seconds, "frame_rate": model.frame_rate,
+            # the seconds of a melody one window follows (audiocraft's chunk_length: 30)
+            "melody_seconds": melody.features.chunk_length if melody is not None else None}
+
+
+def job_error(error: BaseException, output: Path) -> str:
+    """A failed job's error as the API shows it: one line, files in the output folder named by their path in it
+    (as the job's settings name its uploads), other absolute paths by their last part, no object addresses, at
+    most 500 characters."""
+    message = one_line(error)
+    for folder in sorted({str(output.absolute()), str(output.resolve())}, key=len, reverse=True):
+        message = message.replace(folder.rstrip("/") + "/", "").replace(folder, "the output folder")
+    message = re.sub(r"(?<![\w./:])/(?:[^\s'\"/:]+/)+([^\s'\"/:]+)", r"\1", message)
+    message = re.sub(r" (object )?at 0x[0-9a-fA-F]+", "", message)
+    return message if len(message) <= 500 else message[:497] + "..."
 
 
 def write_take(output: Path, job: Job, audio: np.ndarray, rate: int, *, model_name: str, adapter: str | None) -> str:

@@ -5,6 +5,8 @@ it, and a job is checked by GenerationConfig.check(), as generate.py checks its 
 
 from __future__ import annotations
 
+import reprlib
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,6 +19,9 @@ from .takes import FORMATS
 UPLOADS = ("audio_prompt", "melody")
 DEFAULT_FORMAT = FORMATS[0]  # wav
 MAX_TEXT = 2000  # characters: T5 reads at most 512 tokens
+MAX_QUOTED = 80  # characters of a bad value that a message shows
+MAX_WHOLE = 2**63  # whole numbers at or past it are refused: no setting means anything there (a seed is below it)
+TEXT_SPACE = "\t\n\v\f\r\x85"  # the control characters a text may hold: the whitespace ones (Unicode's)
 
 
 GENERATION = command_settings()  # the settings a job may set, as the CLI's options offer them
@@ -67,14 +72,14 @@ class JobSettings:
             raise ValueError(f"{' and '.join(uploads)}: send the audio as a file, in a multipart form.")
         unknown = sorted(set(fields) - set(KNOWN))
         if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(KNOWN))}.")
+            raise ValueError(f"unknown field(s) {shortened(', '.join(unknown))}; known: {', '.join(sorted(KNOWN))}.")
         numbers, texts = {}, {}
         for name, value in fields.items():
             if name in GENERATION and value is not None and value != "":
                 numbers[name] = parse_number(name, value, GENERATION[name].kind)
             elif name in ("text", "format") and value is not None:
                 if not isinstance(value, str):
-                    raise ValueError(f"{name} must be text, got {value!r}.")
+                    raise ValueError(f"{name} must be text, got {quoted(value)}.")
                 texts[name] = value
         settings = cls(command_config(**numbers), **texts)
         settings.check(model_info)
@@ -84,7 +89,7 @@ class JobSettings:
     def from_dict(cls, values: dict) -> JobSettings:
         """`as_dict`'s object back (TypeError for anything else); not checked again."""
         if not isinstance(values, dict):
-            raise TypeError(f"settings must be an object, got {values!r}.")
+            raise TypeError(f"settings must be an object, got {quoted(values)}.")
         values = dict(values)
         generation = {name: values.pop(name) for name in COMMAND_SETTINGS if name in values}
         return cls(command_config(**generation), **values)
@@ -97,13 +102,29 @@ class JobSettings:
     def check(self, model_info: dict | None = None) -> None:
         """The studio's own checks, then GenerationConfig.check() as generate.py makes it before it loads a
         model; with the model's info, again against its vocabulary and window."""
-        if self.text is not None and len(self.text) > MAX_TEXT:
-            raise ValueError(f"text is {len(self.text)} characters long; at most {MAX_TEXT}.")
+        if self.text is not None:
+            check_text(self.text)
         if self.format not in FORMATS:
-            raise ValueError(f"format must be wav or flac, got {self.format!r}.")
+            raise ValueError(f"format must be wav or flac, got {quoted(self.format)}.")
         self.config.check()
         if model_info is not None:
             self.config.check(model_info["vocab_size"], model_info["window_seconds"])
+            check_frames(self.config, model_info["frame_rate"])
+
+
+def check_text(text: str) -> None:
+    """A job's text: at most MAX_TEXT characters, encodable as UTF-8 (no lone surrogate, which JSON can carry
+    but no answer or tokenizer can), and no control characters but whitespace (TEXT_SPACE)."""
+    if len(text) > MAX_TEXT:
+        raise ValueError(f"text is {len(text)} characters long; at most {MAX_TEXT}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text holds a lone surrogate {text[e.start]!r} at character {e.start}: send it as UTF-8 "
+                         f"text.") from None
+    bad = next((i for i, c in enumerate(text) if unicodedata.category(c) == "Cc" and c not in TEXT_SPACE), None)
+    if bad is not None:
+        raise ValueError(f"text holds the control character {text[bad]!r} at character {bad}: remove it.")
 
 
 def parse_number(name: str, value, kind: type):
@@ -115,6 +136,39 @@ def parse_number(name: str, value, kind: type):
             number = int(number)
         if not is_real(number) or (kind is int and not isinstance(number, (int, np.integer))):
             raise ValueError
-        return kind(number)  # as the CLI's argparse types make them: -1 and "-1" are both -1.0 for a duration
+        parsed = kind(number)  # as the CLI's argparse types make them: -1 and "-1" are both -1.0 for a duration
     except (ValueError, OverflowError):  # not a number, or one past a double
-        raise ValueError(f"{name} must be {want}, got {value!r}.") from None
+        raise ValueError(f"{name} must be {want}, got {quoted(value)}.") from None
+    if kind is int and abs(parsed) >= MAX_WHOLE:  # its checks' messages would show all its digits
+        raise ValueError(f"{name} must be {want} below 2**63, got {quoted(value)}.")
+    return parsed
+
+
+def check_frames(config: GenerationConfig, frame_rate: float) -> None:
+    """Refuse, at submit, a duration that makes no frame (round(duration * frame_rate) is 0) and a long-form
+    stride of less than a frame (the model would refuse both only when the job runs)."""
+    if config.duration is not None and round(config.duration * frame_rate) < 1:
+        raise ValueError(f"duration {config.duration:g} s makes no audio (a frame is {1 / frame_rate:g} s): "
+                         f"ask for at least {1 / frame_rate:g} s.")
+    if int(config.extend_stride * frame_rate) < 1:
+        raise ValueError(f"extend_stride {config.extend_stride:g} s is less than a frame: give at least "
+                         f"{1 / frame_rate:g} s.")
+
+
+# reprlib abbreviates big and deep values as it goes: showing one costs little, whatever its size or depth
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxlong, _REPR.maxother = 3, MAX_QUOTED, MAX_QUOTED, MAX_QUOTED
+
+
+def quoted(value, limit: int = MAX_QUOTED) -> str:
+    """A value as a message shows it: its repr, at most `limit` characters ('...' where cut)."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # e.g. an int past Python's 4300 printable digits
+        text = f"<{type(value).__name__}>"
+    return shortened(text, limit)
+
+
+def shortened(text: str, limit: int = MAX_QUOTED) -> str:
+    """Text of at most `limit` characters, '...' ending it where cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

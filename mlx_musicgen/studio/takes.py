@@ -64,12 +64,21 @@ class TakeStore:
         return sorted((t for t in takes if t is not None), key=lambda t: (t["created"], t["id"]), reverse=True)
 
     def delete(self, take_id: str) -> bool:
+        """Remove the take's own two files, its audio and its sidecar (a link is removed, not what it leads to);
+        False for no such take."""
         path = self.audio_path(take_id)
         if path is None:
             return False
         path.unlink(missing_ok=True)
         (self.folder / f"{take_id}.json").unlink(missing_ok=True)
         return True
+
+    def unpaired(self) -> list[str]:
+        """The names of the audio files (NAME.wav, NAME.flac) in the folder without their sidecar NAME.json:
+        not takes, so not listed; a kill between a take's two writes leaves one (the audio is written first).
+        They may also be the user's own files, so the studio names them at start and leaves them."""
+        audio = (p for kind in FORMATS for p in self.folder.glob(f"*.{kind}") if not p.name.startswith("."))
+        return sorted(p.name for p in audio if p.is_file() and not p.with_suffix(".json").exists())
 
     def peaks(self, take_id: str, points: int) -> dict | None:
         """A waveform picture's data: the lowest and highest sample of each of `points` stretches, channels

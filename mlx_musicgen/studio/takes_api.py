@@ -10,7 +10,7 @@ from ..request import COMMAND_SETTINGS
 from .deps import Jobs, accepted, error
 from .job import QueueFull
 from .jobs import JobQueue
-from .settings import UPLOADS, JobSettings
+from .settings import UPLOADS, JobSettings, quoted
 from .takes import valid_take_id
 
 router = APIRouter(prefix="/api/takes")
@@ -18,7 +18,7 @@ AGAIN = ("text", *(name for name in COMMAND_SETTINGS if name != "seed"))  # a ta
 
 
 def no_take(take_id: str):
-    return error(404, f"no take {take_id!r}.")
+    return error(404, f"no take {quoted(take_id)}.")
 
 
 def take_file(jobs: JobQueue, take_id: str):
