@@ -1,6 +1,7 @@
 """Hugging Face MusicGen checkpoint -> MLX folder (safetensors + config + tokenizer), written atomically
 (the `mlx_musicgen.convert` command; convert.py runs it too), and a fine-tune's adapters fused into such a
-folder (`fuse`, for `mlx_musicgen.finetune --fuse`).
+folder or into one in the Hub's transformers layout, for transformers to load (`fuse`, for
+`mlx_musicgen.finetune --fuse`; write_transformers_folder).
 
     mlx_musicgen.convert --hf-path facebook/musicgen-small --mlx-path mlx_model [--dtype float16] [-q --q-bits 4]
 """
@@ -10,8 +11,9 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import sys
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -32,6 +34,7 @@ TOKENIZER_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
     "generation_config.json",
+    "added_tokens.json",  # transformers 4's slow tokenizers, beside spiece.model
 )
 
 
@@ -85,29 +88,147 @@ def convert(
     return out
 
 
-def fuse(adapter_path: str | Path, mlx_path: str | Path, model_id: str | None = None,
-         overwrite: bool = False) -> Path:
-    """A converted folder of the base model (`model_id`, default the one the adapters record) with the adapters
-    (or the full fine-tune) of `adapter_path` merged in; returns the folder."""
+def fuse(adapter_path: str | Path, mlx_path: str | Path | None = None, model_id: str | None = None,
+         overwrite: bool = False, *, hf_path: str | Path | None = None) -> list[Path]:
+    """The base model (`model_id`, default the one the adapters record) with the adapters (or the full fine-tune)
+    of `adapter_path` merged in, written as a converted folder (`mlx_path`), as a folder in the Hub's transformers
+    layout (`hf_path`, see write_transformers_folder), or both; returns the folders written."""
     adapter_path = Path(adapter_path).expanduser()
     lora.read_adapter_config(adapter_path)  # refuses a folder without (sound) adapters
-    recorded = json.loads((adapter_path / lora.CONFIG_FILE).read_text()).get("model")
+    recorded = lora.recorded_model(adapter_path)  # ours, or PEFT's base_model_name_or_path
     model_id = model_id or recorded
     if model_id is None:
         raise ValueError(f"{adapter_path} does not say which model it adapts: give --model.")
-    out = Path(mlx_path).expanduser()
-    check_destination(out, overwrite)
+    outs = [Path(p).expanduser() for p in (mlx_path, hf_path) if p is not None]
+    if not outs:
+        raise ValueError("fuse writes a converted folder, a transformers folder or both: give --mlx-path and/or "
+                         "--hf-path.")
+    if len(outs) == 2 and outs[0].resolve() == outs[1].resolve():
+        raise ValueError(f"--mlx-path and --hf-path are the same folder {outs[0]}: give two folders.")
+    for out in outs:
+        check_destination(out, overwrite)
     folder = loading.resolve(model_id)
     model, raw = loading.build_model(folder)
-    lora.load_adapters(model, adapter_path)
+    if hf_path is not None:
+        check_exportable(raw, folder)  # before the work of fusing
+    lora.load_adapters(model, adapter_path, model_name=model_id)
     lora.fuse_lora(model)
-    converted = raw.get(CONVERTED_KEY, {})
-    raw[CONVERTED_KEY] = {
-        "format_version": loading.FORMAT_VERSION, "source": str(model_id), "dtype": converted.get("dtype", "float32"),
-        "quantization": None, "max_length": model.config.max_length, "adapters": str(adapter_path),
-    }
-    write_atomically(out, model, raw, folder)
+    written = []
+    if mlx_path is not None:
+        converted = raw.get(CONVERTED_KEY, {})
+        config = {**raw, CONVERTED_KEY: {
+            "format_version": loading.FORMAT_VERSION, "source": str(model_id),
+            "dtype": converted.get("dtype", "float32"), "quantization": None,
+            "max_length": model.config.max_length, "adapters": str(adapter_path)}}
+        write_atomically(Path(mlx_path).expanduser(), model, config, folder)
+        written.append(Path(mlx_path).expanduser())
+    if hf_path is not None:
+        write_transformers_folder(Path(hf_path).expanduser(), model, raw, folder)
+        written.append(Path(hf_path).expanduser())
+    return written
+
+
+# Ours -> transformers' names of T5's tensors: the inverse of t5.HF_NAMES (`text_encoder.` prefix stripped).
+T5_HF_NAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
+    (r"embed_tokens\.weight", "shared.weight"),
+    (r"relative_attention_bias\.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (r"layers\.(\d+)\.attention\.(q|k|v|o)\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
+    (r"layers\.(\d+)\.attention_norm\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
+    (r"layers\.(\d+)\.feed_forward\.(wi|wi_0|wi_1|wo)\.weight", r"encoder.block.\1.layer.1.DenseReluDense.\2.weight"),
+    (r"layers\.(\d+)\.feed_forward_norm\.weight", r"encoder.block.\1.layer.1.layer_norm.weight"),
+    (r"final_layer_norm\.weight", "encoder.final_layer_norm.weight"),
+))
+
+
+def t5_to_hf(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Our T5 tensors -> transformers' T5EncoderModel names (`shared.weight` holds the tied embedding)."""
+    out = {}
+    for key, value in weights.items():
+        for pattern, replacement in T5_HF_NAMES:
+            if match := pattern.fullmatch(key):
+                key = match.expand(replacement)
+                break
+        out[key] = value
     return out
+
+
+def decoder_to_hf(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Our decoder's tensors -> transformers' (`model.decoder.*`, the heads `lm_heads.*` as they are). The
+    sinusoid table is left out: transformers 5 recomputes it (a buffer it neither saves nor expects)."""
+    return {k if k.startswith("lm_heads.") else "model.decoder." + k: v for k, v in weights.items()}
+
+
+def encodec_to_hf(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Our EnCodec tensors -> transformers' EncodecModel: the inverse of EncodecModel.sanitize. Convs go back to
+    torch's layouts with weight norm as transformers 5 saves it (original0 = g = ||w|| over all dims but the
+    first, original1 = v = w, so g * v / ||v|| gives w back to rounding); each LSTM layer's summed bias becomes
+    bias_ih (bias_hh zero: the sum is what counts); each codebook gets the k-means state transformers keeps,
+    consistent with its entries (trained, every cluster of size 1, embed_avg = embed), which inference ignores."""
+    top_level = sorted(
+        int(m.group(1)) for k in weights if (m := re.fullmatch(r"decoder\.layers\.(\d+)\.conv\.weight", k))
+    )
+    transposed = {f"decoder.layers.{i}.conv.weight" for i in top_level[1:-1]}  # as EncodecModel.sanitize finds them
+    out = {}
+    for key, value in weights.items():
+        module, _, name = key.rpartition(".")
+        if module.endswith(".conv") and name == "weight":
+            # ours (out, kernel, in) -> torch ConvTranspose1d (in, out, kernel) or Conv1d (out, in, kernel)
+            v = value.transpose(2, 0, 1) if key in transposed else value.transpose(0, 2, 1)
+            out[module + ".parametrizations.weight.original0"] = mx.sqrt(v.square().sum(axis=(1, 2), keepdims=True))
+            out[module + ".parametrizations.weight.original1"] = v
+        elif m := re.fullmatch(r"(.*\.lstm)\.(\d+)\.(Wx|Wh|bias)", key):
+            lstm, layer, kind = m.groups()
+            if kind == "bias":
+                out[f"{lstm}.bias_ih_l{layer}"], out[f"{lstm}.bias_hh_l{layer}"] = value, mx.zeros_like(value)
+            else:
+                out[f"{lstm}.weight_{'ih' if kind == 'Wx' else 'hh'}_l{layer}"] = value
+        elif module.startswith("quantizer.layers.") and name == "embed":
+            codebook = module + ".codebook"
+            out.update({codebook + ".embed": value, codebook + ".embed_avg": value,
+                        codebook + ".cluster_size": mx.ones((value.shape[0],)), codebook + ".inited": mx.ones((1,))})
+        else:
+            out[key] = value
+    return out
+
+
+def hf_weights(model: MusicGenModel) -> dict[str, mx.array]:
+    """The model's tensors with transformers' names and layouts (the inverse of MusicGenModel.sanitize), all
+    float32: a half-precision decoder is widened (exactly), as transformers' MusicGen runs in float32."""
+    parts = {"text_encoder.": t5_to_hf, "decoder.": decoder_to_hf, "audio_encoder.": encodec_to_hf}
+    weights = dict(tree_flatten(model.parameters()))
+    out = {k: v for k, v in weights.items() if not k.startswith(tuple(parts))}  # the projections: same names
+    for prefix, to_hf in parts.items():
+        part = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+        out.update({prefix + k: v for k, v in to_hf(part).items()})
+    return {k: v.astype(mx.float32) for k, v in out.items()}
+
+
+def check_exportable(raw: dict, folder: Path) -> None:
+    """transformers cannot read MLX's quantized weights, and dequantizing would not give the source's back:
+    refuse a quantized base (float16 and bfloat16 ones are written as float32, see hf_weights)."""
+    converted = raw.get(CONVERTED_KEY) or {}
+    if converted.get("quantization"):
+        raise loading.CheckpointError(
+            f"{folder} is quantized, which transformers cannot load: fuse onto the float checkpoint it was converted "
+            f"from ({converted.get('source', 'its Hub id')}) with --model.")
+
+
+def transformers_config(raw: dict) -> dict:
+    """The source's config.json as transformers wrote it: our section dropped, the weights' dtype float32."""
+    config = {k: v for k, v in raw.items() if k != CONVERTED_KEY}
+    for key in ("dtype", "torch_dtype"):  # transformers 5's name, and 4's
+        if key in config:
+            config[key] = "float32"
+    return config
+
+
+def write_transformers_folder(out: Path, model: MusicGenModel, raw: dict, source: Path) -> None:
+    """A folder in the Hub's transformers layout that MusicgenForConditionalGeneration (or the melody class)
+    .from_pretrained loads: model.safetensors with transformers' names, float32 (hf_weights), config.json and
+    generation_config.json as the source has them, its tokenizer files, and for melody models its processor
+    files (preprocessor_config.json or processor_config.json)."""
+    check_exportable(raw, source)
+    write_folder(out, hf_weights(model), transformers_config(raw), source, metadata={"format": "pt"})
 
 
 def check_destination(out: Path, overwrite: bool) -> None:
@@ -126,19 +247,25 @@ def check_destination(out: Path, overwrite: bool) -> None:
 
 
 def write_atomically(out: Path, model: MusicGenModel, config: dict, source: Path) -> None:
-    """Write everything into a temporary sibling folder, then swap it into place with renames (see atomic)."""
+    """A converted folder: our weights, `config` and the source's tokenizer and processor files (write_folder)."""
+    write_folder(out, dict(tree_flatten(model.parameters())), config, source)
+
+
+def write_folder(out: Path, weights: dict[str, mx.array], config: dict, source: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Write model.safetensors (`weights`, with `metadata`), config.json and the files of TOKENIZER_FILES that
+    `source` holds into a temporary sibling folder, then swap it into place with renames (see atomic)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.clean_stale(out)
-    weights = dict(tree_flatten(model.parameters()))
     needed = sum(w.nbytes for w in weights.values())
     free = shutil.disk_usage(out.parent).free
     if free < needed:
         raise OSError(errno.ENOSPC, f"no space left on the device holding {out.parent}: the model needs "
                                     f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; free some space "
-                                    f"or choose another --mlx-path")
+                                    f"or choose another folder")
     staging = atomic.temp_folder(out)
     with atomic.removed_on_error(lambda: shutil.rmtree(staging, ignore_errors=True), out.parent):
-        mx.save_safetensors(str(staging / "model.safetensors"), weights)
+        mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata=metadata or {})
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         for name in TOKENIZER_FILES:
             if (source / name).is_file():

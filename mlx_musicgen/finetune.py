@@ -4,10 +4,13 @@ command; finetune.py runs it too).
     mlx_musicgen.finetune --model facebook/musicgen-small --data my_clips --adapter-path my_style --iters 1000
     mlx_musicgen.generate --model facebook/musicgen-small --adapter my_style --text "my style, calm" --output x.wav
     mlx_musicgen.finetune --fuse --adapter-path my_style --mlx-path my_model      # the adapters merged in
+    mlx_musicgen.finetune --fuse --adapter-path my_style --hf-path my_model_hf    # ... for transformers
 
 The data folder holds audio files with captions (FILE.txt beside each, or metadata.jsonl with file_name and
-text, or --caption for all); OUT gets adapters.safetensors, adapter_config.json, metrics.jsonl, loss.png (with
-matplotlib: pip install "mlx-musicgen[train]") and a checkpoint/ to --resume from (Ctrl-C saves one).
+text, or --caption for all); OUT gets the adapters in PEFT's format (adapter_model.safetensors and
+adapter_config.json, which transformers + PEFT load too; a full fine-tune: adapters.safetensors), mlx_adapter.json
+(the settings and the run), metrics.jsonl, loss.png (with matplotlib: pip install "mlx-musicgen[train]") and a
+checkpoint/ to --resume from (Ctrl-C saves one).
 """
 
 from __future__ import annotations
@@ -53,9 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations: less memory, slower")
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--resume", action="store_true", help="continue from ADAPTER_PATH/checkpoint")
-    p.add_argument("--fuse", action="store_true", help="merge --adapter-path into --model, write --mlx-path")
+    p.add_argument("--fuse", action="store_true",
+                   help="merge --adapter-path into --model, write --mlx-path and/or --hf-path")
     p.add_argument("--mlx-path", help="with --fuse: the converted folder to write")
-    p.add_argument("--overwrite", action="store_true", help="with --fuse: replace a non-empty --mlx-path")
+    p.add_argument("--hf-path", help="with --fuse: a folder in the Hub's transformers layout to write (float32), "
+                                     "for MusicgenForConditionalGeneration.from_pretrained")
+    p.add_argument("--overwrite", action="store_true", help="with --fuse: replace a non-empty --mlx-path/--hf-path")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -79,9 +85,11 @@ def configs(args: argparse.Namespace) -> tuple[lora.AdapterConfig, TrainConfig]:
 def run_fuse(args: argparse.Namespace, out: Path) -> None:
     from .convert import fuse
 
-    if not args.mlx_path:
-        raise ValueError("--fuse writes a converted folder: give --mlx-path.")
-    print(f"wrote {fuse(out, Path(args.mlx_path), args.model, args.overwrite)}", file=sys.stderr)
+    if not args.mlx_path and not args.hf_path:
+        raise ValueError("--fuse writes a converted folder (--mlx-path), a transformers folder (--hf-path) or "
+                         "both: give one.")
+    for folder in fuse(out, args.mlx_path, args.model, args.overwrite, hf_path=args.hf_path):
+        print(f"wrote {folder}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -93,12 +101,14 @@ def run(args: argparse.Namespace) -> None:
     if args.fuse:
         run_fuse(args, out)
         return
+    if args.mlx_path or args.hf_path:
+        raise ValueError("--mlx-path and --hf-path go with --fuse (after training, to merge the adapters).")
     if not args.model or not args.data:
         raise ValueError("give --model and --data to fine-tune (or --fuse to merge adapters).")
     adapters, config = configs(args)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file: choose another --adapter-path.")
-    if not args.resume and (out / lora.WEIGHTS_FILE).exists():
+    if not args.resume and lora.holds_adapters(out):
         raise FileExistsError(f"{out} already holds adapters: --resume to continue them, or choose another "
                               f"--adapter-path.")
     _linux.use_all_cores_for_blas()  # training's products are large: every core helps (generation keeps one free)
@@ -124,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
             bar.set_postfix(shown)
 
         trainer.run(progress, log=lambda m: bar.write(m, file=sys.stderr))
-    print(f"wrote {out / lora.WEIGHTS_FILE} (step {trainer.step}); generate with --adapter {out}", file=sys.stderr)
+    print(f"wrote the adapters in {out} (step {trainer.step}); generate with --adapter {out}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:

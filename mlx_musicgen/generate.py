@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --output (and its sidecar NAME.json) if either exists")
     add_generation_options(p)
-    p.add_argument("--adapter", help="a fine-tune's output folder (finetune.py --adapter-path) to apply")
+    p.add_argument("--adapter", help="LoRA adapters to apply: a fine-tune's output folder (finetune.py "
+                   "--adapter-path), a PEFT adapter folder, or the Hub id of one")
     add_dtype_option(p)
     p.add_argument("--bits", choices=["16", "24", "float"], default="16", help="sample format (default 16)")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="peak",

@@ -84,23 +84,28 @@ def generate_window(
         return frames
 
     inputs = known[:, :, :start]
-    for position in range(start, length):
-        key, step_key = mx.random.split(key)
-        logits = lm(mx.concatenate([inputs, inputs]) if guided else inputs, context, cache)[:, :, -1]
-        if guided:
-            logits = apply_guidance(logits, guidance_scale)
-        forced = known[:, :, position]
-        column = mx.where(forced == delay.UNSET, sampler(logits, step_key), forced)
-        mx.async_eval(column)  # the next step's graph is built while this one computes
-        columns.append(column)
-        inputs = column[:, :, None]
-        if position > start:  # keep one step in flight: wait for the previous one only
-            mx.eval(columns[-2])
-            if (frames := frames_until(position - 1)) is not None:
-                yield frames
-    mx.eval(columns[-1])
-    if (frames := frames_until(length - 1)) is not None:
-        yield frames
+    try:
+        for position in range(start, length):
+            key, step_key = mx.random.split(key)
+            logits = lm(mx.concatenate([inputs, inputs]) if guided else inputs, context, cache)[:, :, -1]
+            if guided:
+                logits = apply_guidance(logits, guidance_scale)
+            forced = known[:, :, position]
+            column = mx.where(forced == delay.UNSET, sampler(logits, step_key), forced)
+            mx.async_eval(column)  # the next step's graph is built while this one computes
+            columns.append(column)
+            inputs = column[:, :, None]
+            if position > start:  # keep one step in flight: wait for the previous one only
+                mx.eval(columns[-2])
+                if (frames := frames_until(position - 1)) is not None:
+                    yield frames
+        mx.eval(columns[-1])
+        if (frames := frames_until(length - 1)) is not None:
+            yield frames
+    finally:
+        # Left early (a cancel, an interrupt): the step in flight is finished here, not abandoned to MLX's
+        # worker, which a process that exits right after would otherwise tear down mid-task.
+        mx.synchronize()
 
 
 def generate_frames(lm: DelayedLM, contexts: Contexts, guided: bool, request: Request, config: GenerationConfig,

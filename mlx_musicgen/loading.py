@@ -137,15 +137,44 @@ def read_generation_config(folder: Path) -> dict:
     return read_settings(file) if file.is_file() else {}
 
 
+MELODY_EXTRACTOR = "MusicgenMelodyFeatureExtractor"
+
+
+def preprocessor_source(folder: Path) -> tuple[Path, str | None] | None:
+    """Where a melody checkpoint keeps its chroma settings: preprocessor_config.json (transformers 4, the Hub),
+    or, where there is none, the "feature_extractor" section of processor_config.json (transformers 5's
+    processor.save_pretrained writes only that file). Returns (file, section or None), None if neither holds
+    them; a section naming another extractor (plain MusicGen's EnCodec one) holds no chroma settings."""
+    file = folder / "preprocessor_config.json"
+    if file.is_file():
+        return file, None
+    file = folder / "processor_config.json"
+    if not file.is_file():
+        return None
+    nested = read_settings(file).get("feature_extractor")
+    if isinstance(nested, dict) and nested.get("feature_extractor_type", MELODY_EXTRACTOR) != MELODY_EXTRACTOR:
+        return None
+    return (file, "feature_extractor") if nested is not None else None
+
+
 def read_preprocessor_config(folder: Path, raw: dict) -> dict | None:
-    """A melody checkpoint's preprocessor_config.json (the chroma features' settings); None for other kinds."""
+    """A melody checkpoint's chroma settings (see preprocessor_source), each source checked the same way; None
+    for other kinds of checkpoint."""
     if raw.get("model_type") != "musicgen_melody":
         return None
-    file = folder / "preprocessor_config.json"
-    if not file.is_file():
+    source = preprocessor_source(folder)
+    if source is None:
         raise CheckpointError(f"{folder} has no preprocessor_config.json, which holds a melody model's chroma "
-                              f"settings: download the model again, or copy the file from the Hub checkpoint.")
-    return read_settings(file)
+                              f"settings (nor a processor_config.json with them under \"feature_extractor\"): "
+                              f"download the model again, or copy the file from the Hub checkpoint.")
+    file, section = source
+    settings = read_settings(file)
+    if section is None:
+        return settings
+    if not isinstance(settings[section], dict):
+        raise CheckpointError(f"{file}: its \"{section}\" is not a table of settings; download or save the "
+                              f"model again.")
+    return settings[section]
 
 
 def check_safetensors_header(file: Path) -> None:
@@ -301,7 +330,8 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
     count is refused at once instead of building a model for minutes before the shapes disagree."""
     parts = {"text_encoder": config.text_encoder, "decoder": config.decoder, "audio_encoder": config.audio_encoder}
     if config.melody is not None:
-        check_fields(config.melody.features, "preprocessor", file.parent / "preprocessor_config.json")
+        source = preprocessor_source(file.parent)
+        check_fields(config.melody.features, "preprocessor", source[0] if source else file.parent)
         parts["melody"] = config.melody
     for section, part in parts.items():
         check_fields(part, section, file)

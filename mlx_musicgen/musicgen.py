@@ -60,13 +60,14 @@ class MusicGen:
     def from_pretrained(cls, path_or_id: str | Path, *, dtype: mx.Dtype | None = None,
                         adapter: str | Path | None = None, portable: bool | None = None) -> MusicGen:
         """A converted folder, a Hub-layout folder (converted in memory) or a Hub id such as facebook/musicgen-small;
-        `adapter`: a fine-tune's output folder (finetune.py --adapter-path), merged into the weights.
+        `adapter`: a fine-tune's output folder (finetune.py --adapter-path), a PEFT LoRA folder or its Hub id,
+        merged into the weights.
 
         On a CPU, the modules are swapped for their fast CPU forms (see cpu), unless `portable` (by default
         MLX_MUSICGEN_PORTABLE=1) asks for the portable model that Metal and CUDA run."""
         model, tokenizer = loading.load_model(path_or_id, dtype=dtype)
         if adapter is not None:
-            lora.load_adapters(model, Path(adapter))
+            lora.load_adapters(model, adapter, model_name=path_or_id)
             lora.fuse_lora(model)
         portable = cpu.portable_requested() if portable is None else portable
         if mx.default_device() == mx.cpu:

@@ -187,7 +187,7 @@ def test_the_loss_falls_and_the_clips_are_memorised(studio_data, trained):
     assert [m["step"] for m in metrics] == list(range(10, 151, 10))
     assert metrics[0]["train_loss"] > 3 and metrics[-1]["train_loss"] < 0.05 * metrics[0]["train_loss"]
     assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    config = json.loads((trained / "adapter_config.json").read_text())
+    config = json.loads((trained / "mlx_adapter.json").read_text())
     assert (config["rank"], config["alpha"], config["step"], config["model"]) == (8, 16.0, 150,
                                                                                 str(studio_data / "model"))
     model = MusicGen.from_pretrained(studio_data / "model", adapter=trained)

@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--read-timeout", type=float, default=15.0,
                    help="seconds a client may take to send a request's headers, or pause within its body (default "
                         "15); then the connection is closed (408 for a body)")
-    p.add_argument("--adapter", help="a fine-tune's output folder (finetune.py --adapter-path) to apply")
+    p.add_argument("--adapter", help="LoRA adapters to apply: a fine-tune's output folder (finetune.py "
+                   "--adapter-path), a PEFT adapter folder, or the Hub id of one")
     add_dtype_option(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
