@@ -52,6 +52,17 @@ def resolve(path_or_id: str | Path) -> Path:
 
 
 def download(repo_id: str) -> Path:
+    """A model's Hub snapshot: configs, tokenizer and safetensors (the .bin only where a repo has none)."""
+    folder = snapshot(repo_id, HUB_PATTERNS)
+    if not list(folder.glob("*.safetensors")):
+        folder = snapshot(repo_id, HUB_PATTERNS + ["pytorch_model*.bin"])
+    return folder
+
+
+def snapshot(repo_id: str, patterns: list[str], what: str = "model") -> Path:
+    """The files of a Hub repo that match `patterns`, downloaded (or found in the cache when offline), with
+    one-line CheckpointErrors that say what to do; `what` the repo holds names it in them (a model, an
+    adapter)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -60,18 +71,16 @@ def download(repo_id: str) -> Path:
         RepositoryNotFoundError,
     )
 
+    named = repo_id if what == "model" else f"the {what} {repo_id}"
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
-        if not list(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS + ["pytorch_model*.bin"]))
-        return folder
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise CheckpointError(
-            f"No model {repo_id!r} on the Hugging Face Hub (or it is private: log in with `hf auth login`)."
+            f"No {what} {repo_id!r} on the Hugging Face Hub (or it is private: log in with `hf auth login`)."
         ) from None
     except LocalEntryNotFoundError:
         raise CheckpointError(
-            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be reached (offline?): "
+            f"{named} is not in the local Hugging Face cache and the Hub cannot be reached (offline?): "
             f"download it once with `hf download {repo_id}` while online, or pass a local folder."
         ) from None
     except HFValidationError:
@@ -81,7 +90,7 @@ def download(repo_id: str) -> Path:
     except (HfHubHTTPError, OSError) as e:  # other HTTP errors, network failures, a full disk
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"could not download {repo_id} ({first_line}): check the connection, or pass a local folder."
+            f"could not download {named} ({first_line}): check the connection, or pass a local folder."
         ) from None
 
 

@@ -26,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import atomic, peft
-from .loading import CheckpointError, load_safetensors, mismatches, read_json
+from .loading import CheckpointError, load_safetensors, mismatches, read_json, snapshot
 
 # What the known transformers + PEFT recipe adapts: the decoder's attention and feed-forward projections, the
 # per-codebook heads, and the projections of the text (and melody) into the decoder.
@@ -212,33 +212,7 @@ def resolve_adapter(path_or_id: str | Path) -> Path:
     text = str(path_or_id)
     if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         return path
-    return download_adapter(text)
-
-
-def download_adapter(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=ADAPTER_FILES))
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"{repo_id} is neither a folder here nor an adapter on the Hugging Face Hub (or it is "
-                              f"private: log in with `hf auth login`).") from None
-    except LocalEntryNotFoundError:
-        raise CheckpointError(f"the adapter {repo_id} is not in the local Hugging Face cache and the Hub cannot be "
-                              f"reached (offline?): download it once with `hf download {repo_id}` while online, "
-                              f"or pass a local folder.") from None
-    except HFValidationError:
-        raise CheckpointError(f"{repo_id!r} is neither an existing folder nor a valid Hub id.") from None
-    except (HfHubHTTPError, OSError) as e:  # other HTTP errors, network failures, a full disk
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"could not download the adapter {repo_id} ({first_line}): check the connection, or "
-                              f"pass a local folder.") from None
+    return snapshot(text, ADAPTER_FILES, "adapter")
 
 
 def peft_config_file(folder: Path) -> Path | None:
