@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from . import lora
 from .dataset import load_examples, split
-from .training import CHECKPOINT, TrainConfig, Trainer
+from .training import CHECKPOINT, TrainConfig, Trainer, checkpoint_state
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (default 100)")
     p.add_argument("--grad-checkpoint", action="store_true", help="recompute activations: less memory, slower")
     p.add_argument("--seed", type=int, default=0, help="default 0")
-    p.add_argument("--resume", action="store_true", help="continue from ADAPTER_PATH/checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, metavar="ADAPTER",
+                   help="continue ADAPTER_PATH's run from its checkpoint/ (with none: train the adapters it holds "
+                        "further, e.g. a PEFT adapter made elsewhere); --resume ADAPTER: train another adapter "
+                        "(a folder or Hub id, PEFT's format too) further, writing to --adapter-path. Adapters "
+                        "trained further keep their own kind, rank, alpha, dropout and targets (--full and the "
+                        "--lora-* options are for new ones)")
     p.add_argument("--fuse", action="store_true",
                    help="merge --adapter-path into --model, write --mlx-path and/or --hf-path")
     p.add_argument("--mlx-path", help="with --fuse: the converted folder to write")
@@ -80,6 +85,26 @@ def configs(args: argparse.Namespace) -> tuple[lora.AdapterConfig, TrainConfig]:
                          grad_checkpoint=args.grad_checkpoint)
     config.check()
     return adapters, config
+
+
+def adapters_to_start_from(args: argparse.Namespace, out: Path) -> str | Path | None:
+    """What --resume trains further (None: new adapters, or OUT's checkpoint as it is): OUT itself when it holds
+    adapters but no checkpoint of ours, or a checkpoint of a run that started from an adapter (its structure is
+    OUT's adapters); --resume ADAPTER's folder or Hub id."""
+    if not args.resume:
+        return None
+    if args.resume is not True:
+        given = Path(args.resume).expanduser()
+        if not (given.exists() and out.exists() and given.resolve() == out.resolve()):
+            return args.resume
+        args.resume = True  # --resume OUT: the same as --resume
+    state = checkpoint_state(out)
+    if state is not None and state.get("started_from") is None:
+        return None
+    if state is None and not lora.holds_adapters(out):
+        raise FileNotFoundError(f"{out} holds no checkpoint and no adapters to resume: train without --resume "
+                                f"first, or give --resume ADAPTER.")
+    return out
 
 
 def run_fuse(args: argparse.Namespace, out: Path) -> None:
@@ -108,7 +133,8 @@ def run(args: argparse.Namespace) -> None:
     adapters, config = configs(args)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} is a file: choose another --adapter-path.")
-    if not args.resume and lora.holds_adapters(out):
+    start_from = adapters_to_start_from(args, out)
+    if (not args.resume or start_from not in (None, out)) and lora.holds_adapters(out):
         raise FileExistsError(f"{out} already holds adapters: --resume to continue them, or choose another "
                               f"--adapter-path.")
     _linux.use_all_cores_for_blas()  # training's products are large: every core helps (generation keeps one free)
@@ -117,11 +143,12 @@ def run(args: argparse.Namespace) -> None:
     examples = load_examples(musicgen, Path(args.data), args.caption, log=lambda m: print(m, file=sys.stderr))
     train, val = split(examples, config.val_fraction, config.seed)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:  # what a run stopped before its first save left
+    from_checkpoint = args.resume is True and checkpoint_state(out) is not None
+    if not from_checkpoint:  # what a run stopped before its first save left
         (out / "metrics.jsonl").unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINT, ignore_errors=True)
-    trainer = Trainer(musicgen.model, train, val, out, config, adapters, str(args.model))
-    if args.resume:
+    trainer = Trainer(musicgen.model, train, val, out, config, adapters, str(args.model), start_from)
+    if from_checkpoint:
         trainer.resume()
     with Bar(total=config.iters, initial=trainer.step, desc="training", unit="step", disable=args.quiet,
              dynamic_ncols=True) as bar:

@@ -183,24 +183,30 @@ def adapter_weights(model, full: bool = False) -> dict[str, mx.array]:
 # ---- saving and reading adapter folders
 
 
-def save_adapters(model, config: AdapterConfig, folder: Path, extra: dict | None = None) -> None:
-    """LoRA: PEFT's adapter_model.safetensors + adapter_config.json (base_model_name_or_path: extra's "model");
-    a full fine-tune: adapters.safetensors (our names); both with mlx_adapter.json (our settings and `extra`).
-    Each file is written atomically; files of the other layout, which a reader could take instead, go."""
+def save_adapters(model, config: AdapterConfig | peft.PeftAdapter, folder: Path, extra: dict | None = None) -> None:
+    """LoRA: PEFT's adapter_model.safetensors + adapter_config.json (base_model_name_or_path: extra's "model"; a
+    PEFT adapter trained further keeps its own config); a full fine-tune: adapters.safetensors (our names); both
+    with mlx_adapter.json (the settings and `extra`). Each file is written atomically; files of the other layout,
+    which a reader could take instead, go."""
     folder.mkdir(parents=True, exist_ok=True)
     extra = extra or {}
-    if config.full:
+    if getattr(config, "full", False):
         atomic.save_safetensors(folder / WEIGHTS_FILE, adapter_weights(model, True))
         stale = [CONFIG_FILE, peft.WEIGHTS_FILE]
     else:
         updates = {name: (m.lora_a, m.lora_b, isinstance(m, LoRAEmbedding)) for name, m in model.named_modules()
                    if isinstance(m, (LoRALinear, LoRAEmbedding))}
         atomic.save_safetensors(folder / peft.WEIGHTS_FILE, peft.tensors(updates))
-        their = peft.config(config.rank, config.alpha, config.dropout, sorted(updates), extra.get("model"),
-                            model.config.melody is not None)
+        if isinstance(config, peft.PeftAdapter):
+            their = peft.continued_config(config)
+        else:
+            their = peft.config(config.rank, config.alpha, config.dropout, sorted(updates), extra.get("model"),
+                                model.config.melody is not None)
         atomic.write_text(folder / CONFIG_FILE, json.dumps(their, indent=2) + "\n")
         stale = [WEIGHTS_FILE]
-    atomic.write_text(folder / OUR_CONFIG, json.dumps({**asdict(config), **extra}, indent=2) + "\n")
+    settings = asdict(config)
+    settings.pop("raw", None)  # a PEFT adapter's: adapter_config.json holds it
+    atomic.write_text(folder / OUR_CONFIG, json.dumps({**settings, **extra}, indent=2) + "\n")
     for name in stale:
         (folder / name).unlink(missing_ok=True)
 
@@ -267,9 +273,10 @@ def holds_adapters(folder: Path) -> bool:
     return (folder / WEIGHTS_FILE).exists() or (folder / peft.WEIGHTS_FILE).exists()
 
 
-def attach_updates(model, updates: dict[str, peft.Update], folder: Path) -> None:
-    """Put PEFT's updates on a model, each as a LoRA of its own rank and scale; one-line refusals of a module this
-    model has not, or of another shape (the adapter was made on another model)."""
+def attach_updates(model, updates: dict[str, peft.Update], folder: Path, dropout: float = 0.0) -> None:
+    """Put PEFT's updates on a model, each as a LoRA of its own rank and scale (and, for training further, the
+    adapter's dropout); one-line refusals of a module this model has not, or of another shape (the adapter was made
+    on another model)."""
     modules = dict(model.named_modules())
     attached = []
     for name, update in updates.items():
@@ -289,7 +296,7 @@ def attach_updates(model, updates: dict[str, peft.Update], folder: Path) -> None
             raise CheckpointError(f"the adapter in {folder} does not fit this model: {update.source}'s A and B are "
                                   f"{tuple(update.a.shape)} and {tuple(update.b.shape)}, this model's takes "
                                   f"{a_shape} and {b_shape}: it was made for a model of another shape.")
-        wrapped = adapted(module, r, update.scale)
+        wrapped = adapted(module, r, update.scale, dropout)
         wrapped.lora_a, wrapped.lora_b = update.a, update.b
         attached.append((name, wrapped))
     model.update_modules(tree_unflatten(attached))
@@ -304,7 +311,7 @@ def load_adapters(model, folder: str | Path, model_name: str | Path | None = Non
     if isinstance(config, peft.PeftAdapter):
         peft.check_base(config, folder, model_name)
         model.freeze()
-        attach_updates(model, peft.read_updates(folder, config), folder)
+        attach_updates(model, peft.read_updates(folder, config), folder, config.dropout)
         model.freeze()
         return config
     if not config.full:
@@ -318,4 +325,21 @@ def load_adapters(model, folder: str | Path, model_name: str | Path | None = Non
                               f"{(missing + unexpected + wrong)[0]}): they were trained on another model.")
     model.load_weights(list(weights.items()), strict=False)
     model.freeze()
+    return config
+
+
+def load_for_training(model, folder: str | Path, model_name: str | Path):
+    """The adapters of `folder` (or a Hub id; PEFT's too) on a model, to train further: their LoRA matrices (a full
+    fine-tune: the decoder and the projections into it) trainable, the rest frozen. A PEFT adapter that names no
+    base model is given `model_name`. Returns the adapter's settings (AdapterConfig or peft.PeftAdapter)."""
+    config = load_adapters(model, folder, model_name)
+    if isinstance(config, peft.PeftAdapter):
+        config.base = config.base or str(model_name)
+        config.raw = peft.continued_config(config)  # as it will be saved (and read back on --resume)
+    elif config.full:
+        unfreeze_for_full(model)
+        return config
+    for module in model.modules():
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            module.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
     return config

@@ -47,14 +47,17 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 @dataclass
 class PeftAdapter:
     """A PEFT LoRA config, as far as it matters here: the default r and alpha, rsLoRA, the per-module
-    patterns (regex -> r or alpha) and the base model's name (None when unknown)."""
+    patterns (regex -> r or alpha), the dropout a further fine-tune trains with, the base model's name (None when
+    unknown), and `raw`: the whole file, written back as it is when the adapter is trained further here."""
 
     r: int
     alpha: float
     use_rslora: bool = False
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    dropout: float = 0.0
     base: str | None = None
+    raw: dict = field(default_factory=dict)
 
     def settings(self, module: str) -> tuple[int, float]:
         """(r, scale) of one module, by transformers' module name (e.g. decoder.model.decoder.layers.0.fc1)."""
@@ -116,10 +119,13 @@ def read_config(file: Path) -> PeftAdapter:
         adapter = PeftAdapter(r=raw["r"], alpha=raw["lora_alpha"], use_rslora=bool(raw.get("use_rslora")),
                               rank_pattern=dict(raw.get("rank_pattern") or {}),
                               alpha_pattern=dict(raw.get("alpha_pattern") or {}),
-                              base=raw.get("base_model_name_or_path") or None)
+                              dropout=raw.get("lora_dropout") or 0.0,
+                              base=raw.get("base_model_name_or_path") or None, raw=raw)
         numbers = [adapter.r, adapter.alpha, *adapter.rank_pattern.values(), *adapter.alpha_pattern.values()]
         if not all(isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) for n in numbers):
             raise ValueError("r, lora_alpha and the patterns must be numbers")
+        if not (isinstance(adapter.dropout, (int, float)) and 0 <= adapter.dropout < 1):
+            raise ValueError(f"lora_dropout must be from 0 to below 1, got {adapter.dropout!r}")
         for pattern in (*adapter.rank_pattern, *adapter.alpha_pattern):
             re.compile(pattern)
     except (KeyError, TypeError, ValueError, re.error) as e:
@@ -234,6 +240,12 @@ def target_names(modules: list[str]) -> list[str]:
         parts = their_module(module).split(".")
         names.add(".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1])
     return sorted(names)
+
+
+def continued_config(adapter: PeftAdapter) -> dict:
+    """The adapter_config.json of a PEFT adapter trained further here: its own, every field kept (targets, patterns,
+    rsLoRA, ...), naming the base model it now trained on when it named none."""
+    return {**adapter.raw, "base_model_name_or_path": adapter.base, "inference_mode": True}
 
 
 def config(r: int, alpha: float, dropout: float, modules: list[str], base: str | None, melody: bool) -> dict:

@@ -184,21 +184,34 @@ class TrainConfig:
         return optim.join_schedules([optim.linear_schedule(0.0, self.learning_rate, warmup), decay], [warmup])
 
 
+def checkpoint_state(out: Path) -> dict | None:
+    """What OUT/checkpoint/state.json records (step, history, adapters, started_from, training), or None."""
+    file = out / CHECKPOINT / "state.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
 class Trainer:
     """The training loop over a model with adapters (or a trainable decoder), its optimizer and its records:
     each step's examples, condition dropout and LoRA dropout follow from (seed, step), so a resumed run
     continues the same loss curve."""
 
     def __init__(self, model, train: list[Example], val: list[Example], out: Path, config: TrainConfig,
-                 adapters: lora.AdapterConfig, model_name: str):
+                 adapters: lora.AdapterConfig, model_name: str, start_from: str | Path | None = None):
+        """`adapters`: the new LoRA (or full fine-tune) to train; or `start_from`: an adapter folder or Hub id
+        (PEFT's format too) whose adapters train further instead, with their own settings, from step 0."""
         config.check()
         self.model, self.train_set, self.val_set, self.out = model, train, val, out
-        self.config, self.adapters, self.model_name = config, adapters, model_name
-        if adapters.full:
+        self.config, self.model_name = config, model_name
+        self.started_from = None if start_from is None else str(start_from)
+        if start_from is not None:
+            adapters = lora.load_for_training(model, start_from, model_name)
+        elif adapters.full:
             lora.unfreeze_for_full(model)
         else:
             lora.apply_lora(model, adapters)
-        decay = config.weight_decay if config.weight_decay is not None else (0.1 if adapters.full else 0.0)
+        self.adapters = adapters
+        self.full = getattr(adapters, "full", False)
+        decay = config.weight_decay if config.weight_decay is not None else (0.1 if self.full else 0.0)
         self.optimizer = optim.AdamW(learning_rate=config.schedule(), betas=[0.9, 0.95], weight_decay=decay)
         self.step = 0
         self.history: list[dict] = []
@@ -271,6 +284,8 @@ class Trainer:
 
     def save_adapters(self) -> None:
         extra = {"model": self.model_name, "step": self.step, "training": asdict(self.config)}
+        if self.started_from is not None:
+            extra["started_from"] = self.started_from
         lora.save_adapters(self.model, self.adapters, self.out, extra)
 
     def save_checkpoint(self) -> None:
@@ -285,6 +300,7 @@ class Trainer:
                                                                          if isinstance(v, mx.array)})
             (staging / "state.json").write_text(json.dumps({"step": self.step, "history": self.history,
                                                             "adapters": asdict(self.adapters),
+                                                            "started_from": self.started_from,
                                                             "training": asdict(self.config)}))
             atomic.give_normal_mode(staging)
             atomic.replace_folder(staging, path)
@@ -298,9 +314,9 @@ class Trainer:
         from .loading import CheckpointError
 
         path = self.out / CHECKPOINT
-        if not (path / "state.json").is_file():
+        state = checkpoint_state(self.out)
+        if state is None:
             raise CheckpointError(f"{path} holds no checkpoint to resume from: train without --resume first.")
-        state = json.loads((path / "state.json").read_text())
         if state["adapters"] != asdict(self.adapters):
             raise ValueError(f"the checkpoint in {path} was trained with other adapter settings "
                              f"({state['adapters']}): give the same ones, or another --adapter-path.")
@@ -319,7 +335,7 @@ class Trainer:
         """Train to config.iters steps, logging, validating and saving as configured; Ctrl-C saves a checkpoint
         and the adapters, then stops."""
         config = self.config
-        log(f"training {self.trainable_count():,} parameters ({'full decoder' if self.adapters.full else 'LoRA'}) "
+        log(f"training {self.trainable_count():,} parameters ({'full decoder' if self.full else 'LoRA'}) "
             f"on {len(self.train_set)} windows ({len(self.val_set)} for validation), {config.iters} steps")
         window_loss, window_tokens, started = [], 0, time.perf_counter()
         try:

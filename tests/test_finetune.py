@@ -258,6 +258,45 @@ def test_a_resumed_run_continues_the_same_curve(studio_data, tmp_path):
                                rtol=1e-5)
 
 
+def test_resume_trains_adapters_made_elsewhere(studio_data, trained, tmp_path):
+    """--resume with adapters but no checkpoint (PEFT's two files, as another tool leaves them) trains them in
+    place; --resume ADAPTER trains them into another --adapter-path, and a checkpoint of that run resumes on the
+    same curve; an empty folder is refused in one line."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(trained / name, elsewhere / name)
+    common = ("--model", studio_data / "model", "--data", studio_data / "data", "--learning-rate", 1e-3,
+              "--log-every", 1, "--val-fraction", 0)
+
+    def steps(folder):
+        return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    def losses(folder):
+        return [json.loads(line)["train_loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    in_place = finetune(*common, "--adapter-path", elsewhere, "--resume", "--iters", 1)
+    assert in_place.returncode == 0, in_place.stderr
+    assert steps(elsewhere) == [1] and losses(elsewhere)[0] < 0.5  # from the trained weights, not new ones
+    assert json.loads((elsewhere / "mlx_adapter.json").read_text())["started_from"] == str(elsewhere)
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    result = finetune(*common, "--adapter-path", straight, "--resume", trained, "--iters", 3)
+    assert result.returncode == 0, result.stderr
+    result = finetune(*common, "--adapter-path", stopped, "--resume", trained, "--iters", 2, "--save-every", 1)
+    assert result.returncode == 0, result.stderr
+    result = finetune(*common, "--adapter-path", stopped, "--resume", "--iters", 3)  # its checkpoint, at step 2
+    assert result.returncode == 0, result.stderr
+    assert steps(straight) == steps(stopped) == [1, 2, 3]
+    np.testing.assert_allclose(losses(stopped)[:2], losses(straight)[:2], rtol=1e-5)  # step 3's rate differs
+    assert json.loads((trained / "adapter_config.json").read_text())["r"] == 8  # the source is left as it was
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(finetune(*common, "--adapter-path", empty, "--resume", "--iters", 1),
+                   r"empty holds no checkpoint and no adapters to resume: train without --resume first")
+
+
 def test_full_fine_tuning(studio_data, tmp_path):
     out = tmp_path / "full"
     result = finetune("--model", studio_data / "model", "--data", studio_data / "data", "--adapter-path", out,

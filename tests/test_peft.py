@@ -295,6 +295,40 @@ def test_adapters_trained_here_load_in_peft(tiny, tmp_path):
     assert lora.recorded_model(legacy) == str(tiny.folder)
 
 
+def test_a_peft_adapter_trains_further_here(tiny, tmp_path):
+    """A PEFT adapter made elsewhere (rsLoRA, per-module ranks and alphas, dropout) as the start of a fine-tune
+    here (finetune --resume ADAPTER): it starts from the adapter's weights, keeps its config, trains every one of
+    its matrices, and PeftModel.from_pretrained(OUT) then gives our codes."""
+    from peft import PeftModel
+
+    source = tmp_path / "source"
+    settings = dict(use_rslora=True, lora_dropout=0.1, rank_pattern={"fc1": 2, "lm_heads.3": 3},
+                    alpha_pattern={"fc2": 16, "embed_tokens.1": 5})
+    make_adapter(transformers_model(tiny.folder), source, seed=2, **settings)
+    out = tmp_path / "out"
+    out.mkdir()
+    musicgen = MusicGen.from_pretrained(tiny.folder, portable=True)
+    config = training.TrainConfig(iters=3, learning_rate=1e-2, warmup=0, log_every=3, cond_dropout=0.0)
+    trainer = training.Trainer(musicgen.model, examples(musicgen), [], out, config, lora.AdapterConfig(rank=64),
+                               str(tiny.folder), start_from=source)
+    trainer.plotting = False
+    assert trainer.trainable_count() == sum(v.size for v in mx.load(str(source / "adapter_model.safetensors")).values())
+    codes = random_codes(4)
+    musicgen.model.eval()
+    start = our_logits(musicgen, codes)
+    as_loaded = MusicGen.from_pretrained(tiny.folder, adapter=source)
+    assert reference.relative_error(start, our_logits(as_loaded, codes)) < 1e-6  # the adapter's own weights
+    trainer.run(log=lambda m: None)
+
+    theirs, ours = (json.loads((folder / "adapter_config.json").read_text()) for folder in (source, out))
+    assert ours == {**theirs, "base_model_name_or_path": str(tiny.folder)}
+    record = json.loads((out / "mlx_adapter.json").read_text())
+    assert (record["started_from"], record["step"], record["use_rslora"]) == (str(source), 3, True)
+    peft_model = PeftModel.from_pretrained(transformers_model(tiny.folder), str(out)).eval()
+    further = assert_matches_peft(tiny, peft_model, out, "PEFT adapter trained further here")
+    assert reference.relative_error(our_logits(further, codes), start) > 1e-3  # it trained
+
+
 def test_report_measured_differences():
     """Prints the parity figures measured above (run with -s)."""
     for case, (relative, absolute) in MEASURED.items():
