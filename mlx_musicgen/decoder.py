@@ -94,24 +94,52 @@ def additive_mask(mask: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
     return mx.where(mask[:, None, None, :].astype(mx.bool_), mx.array(0.0, dtype=dtype), big_negative)
 
 
+SPAN = 128  # a compiled step attends over the cache in multiples of this many positions (see KVCache.at)
+
+
 class KVCache:
     """Self-attention keys and values (B, heads, max_length, head_dim), preallocated for the whole generation so
-    that a step never copies the past."""
+    that a step never copies the past; `state` holds them (what a compiled step captures and updates), `offset`
+    counts the positions filled, on the host.
+
+    Inside a compiled step (generation.compiled_step) `at` is (position, span): the offset as an array, and the
+    static number of positions attended, a multiple of SPAN, with a mask over the positions not yet filled. The
+    step's shapes then change once every SPAN steps, not every step, and it compiles once per span."""
 
     def __init__(self, batch: int, heads: int, head_dim: int, max_length: int, dtype: mx.Dtype):
-        self.keys = mx.zeros((batch, heads, max_length, head_dim), dtype=dtype)
-        self.values = mx.zeros((batch, heads, max_length, head_dim), dtype=dtype)
+        shape = (batch, heads, max_length, head_dim)
+        self.state = {"keys": mx.zeros(shape, dtype=dtype), "values": mx.zeros(shape, dtype=dtype)}
         self.offset = 0
+        self.at: tuple[mx.array, int] | None = None
 
-    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append (B, heads, L, head_dim) keys and values; return all of them so far."""
-        start, end = self.offset, self.offset + keys.shape[2]
-        if end > self.keys.shape[2]:
-            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions; asked for {end}.")
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
+    @property
+    def max_length(self) -> int:
+        return self.state["keys"].shape[2]
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array | str | None]:
+        """Append (B, heads, L, head_dim) keys and values; return the keys and values to attend to, and the
+        mask of scaled_dot_product_attention (causal over the new positions)."""
+        L = keys.shape[2]
+        if self.at is not None:
+            position, span = self.at
+            for name, new in (("keys", keys), ("values", values)):
+                self.state[name] = mx.slice_update(self.state[name], new, position, axes=(2,))
+            mask = mx.arange(span)[None] <= position + mx.arange(L)[:, None]  # (L, span): filled and causal
+            return self.state["keys"][:, :, :span], self.state["values"][:, :, :span], mask
+        start, end = self.offset, self.offset + L
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} positions; asked for {end}.")
+        self.state["keys"][:, :, start:end] = keys
+        self.state["values"][:, :, start:end] = values
         self.offset = end
-        return self.keys[:, :, :end], self.values[:, :, :end]
+        return self.state["keys"][:, :, :end], self.state["values"][:, :, :end], "causal" if L > 1 else None
+
+
+def cache_position(cache: list | None) -> int | mx.array:
+    """Where the next positions go: the caches' offset (inside a compiled step, as an array)."""
+    if not cache:
+        return 0
+    return cache[0].offset if cache[0].at is None else cache[0].at[0]
 
 
 @dataclass
@@ -158,8 +186,9 @@ class Attention(nn.Module):
         """x (B, L, D), the L newest positions -> (B, L, D)."""
         queries, keys, values = (split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if cache is not None:
-            keys, values = cache.update(keys, values)
-        mask = "causal" if x.shape[1] > 1 else None
+            keys, values, mask = cache.update(keys, values)
+        else:
+            mask = "causal" if x.shape[1] > 1 else None
         out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.out_proj(merge_heads(out))
 
@@ -255,18 +284,27 @@ class MusicgenDecoder(nn.Module):
         return Context(text=[layer.text_kv(states, mask) for layer in self.layers])
 
     def make_cache(self, batch: int, max_length: int) -> list:
+        self.position_table(max_length, self.dtype)  # made here: a compiled step reads it, it cannot grow it
         return [layer.make_cache(batch, max_length, self.dtype) for layer in self.layers]
 
     def embed(self, codes: mx.array) -> mx.array:
         """codes (B, K, T) -> the sum of their K embeddings (B, T, D)."""
         return sum(embed(codes[:, k]) for k, embed in enumerate(self.embed_tokens)) * self.embed_scale
 
-    def add_positions(self, x: mx.array, offset: int) -> mx.array:
-        """x (B, L, D) at positions offset.. offset + L - 1 -> x + their sinusoids."""
-        end = offset + x.shape[1]
-        if end > self._positions.shape[0] or self._positions.dtype != x.dtype:  # cast once, not every step
-            self._positions = mx.array(sinusoids(1 << (end - 1).bit_length(), x.shape[-1])).astype(x.dtype)
-        return x + self._positions[offset:end]
+    def position_table(self, length: int, dtype: mx.Dtype) -> mx.array:
+        """The sinusoids of the first `length` positions (at least), made once and cast once, not every step."""
+        if length > self._positions.shape[0] or self._positions.dtype != dtype:
+            size = 1 << (length - 1).bit_length()
+            self._positions = mx.array(sinusoids(size, self.config.hidden_size)).astype(dtype)
+        return self._positions
+
+    def add_positions(self, x: mx.array, offset: int | mx.array) -> mx.array:
+        """x (B, L, D) at positions offset.. offset + L - 1 -> x + their sinusoids (`offset` an array: inside a
+        compiled step, whose cache made the table)."""
+        B, L, D = x.shape
+        if isinstance(offset, mx.array):
+            return x + mx.slice(self._positions, offset, axes=(0,), slice_size=(L, D))
+        return x + self.position_table(offset + L, x.dtype)[offset : offset + L]
 
     def logits(self, x: mx.array) -> mx.array:
         """The last layer's output (B, T, D) -> logits (B, K, T, vocab)."""
@@ -275,7 +313,7 @@ class MusicgenDecoder(nn.Module):
 
     def __call__(self, codes: mx.array, context: Context, cache: list | None = None) -> mx.array:
         """codes (B, K, T) -> logits (B, K, T, vocab); positions continue from the cache's."""
-        x = self.add_positions(self.embed(codes), cache[0].offset if cache else 0)
+        x = self.add_positions(self.embed(codes), cache_position(cache))
         for i, layer in enumerate(self.layers):
             x = layer(x, context.text[i], cache[i] if cache else None)
         return self.logits(x)

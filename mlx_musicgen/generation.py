@@ -9,13 +9,14 @@ as soon as all their codebooks are decoded. Codes stay MLX arrays throughout.
 from __future__ import annotations
 
 import secrets
+from functools import partial
 from typing import Callable, Iterator, Protocol
 
 import mlx.core as mx
 import numpy as np
 
 from . import delay, longform
-from .decoder import Context
+from .decoder import SPAN, Context, KVCache
 from .request import GenerationConfig, Request
 from .sampling import apply_guidance, check_tokens, sample
 
@@ -45,6 +46,56 @@ def make_sampler(config: GenerationConfig) -> Sampler:
                       top_p=config.top_p, key=key)
 
     return sampler
+
+
+Step = Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]
+
+
+def decoding_step(lm: DelayedLM, context: Context, guidance_scale: float | None, sampler: Sampler,
+                  cache: list, compiled: bool = True) -> Step:
+    """One decoding step: (codes (B, K, L), forced (B, K), key) -> (the next column (B, K), the next key): the
+    decoder over the newest codes (doubled rows when guided), guidance, sampling with the step's key, and the
+    codes the delay pattern forces.
+
+    Where every cache can be (decoder.KVCache), a step of one new position is a single compiled function of
+    static shapes: the caches are its captured state, the offset an input, and it attends over the cache in
+    spans of decoder.SPAN positions, so it is traced once per span and replayed without Python; the first step
+    (with a prompt or a melody's prefix, of many positions) runs as it is. `compiled=False`: every step as it is
+    (the same numbers, op by op)."""
+    guided = guidance_scale is not None
+
+    def step(codes: mx.array, forced: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        key, step_key = mx.random.split(key)
+        logits = lm(mx.concatenate([codes, codes]) if guided else codes, context, cache)[:, :, -1]
+        if guided:
+            logits = apply_guidance(logits, guidance_scale)
+        return mx.where(forced == delay.UNSET, sampler(logits, step_key), forced), key
+
+    if not compiled or not all(isinstance(c, KVCache) for c in cache):
+        return step
+    state = [c.state for c in cache]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def static_step(codes: mx.array, forced: mx.array, key: mx.array, position: mx.array, span: int):
+        for c in cache:
+            c.at = (position, span)
+        try:
+            return step(codes, forced, key)
+        finally:
+            for c in cache:
+                c.at = None
+
+    def run(codes: mx.array, forced: mx.array, key: mx.array) -> tuple[mx.array, mx.array]:
+        offset = cache[0].offset
+        if codes.shape[-1] > 1 or offset == 0:  # the first step: a prompt, a prefix, a trace of its own
+            return step(codes, forced, key)
+        span = min(-(-(offset + 1) // SPAN) * SPAN, cache[0].max_length)
+        out = static_step(codes, forced, key, mx.array(offset, dtype=mx.int32), span)
+        for c in cache:
+            c.offset += 1
+        return out
+
+    return run
 
 
 def generate_window(
@@ -83,15 +134,11 @@ def generate_window(
         emitted = ready
         return frames
 
+    step = decoding_step(lm, context, guidance_scale, sampler, cache)
     inputs = known[:, :, :start]
     try:
         for position in range(start, length):
-            key, step_key = mx.random.split(key)
-            logits = lm(mx.concatenate([inputs, inputs]) if guided else inputs, context, cache)[:, :, -1]
-            if guided:
-                logits = apply_guidance(logits, guidance_scale)
-            forced = known[:, :, position]
-            column = mx.where(forced == delay.UNSET, sampler(logits, step_key), forced)
+            column, key = step(inputs, known[:, :, position], key)
             mx.async_eval(column)  # the next step's graph is built while this one computes
             columns.append(column)
             inputs = column[:, :, None]

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import chroma
 from .chroma import ChromaSettings
-from .decoder import Context, DecoderLayer, MusicgenDecoder
+from .decoder import Context, DecoderLayer, MusicgenDecoder, cache_position
 
 
 @dataclass
@@ -54,11 +54,10 @@ class MelodyDecoder(MusicgenDecoder):
     def __call__(self, codes: mx.array, context: Context, cache: list | None = None) -> mx.array:
         """codes (B, K, T), the context's prefix (B, S, D) -> logits of the codes' positions (B, K, T, vocab). The
         prefix is read on the first call of a cache (or without one) and held in the cache from then on."""
-        offset = cache[0].offset if cache else 0
         x = self.embed(codes)
-        if offset == 0 and context.prefix is not None:
+        if (not cache or cache[0].offset == 0) and context.prefix is not None:  # a first step is never compiled
             x = mx.concatenate([context.prefix.astype(x.dtype), x], axis=1)
-        x = self.add_positions(x, offset)
+        x = self.add_positions(x, cache_position(cache))
         for i, layer in enumerate(self.layers):
             x = layer(x, cache=cache[i] if cache else None)
         return self.logits(x[:, -codes.shape[2] :])

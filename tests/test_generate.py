@@ -93,3 +93,25 @@ def test_max_new_tokens_is_a_whole_number(model):
     for steps in (2.5, "8", True):
         with pytest.raises(ValueError, match="max_new_tokens must be a whole number of decoder steps"):
             model.generate(["rock"], max_new_tokens=steps)
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny", "tiny_stereo", "tiny_melody"])
+@pytest.mark.parametrize("portable", [False, True])
+def test_the_compiled_step_is_the_step_op_by_op(checkpoint, portable, request, monkeypatch):
+    """Sampled codes (top-k and top-p, seeded, guided), a prompt's first step of many positions, and steps across
+    two spans of the compiled step's cache (decoder.SPAN): the same codes, every one, as every step run op by op."""
+    from functools import partial
+
+    from mlx_musicgen import decoder, generation
+
+    ckpt = request.getfixturevalue(checkpoint)
+    musicgen = MusicGen.from_pretrained(ckpt.folder, portable=portable)
+    K = musicgen.num_codebooks
+    prompt = np.random.default_rng(0).integers(0, 2048, (1, K, 5))
+    extra = {"melody": np.sin(np.arange(32000) / 9).astype(np.float32)} if checkpoint == "tiny_melody" else {}
+    settings = dict(max_new_tokens=decoder.SPAN + 40, seed=3, top_k=50, top_p=0.9, guidance_scale=3.0, **extra)
+    compiled = musicgen.generate_tokens(["calm piano"], **settings)
+    prompted = musicgen.generate_tokens(["calm piano"], prompt_codes=prompt, **settings)
+    monkeypatch.setattr(generation, "decoding_step", partial(generation.decoding_step, compiled=False))
+    np.testing.assert_array_equal(compiled, musicgen.generate_tokens(["calm piano"], **settings))
+    np.testing.assert_array_equal(prompted, musicgen.generate_tokens(["calm piano"], prompt_codes=prompt, **settings))

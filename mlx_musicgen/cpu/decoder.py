@@ -196,9 +196,10 @@ class CompiledDecoderLayer(nn.Module):
             x, self.self_attn_layer_norm, sa.q_proj, sa.k_proj, sa.v_proj, sa.heads
         )
         if cache is not None:
-            keys, values = cache.update(keys, values)
-        causal = "causal" if x.shape[1] > 1 else None
-        attended = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=sa.scale, mask=causal)
+            keys, values, mask = cache.update(keys, values)
+        else:
+            mask = "causal" if x.shape[1] > 1 else None
+        attended = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=sa.scale, mask=mask)
         # Only the modules it uses: the compiled function's inputs are flattened every step.
         if "encoder_attn" not in self:
             return self_only_layer_output(x, attended, sa.out_proj, self.final_layer_norm, self.fc1, self.fc2,
@@ -244,7 +245,10 @@ class BlockedLinear(nn.Module):
 
 
 class SplitCache:
-    """The self-attention KV caches of a split layer's two halves."""
+    """The self-attention KV caches of a split layer's two halves (never in a compiled step: its halves run on
+    two streams)."""
+
+    at = None
 
     def __init__(self, halves: list[KVCache]):
         self.halves = halves
@@ -309,7 +313,7 @@ class SplitDecoderLayer(nn.Module):
         def self_attention(half: int) -> mx.array:
             q, k, v = mx.split(split_heads(blocked_matmul(h, self.qkv[half]), 3 * self.heads), 3, axis=1)
             if cache is not None:
-                k, v = cache.halves[half].update(k, v)
+                k, v, _ = cache.halves[half].update(k, v)  # never compiled: the mask is `causal`
             return blocked_matmul(self.attention(q, k, v, causal), self.out[half])
 
         x = x + self.in_halves(self_attention)

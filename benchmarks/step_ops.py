@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Primitive operations one decoding step evaluates: the graph of a step (guidance 3, top-k 250 sampling) as MLX
+builds it, counted node by node, for the step as it runs (compiled) and the same step run op by op (eager, as
+every step ran before the compiled step), on the portable model and on the CPU forms. (The step op by op is the compiled step's own body, uncompiled:
+the graph every step built before.)
+
+    python benchmarks/step_ops.py .bench_cache/small-*/mlx-float32     # a converted or Hub-layout folder
+
+On Metal and CUDA every primitive is a kernel launch (or a no-op view), so this count is the device-neutral cost
+of a step beyond its bytes; on a CPU each is a task of MLX's scheduler (a few microseconds each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import re
+
+import mlx_musicgen  # noqa: F401  (first: loads an optimized BLAS before mlx on Linux)
+import mlx.core as mx
+
+from mlx_musicgen import MusicGen, generation
+from mlx_musicgen.request import GenerationConfig
+
+TEXT = "80s pop track with bassy drums and synth"
+
+
+def primitives(*outputs: mx.array) -> int:
+    """The primitive nodes of the unevaluated graph behind `outputs`."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *outputs)
+    return len(re.findall(r"shape=rectangle", dot.getvalue()))
+
+
+def count(folder: str, portable: bool, compiled: bool) -> int:
+    """The primitives of the eleventh decoding step of a guided generation, compiled or op by op."""
+    from mlx_musicgen import delay
+    from mlx_musicgen.sampling import apply_guidance
+
+    musicgen = MusicGen.from_pretrained(folder, portable=portable)
+    states, mask = musicgen.conditioning([TEXT], 1, guided=True)
+    context = musicgen.model.decoder_context(states, mask, guided=True)
+    decoder = musicgen.decoder
+    cache = decoder.make_cache(2, 64 + context.length)
+    sampler = generation.make_sampler(GenerationConfig(top_k=250))
+    step = generation.decoding_step(decoder, context, 3.0, sampler, cache)
+
+    def eager(codes, forced, key):  # decoding_step's body without compile: what every step ran before
+        key, step_key = mx.random.split(key)
+        logits = apply_guidance(decoder(mx.concatenate([codes, codes]), context, cache)[:, :, -1], 3.0)
+        return mx.where(forced == delay.UNSET, sampler(logits, step_key), forced), key
+
+    codes = mx.full((1, decoder.num_codebooks, 1), decoder.pad_token_id, dtype=mx.int32)
+    forced = mx.full((1, decoder.num_codebooks), delay.UNSET, dtype=mx.int32)
+    key = mx.random.key(0)
+    for _ in range(10):
+        column, key = step(codes, forced, key)
+        mx.eval(column, key)
+        codes = column[:, :, None]
+    column, key = (step if compiled else eager)(codes, forced, key)
+    return primitives(column, key)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", help="a converted or Hub-layout folder")
+    args = p.parse_args()
+    result = {}
+    for form, portable in (("portable", True), ("cpu", False)):
+        for mode, compiled in (("eager", False), ("compiled", True)):
+            result[f"{form}_{mode}"] = count(args.folder, portable, compiled)
+        result[f"{form}_ratio"] = result[f"{form}_compiled"] / result[f"{form}_eager"]
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
