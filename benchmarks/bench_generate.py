@@ -279,6 +279,70 @@ def table(report: dict) -> str:
     return "\n".join(lines + [""] + [f"{k}: {v}" for k, v in DEFINITIONS.items()])
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pair_ratios(report: dict) -> list[float]:
+    """ours / reference tokens/s of each pair of fresh processes run back to back: how far the ratio moves."""
+    ref, ours_ = report["reference"], report["ours"]
+    return [o["tokens_per_s"] / r["tokens_per_s"] for r, o in zip(ref["process_runs"], ours_["process_runs"])]
+
+
+def shown_options(argv: list[str]) -> list[str]:
+    """The command line without where the results went (--json, --markdown): what a reader reruns."""
+    shown, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith(("--json=", "--markdown=")):
+            skip = False
+            continue
+        skip = arg in ("--json", "--markdown")
+        if not skip:
+            shown.append(arg)
+    return shown
+
+
+def markdown(report: dict) -> str:
+    """The run as a Markdown section for the README or docs/performance.md: the machine, the copy bandwidth, the
+    date and the settings, then the table of medians and ratios, and how far the ratio moved between pairs."""
+    cfg, ref, ours_, ratio = report["config"], report["reference"], report["ours"], report["ratios"]
+    rows = [("tokens/s (whole generate: T5, steps, EnCodec), median", "tokens_per_s", ".2f"),
+            ("slowest .. fastest run", None, None), ("ms per decoding step, median", "ms_per_step", ".1f"),
+            ("share of the bandwidth floor", "floor_share", ".0%"), ("EnCodec decode, s", "encodec_s", ".2f"),
+            ("T5, s", "t5_s", ".3f"), ("time to the first frame, s", "first_frame_s", ".2f"),
+            ("peak RSS, MB", "peak_rss_mb", ".0f")]
+    if cfg["shared"]:
+        rows.append((f"tokens/s with {cfg['shared']} core(s) kept busy", "shared_tokens_per_s", ".2f"))
+    machine = report["machine"]
+    lines = [f"Measured {report['date']} by `benchmarks/bench_generate.py {' '.join(report['argv'])}` on "
+             f"{cpu_model()} ({machine['cpus']} cores, {machine['platform']}), copy bandwidth "
+             f"{report['bandwidth_gbps']:.1f} GB/s; shape {cfg['shape']}, decoder {cfg['variant']}, batch "
+             f"{cfg['batch']} with guidance {GUIDANCE:g}, top-k {TOP_K}, {cfg['tokens']} tokens, {cfg['runs']} fresh "
+             f"processes a side taking turns. Reference: {ref['framework'] if ref else 'skipped'}; ours: "
+             f"{ours_['framework']} on {ours_['device']}.", "",
+             "| | reference | ours | ours / reference |", "|---|---|---|---|"]
+    for label, key, spec in rows:
+        if key is None:
+            spread = lambda side: f"{side['tokens_per_s_min']:.2f} .. {side['tokens_per_s_max']:.2f}"  # noqa: E731
+            lines.append(f"| {label} | {spread(ref) if ref else '-'} | {spread(ours_)} | |")
+            continue
+        value = lambda side: "-" if not side or side.get(key) is None else format(side[key], spec)  # noqa: E731
+        shown = f"{ratio[key]:.2f}" if key in ratio else ""
+        lines.append(f"| {label} | {value(ref)} | {value(ours_)} | {'**' + shown + 'x**' if key == 'tokens_per_s' else shown} |")
+    if ref:
+        pairs = pair_ratios(report)
+        lines += ["", f"The ratio moves with the machine and the day: in this run, pair by pair, ours / reference "
+                      f"ran from {min(pairs):.2f}x to {max(pairs):.2f}x. Compare within one run, not across days."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", choices=SHAPES, default="small", help="random-weight model shape")
@@ -302,6 +366,8 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=REPO / ".bench_cache")
     p.add_argument("--bandwidth-mb", type=int, default=512, help="array size of the copy (keep it above the L3)")
     p.add_argument("--json", type=Path, default=None, help="write every number here")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="write the run as a Markdown section here (the machine, the bandwidth, the date, the table)")
     args = p.parse_args()
 
     shape = SHAPES[args.shape]
@@ -359,11 +425,14 @@ def main() -> None:
                          "shared": args.shared, "our_env": env, **cfg, "folders": folders},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "bandwidth_gbps": bandwidth, "loadavg": loadavg, "reference": ref, "ours": ours_, "ratios": ratios,
-              "definitions": DEFINITIONS}
+              "definitions": DEFINITIONS, "date": time.strftime("%Y-%m-%d"), "argv": shown_options(sys.argv[1:])}
     print(table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown(report))
 
 
 if __name__ == "__main__":

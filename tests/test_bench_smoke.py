@@ -31,10 +31,10 @@ def run(tool, *args):
 
 
 def bench(cache, tmp_path, *args):
-    out = tmp_path / "bench.json"
+    out, section = tmp_path / "bench.json", tmp_path / "bench.md"
     stdout = run("bench_generate.py", "--shape", "tiny", "--tokens", 8, "--cache-dir", cache, "--bandwidth-mb", 32,
-                 "--json", out, *args)
-    return json.loads(out.read_text()), stdout
+                 "--json", out, "--markdown", section, *args)
+    return json.loads(out.read_text()), stdout + "\n" + section.read_text()
 
 
 def positive(x):
@@ -73,6 +73,11 @@ def test_bench_reports_both_sides_and_ratios(float32_report):
     # the same float32 weights, read from the Hub layout (reference) and the converted folder (ours)
     assert report["reference"]["step_bytes"] == report["ours"]["step_bytes"]
     assert "drift" not in report["ours"]
+    # --markdown: the machine, the bandwidth, the date, the table of medians and ratios, and the pairs' range
+    assert f"copy bandwidth {report['bandwidth_gbps']:.1f} GB/s" in stdout and report["date"] in stdout
+    assert "| | reference | ours | ours / reference |" in stdout
+    assert f"| {report['ratios']['tokens_per_s']:.2f}x" not in stdout  # bold, as the headline
+    assert f"**{report['ratios']['tokens_per_s']:.2f}x**" in stdout and "pair by pair, ours / reference ran from" in stdout
 
 
 def test_bench_quantized_portable_reports_drift(q8_report):
