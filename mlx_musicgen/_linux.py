@@ -97,18 +97,26 @@ def settle_threads() -> list[str]:
     return list(chosen)
 
 
-def use_all_cores_for_blas() -> bool:
-    """For large products (training: hundreds of rows a product, where building a step's graph is not the
-    bottleneck), MKL's team gets every usable core, unless the user chose its size. Returns whether it did."""
-    if LOADED != MKL or "MKL_NUM_THREADS" not in THREADS_SET_BY_US:
-        return False
+def blas_team_is_ours() -> bool:
+    """Whether MKL is loaded and the size of its team is ours to choose (the user set none)."""
+    return LOADED == MKL and "MKL_NUM_THREADS" in THREADS_SET_BY_US
+
+
+def set_blas_threads(count: int) -> bool:
+    """Resize MKL's team, for the products that follow. Returns whether it did."""
     for name in MKL_NAMES:
         try:
-            ctypes.CDLL(name).MKL_Set_Num_Threads(ctypes.c_int(usable_cores()))
+            ctypes.CDLL(name).MKL_Set_Num_Threads(ctypes.c_int(count))
             return True
         except (OSError, AttributeError):
             continue
     return False
+
+
+def use_all_cores_for_blas() -> bool:
+    """For large products (training: hundreds of rows a product, where building a step's graph is not the
+    bottleneck), MKL's team gets every usable core, unless the user chose its size. Returns whether it did."""
+    return blas_team_is_ours() and set_blas_threads(usable_cores())
 
 
 def load_mkl() -> bool:

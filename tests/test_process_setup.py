@@ -47,3 +47,34 @@ def test_the_users_thread_settings_win():
     assert settings_after_import({"MKL_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}) == {
         "MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "ACTIVE"}
     assert settings_after_import({"OMP_NUM_THREADS": "3"})["MKL_NUM_THREADS"] is None
+
+
+def test_the_mkl_team_for_decoding_is_chosen_by_measurement(monkeypatch):
+    """The default team (cores less one) is kept unless the other is faster by more than 5%, chosen once per
+    decoder shape and set for the products that follow; nothing is timed when the user chose the team."""
+    from mlx_musicgen.cpu import threads
+
+    step_seconds = {1: 0.100, 2: 0.090}  # what a step takes with each team here
+    team, calls = [None], []
+    monkeypatch.setattr(_linux, "usable_cores", lambda: 2)
+    monkeypatch.setattr(_linux, "blas_team_is_ours", lambda: True)
+    monkeypatch.setattr(_linux, "set_blas_threads", lambda n: team.__setitem__(0, n) or True)
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: 0.0)  # every step as fast: the default stays
+    monkeypatch.setattr(threads, "_chosen", {})
+
+    def time_steps(n):
+        calls.append(n)
+        return [step_seconds[n]] * 3
+
+    assert threads.fastest_team(time_steps, [1, 2]) == 2  # 10% faster
+    step_seconds[2] = 0.097
+    assert threads.fastest_team(time_steps, [1, 2]) == 1  # 3%: noise, the default stays
+    step_seconds[2] = 0.150
+    assert threads.fastest_team(time_steps, [1, 2]) == 1
+
+    steps = []
+    assert threads.choose_blas_team(lambda: steps.append(team[0]), ("shape",), steps=2) == 1
+    assert steps == [1, 1, 1, 2, 2, 2] and team[0] == 1  # a warm-up and two timed steps each, then the choice
+    assert threads.choose_blas_team(lambda: steps.append(team[0]), ("shape",)) == 1 and len(steps) == 6  # once
+    monkeypatch.setattr(_linux, "blas_team_is_ours", lambda: False)
+    assert threads.choose_blas_team(lambda: steps.append(team[0]), ("other",)) is None and len(steps) == 6

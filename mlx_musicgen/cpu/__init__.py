@@ -14,17 +14,22 @@ import mlx.core as mx
 
 from ..decoder import MusicgenDecoder
 from ..encodec import EncodecModel
-from .decoder import optimize_decoder
+from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
-from .threads import blas_threads_itself, parallel_streams, portable_requested
+from .threads import blas_threads_itself, choose_blas_team, parallel_streams, portable_requested
 
 __all__ = ["optimize_for_cpu", "warn_if_slow", "portable_requested", "blas_threads_itself", "parallel_streams"]
 
 
 def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> None:
-    """Swap the decoder's and EnCodec's modules for their CPU forms, in place."""
+    """Swap the decoder's and EnCodec's modules for their CPU forms, in place, and (with MKL) size MKL's thread
+    team by timing a few decoding steps (threads.choose_blas_team)."""
     optimize_decoder(decoder)
     optimize_encodec(audio_encoder)
+    if uses_blas(decoder):
+        config = decoder.config
+        choose_blas_team(timing_step(decoder), (type(decoder).__name__, config.hidden_size, config.ffn_dim,
+                                                config.num_hidden_layers, config.num_codebooks))
 
 
 def warn_if_slow(decoder: MusicgenDecoder, quantization: dict | None) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..decoder import (
     ACTIVATIONS,
+    Context,
     DecoderLayer,
     KVCache,
     MusicgenDecoder,
@@ -330,12 +331,32 @@ class SplitDecoderLayer(nn.Module):
                                                               self.fc2[half]))
 
 
+def uses_blas(decoder: MusicgenDecoder) -> bool:
+    """Whether a decoder's products go through the BLAS: float32 and not quantized (others have no BLAS path on a
+    CPU)."""
+    head = decoder.lm_heads[0]
+    return decoder.dtype == mx.float32 and (isinstance(head, BlockedLinear) or type(head) is nn.Linear)
+
+
+def timing_step(decoder: MusicgenDecoder):
+    """A function that runs one decoding step of guidance's two rows over a short cache, on placeholder codes
+    and text: what the BLAS team is chosen by (threads.choose_blas_team)."""
+    if "encoder_attn" in decoder.layers[0]:  # any form of the layer (MusicGen-Melody's have none)
+        context = decoder.text_context(mx.zeros((2, 4, decoder.config.hidden_size)), mx.ones((2, 4)))
+    else:
+        context = Context()
+    codes = mx.full((2, decoder.num_codebooks, 1), decoder.pad_token_id, dtype=mx.int32)
+
+    def step() -> None:
+        mx.eval(decoder(codes, context, decoder.make_cache(2, 8)))
+
+    return step
+
+
 def can_split(decoder: MusicgenDecoder) -> bool:
     """Split layers need float32 weights (half precision and quantized weights have no BLAS path on a CPU:
     nothing to gain), an even number of heads and cross-attention (MusicGen-Melody's layers are compiled)."""
-    plain = isinstance(decoder.lm_heads[0], nn.Linear) and not isinstance(decoder.lm_heads[0], nn.QuantizedLinear)
-    return (decoder.dtype == mx.float32 and plain and decoder.config.num_attention_heads % 2 == 0
-            and decoder.layers[0].cross_attention)
+    return uses_blas(decoder) and decoder.config.num_attention_heads % 2 == 0 and decoder.layers[0].cross_attention
 
 
 def optimize_decoder(decoder: MusicgenDecoder, split: bool | None = None) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from typing import Callable
 
 import mlx.core as mx
 
@@ -36,3 +39,40 @@ def parallel_streams() -> tuple[mx.Stream, mx.Stream]:
         else:
             _streams[key] = (mx.new_stream(device), mx.new_stream(device))
     return _streams[key]
+
+
+def fastest_team(time_steps: Callable[[int], list[float]], candidates: list[int], margin: float = 0.05) -> int:
+    """The thread team whose decoding steps run fastest: `time_steps(n)` times a few steps with n threads; the
+    first candidate (the default) is kept unless another's median step is faster by more than `margin` (so
+    that noise does not move it)."""
+    medians = {n: statistics.median(time_steps(n)) for n in candidates}
+    best = min(medians, key=medians.get)
+    return best if medians[best] < (1 - margin) * medians[candidates[0]] else candidates[0]
+
+
+_chosen: dict[tuple, int] = {}
+
+
+def choose_blas_team(step: Callable[[], None], key: tuple, steps: int = 3) -> int | None:
+    """MKL's team for decoding, chosen by measurement once per process and decoder shape (`key`): `step` runs
+    one decoding step; the usable cores less one (the default: the busy-machine choice, see _linux) against all
+    of them. Whether a second MKL thread reads the weights faster differs from machine to machine and from day
+    to day (docs/performance.md). None: MKL is not loaded, the user chose the team, or there is one core."""
+    cores = _linux.usable_cores()
+    if not _linux.blas_team_is_ours() or cores < 2:
+        return None
+    if key not in _chosen:
+
+        def time_steps(threads: int) -> list[float]:
+            _linux.set_blas_threads(threads)
+            step()  # warm-up: the team's threads start
+            times = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            return times
+
+        _chosen[key] = fastest_team(time_steps, [max(1, cores - 1), cores])
+    _linux.set_blas_threads(_chosen[key])
+    return _chosen[key]
