@@ -335,7 +335,7 @@ def markdown(report: dict) -> str:
             continue
         value = lambda side: "-" if not side or side.get(key) is None else format(side[key], spec)  # noqa: E731
         shown = f"{ratio[key]:.2f}" if key in ratio else ""
-        lines.append(f"| {label} | {value(ref)} | {value(ours_)} | {'**' + shown + 'x**' if key == 'tokens_per_s' else shown} |")
+        lines.append(f"| {label} | {value(ref)} | {value(ours_)} | {'**' + shown + 'x**' if key == 'tokens_per_s' and shown else shown} |")
     if ref:
         pairs = pair_ratios(report)
         lines += ["", f"The ratio moves with the machine and the day: in this run, pair by pair, ours / reference "
@@ -344,7 +344,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # see shown_options
     p.add_argument("--shape", choices=SHAPES, default="small", help="random-weight model shape")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--tokens", type=int, default=500, help="decoder steps (500: 10 s at 50 Hz)")

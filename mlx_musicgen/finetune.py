@@ -93,17 +93,22 @@ def adapters_to_start_from(args: argparse.Namespace, out: Path) -> str | Path | 
     OUT's adapters); --resume ADAPTER's folder or Hub id."""
     if not args.resume:
         return None
+    state = checkpoint_state(out)
     if args.resume is not True:
         given = Path(args.resume).expanduser()
         if not (given.exists() and out.exists() and given.resolve() == out.resolve()):
+            if state is not None:
+                raise FileExistsError(f"{out} holds a checkpoint: --resume (without ADAPTER) continues it, or "
+                                      f"choose another --adapter-path.")
             return args.resume
         args.resume = True  # --resume OUT: the same as --resume
-    state = checkpoint_state(out)
     if state is not None and state.get("started_from") is None:
         return None
     if state is None and not lora.holds_adapters(out):
         raise FileNotFoundError(f"{out} holds no checkpoint and no adapters to resume: train without --resume "
                                 f"first, or give --resume ADAPTER.")
+    if state is not None and not lora.holds_adapters(out):  # stopped between its checkpoint and its adapters
+        return state["started_from"]
     return out
 
 
@@ -150,6 +155,8 @@ def run(args: argparse.Namespace) -> None:
     trainer = Trainer(musicgen.model, train, val, out, config, adapters, str(args.model), start_from)
     if from_checkpoint:
         trainer.resume()
+    elif start_from is not None:
+        print(f"training the adapters of {start_from} further, from step 0, into {out}", file=sys.stderr)
     with Bar(total=config.iters, initial=trainer.step, desc="training", unit="step", disable=args.quiet,
              dynamic_ncols=True) as bar:
 

@@ -89,6 +89,8 @@ def decoding_step(lm: DelayedLM, context: Context, guidance_scale: float | None,
         offset = cache[0].offset
         if codes.shape[-1] > 1 or offset == 0:  # the first step: a prompt, a prefix, a trace of its own
             return step(codes, forced, key)
+        if offset >= cache[0].max_length:  # a compiled write past the end would be dropped, not refused
+            raise ValueError(f"KV cache holds {cache[0].max_length} positions; asked for {offset + 1}.")
         span = min(-(-(offset + 1) // SPAN) * SPAN, cache[0].max_length)
         out = static_step(codes, forced, key, mx.array(offset, dtype=mx.int32), span)
         for c in cache:

@@ -341,5 +341,8 @@ def load_for_training(model, folder: str | Path, model_name: str | Path):
         return config
     for module in model.modules():
         if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            # trained in the model's precision (an adapter saved in bfloat16 would round small updates away)
+            dtype = (module.linear if isinstance(module, LoRALinear) else module.embedding).weight.dtype
+            module.lora_a, module.lora_b = module.lora_a.astype(dtype), module.lora_b.astype(dtype)
             module.unfreeze(keys=["lora_a", "lora_b"], recurse=False)
     return config

@@ -328,6 +328,7 @@ class Trainer:
         self.optimizer.state = tree_unflatten(list(current.items()))
         self.step = state["step"]
         self.history = state["history"]
+        self.started_from = state.get("started_from")  # the adapter the run began from, not OUT
         lines = [json.dumps(e) for e in self.history]
         atomic.write_text(self.out / "metrics.jsonl", "".join(line + "\n" for line in lines))
 

@@ -288,6 +288,9 @@ def test_resume_trains_adapters_made_elsewhere(studio_data, trained, tmp_path):
     result = finetune(*common, "--adapter-path", stopped, "--resume", "--iters", 3)  # its checkpoint, at step 2
     assert result.returncode == 0, result.stderr
     assert steps(straight) == steps(stopped) == [1, 2, 3]
+    assert json.loads((stopped / "mlx_adapter.json").read_text())["started_from"] == str(trained)  # kept
+    one_line_error(finetune(*common, "--adapter-path", stopped, "--resume", trained, "--iters", 1),
+                   r"stopped holds a checkpoint: --resume \(without ADAPTER\) continues it")
     np.testing.assert_allclose(losses(stopped)[:2], losses(straight)[:2], rtol=1e-5)  # step 3's rate differs
     assert json.loads((trained / "adapter_config.json").read_text())["r"] == 8  # the source is left as it was
 

@@ -34,7 +34,7 @@ from ..decoder import (
     split_heads,
     text_kv,
 )
-from ..melody import MelodyDecoderLayer
+from ..melody import MelodyDecoder, MelodyDecoderLayer
 from .threads import blas_threads_itself, parallel_streams
 
 MAX_BLOCKED_ROWS = 8  # more rows (a prefill) amortise the repacking: one ordinary product is faster
@@ -341,7 +341,7 @@ def uses_blas(decoder: MusicgenDecoder) -> bool:
 def timing_step(decoder: MusicgenDecoder):
     """A function that runs one decoding step of guidance's two rows over a short cache, on placeholder codes
     and text: what the BLAS team is chosen by (threads.choose_blas_team)."""
-    if "encoder_attn" in decoder.layers[0]:  # any form of the layer (MusicGen-Melody's have none)
+    if not isinstance(decoder, MelodyDecoder):  # MusicGen-Melody's layers have no cross-attention
         context = decoder.text_context(mx.zeros((2, 4, decoder.config.hidden_size)), mx.ones((2, 4)))
     else:
         context = Context()
