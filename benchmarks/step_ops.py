@@ -22,7 +22,7 @@ import re
 import mlx_musicgen  # noqa: F401  (first: loads an optimized BLAS before mlx on Linux)
 import mlx.core as mx
 
-from mlx_musicgen import MusicGen, generation
+from mlx_musicgen import MusicGen, delay, generation
 from mlx_musicgen.request import GenerationConfig
 
 TEXT = "80s pop track with bassy drums and synth"
@@ -42,21 +42,14 @@ def primitives(*outputs: mx.array) -> dict[str, int]:
 
 def count(folder: str, portable: bool, compiled: bool) -> dict[str, int]:
     """The primitives of the eleventh decoding step of a guided generation, compiled or op by op."""
-    from mlx_musicgen import delay
-    from mlx_musicgen.sampling import apply_guidance
-
     musicgen = MusicGen.from_pretrained(folder, portable=portable)
     states, mask = musicgen.conditioning([TEXT], 1, guided=True)
     context = musicgen.model.decoder_context(states, mask, guided=True)
     decoder = musicgen.decoder
     cache = decoder.make_cache(2, 64 + context.length)
     sampler = generation.make_sampler(GenerationConfig(top_k=250))
-    step = generation.decoding_step(decoder, context, 3.0, sampler, cache)
-
-    def eager(codes, forced, key):  # decoding_step's body without compile: what every step ran before
-        key, step_key = mx.random.split(key)
-        logits = apply_guidance(decoder(mx.concatenate([codes, codes]), context, cache)[:, :, -1], 3.0)
-        return mx.where(forced == delay.UNSET, sampler(logits, step_key), forced), key
+    step, op_by_op = (generation.decoding_step(decoder, context, 3.0, sampler, cache, compiled=compiled)
+                      for compiled in (True, False))
 
     codes = mx.full((1, decoder.num_codebooks, 1), decoder.pad_token_id, dtype=mx.int32)
     forced = mx.full((1, decoder.num_codebooks), delay.UNSET, dtype=mx.int32)
@@ -65,7 +58,7 @@ def count(folder: str, portable: bool, compiled: bool) -> dict[str, int]:
         column, key = step(codes, forced, key)
         mx.eval(column, key)
         codes = column[:, :, None]
-    column, key = (step if compiled else eager)(codes, forced, key)
+    column, key = (step if compiled else op_by_op)(codes, forced, key)
     return primitives(column, key)
 
 

@@ -102,15 +102,16 @@ class KVCache:
     that a step never copies the past; `state` holds them (what a compiled step captures and updates), `offset`
     counts the positions filled, on the host.
 
-    Inside a compiled step (generation.compiled_step) `at` is (position, span): the offset as an array, and the
-    static number of positions attended, a multiple of SPAN, with a mask over the positions not yet filled. The
-    step's shapes then change once every SPAN steps, not every step, and it compiles once per span."""
+    Inside a compiled step of one new position (generation.decoding_step) `at` is (position, mask): the offset
+    as an array, and the (span,) mask of the positions filled once it is written, over a static span, a multiple
+    of SPAN. The step's shapes then change once every SPAN steps, not every step, and it compiles once per
+    span; the mask is made once per step, for every layer."""
 
     def __init__(self, batch: int, heads: int, head_dim: int, max_length: int, dtype: mx.Dtype):
         shape = (batch, heads, max_length, head_dim)
         self.state = {"keys": mx.zeros(shape, dtype=dtype), "values": mx.zeros(shape, dtype=dtype)}
         self.offset = 0
-        self.at: tuple[mx.array, int] | None = None
+        self.at: tuple[mx.array, mx.array] | None = None
 
     @property
     def max_length(self) -> int:
@@ -121,10 +122,10 @@ class KVCache:
         mask of scaled_dot_product_attention (causal over the new positions)."""
         L = keys.shape[2]
         if self.at is not None:
-            position, span = self.at
+            position, mask = self.at
+            span = mask.shape[-1]
             for name, new in (("keys", keys), ("values", values)):
                 self.state[name] = mx.slice_update(self.state[name], new, position, axes=(2,))
-            mask = mx.arange(span)[None] <= position + mx.arange(L)[:, None]  # (L, span): filled and causal
             return self.state["keys"][:, :, :span], self.state["values"][:, :, :span], mask
         start, end = self.offset, self.offset + L
         if end > self.max_length:

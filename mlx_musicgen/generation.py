@@ -77,8 +77,9 @@ def decoding_step(lm: DelayedLM, context: Context, guidance_scale: float | None,
 
     @partial(mx.compile, inputs=state, outputs=state)
     def static_step(codes: mx.array, forced: mx.array, key: mx.array, position: mx.array, span: int):
+        filled = mx.arange(span) <= position  # the positions attended once this one is written
         for c in cache:
-            c.at = (position, span)
+            c.at = (position, filled)
         try:
             return step(codes, forced, key)
         finally:

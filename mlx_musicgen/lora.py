@@ -190,7 +190,7 @@ def save_adapters(model, config: AdapterConfig | peft.PeftAdapter, folder: Path,
     which a reader could take instead, go."""
     folder.mkdir(parents=True, exist_ok=True)
     extra = extra or {}
-    if getattr(config, "full", False):
+    if config.full:
         atomic.save_safetensors(folder / WEIGHTS_FILE, adapter_weights(model, True))
         stale = [CONFIG_FILE, peft.WEIGHTS_FILE]
     else:

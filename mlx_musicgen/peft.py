@@ -27,6 +27,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import mlx.core as mx
@@ -58,6 +59,7 @@ class PeftAdapter:
     dropout: float = 0.0
     base: str | None = None
     raw: dict = field(default_factory=dict)
+    full: ClassVar[bool] = False  # a LoRA, never a full fine-tune (as lora.AdapterConfig says of itself)
 
     def settings(self, module: str) -> tuple[int, float]:
         """(r, scale) of one module, by transformers' module name (e.g. decoder.model.decoder.layers.0.fc1)."""

@@ -210,8 +210,7 @@ class Trainer:
         else:
             lora.apply_lora(model, adapters)
         self.adapters = adapters
-        self.full = getattr(adapters, "full", False)
-        decay = config.weight_decay if config.weight_decay is not None else (0.1 if self.full else 0.0)
+        decay = config.weight_decay if config.weight_decay is not None else (0.1 if adapters.full else 0.0)
         self.optimizer = optim.AdamW(learning_rate=config.schedule(), betas=[0.9, 0.95], weight_decay=decay)
         self.step = 0
         self.history: list[dict] = []
@@ -336,7 +335,7 @@ class Trainer:
         """Train to config.iters steps, logging, validating and saving as configured; Ctrl-C saves a checkpoint
         and the adapters, then stops."""
         config = self.config
-        log(f"training {self.trainable_count():,} parameters ({'full decoder' if self.full else 'LoRA'}) "
+        log(f"training {self.trainable_count():,} parameters ({'full decoder' if self.adapters.full else 'LoRA'}) "
             f"on {len(self.train_set)} windows ({len(self.val_set)} for validation), {config.iters} steps")
         window_loss, window_tokens, started = [], 0, time.perf_counter()
         try:
