@@ -22,7 +22,7 @@ MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
 
 
 LOADED: str | None = None  # what load_optimized_blas loaded
-THREADS_SET_BY_US: list[str] = []  # the thread settings settle_threads made (the user made none of them)
+THREADS_SET_BY_US: list[str] = []  # the thread settings settle_threads took over (the user made none of them)
 
 
 def load_optimized_blas() -> str | None:
@@ -88,13 +88,27 @@ def settle_threads() -> list[str]:
     team), and Python building the next step's graph. With a helper for every core, three threads spun on two
     cores, each product's barrier waited for a descheduled thread: speed varied ~2x from process to process,
     and fell to a fifth with one core taken by another program (docs/performance.md). Settings the user made
-    (MKL_NUM_THREADS, OMP_NUM_THREADS, OMP_WAIT_POLICY) win. Returns the names it set."""
-    settings = {"OMP_WAIT_POLICY": "PASSIVE"}  # read by the OpenMP runtime when it loads
-    if "OMP_NUM_THREADS" not in os.environ:
-        settings["MKL_NUM_THREADS"] = str(max(1, usable_cores() - 1))
-    chosen = {name: value for name, value in settings.items() if name not in os.environ}
-    os.environ.update(chosen)
-    return list(chosen)
+    (MKL_NUM_THREADS, OMP_NUM_THREADS, OMP_WAIT_POLICY) win. Returns the names it took over: OMP_WAIT_POLICY is
+    set in the environment (the OpenMP runtime reads it when it loads); the team is set through MKL's own call
+    once MKL is loaded (load_mkl), not as MKL_NUM_THREADS in the environment, which every child process would
+    inherit and take for the user's choice."""
+    taken = []
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        taken.append("OMP_WAIT_POLICY")
+    if not any(name in os.environ for name in ("MKL_NUM_THREADS", "OMP_NUM_THREADS")):
+        taken.append("MKL_NUM_THREADS")
+    return taken
+
+
+def blas_team() -> int | None:
+    """The threads MKL runs each product on (None without MKL)."""
+    for name in MKL_NAMES:
+        try:
+            return ctypes.CDLL(name).MKL_Get_Max_Threads()
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 def blas_team_is_ours() -> bool:
@@ -129,9 +143,11 @@ def load_mkl() -> bool:
         # GNU OpenMP: the runtime torch and compilers bring anyway, so a process never holds two of them.
         os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
     if load_first(candidates):
+        if "MKL_NUM_THREADS" in settled:
+            set_blas_threads(max(1, usable_cores() - 1))
         return True
-    for name in settled:  # no MKL: leave the environment as it was
-        del os.environ[name]
+    if "OMP_WAIT_POLICY" in settled:  # no MKL: leave the environment as it was
+        del os.environ["OMP_WAIT_POLICY"]
     return False
 
 

@@ -174,6 +174,9 @@ class Attention(nn.Module):
     """Multi-head self-attention without biases: softmax(Q K^T / sqrt(d)) V per head, heads concatenated and
     projected; causal over the KV cache."""
 
+    # softmax(Q K^T * scale + mask) V; training on a CPU swaps in cpu.training.attention (the same function)
+    attend = staticmethod(mx.fast.scaled_dot_product_attention)
+
     def __init__(self, dims: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -190,7 +193,7 @@ class Attention(nn.Module):
             keys, values, mask = cache.update(keys, values)
         else:
             mask = "causal" if x.shape[1] > 1 else None
-        out = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
+        out = self.attend(queries, keys, values, scale=self.scale, mask=mask)
         return self.out_proj(merge_heads(out))
 
 
@@ -208,8 +211,7 @@ class CrossAttention(Attention):
 
     def __call__(self, x: mx.array, text: TextKV) -> mx.array:
         queries = split_heads(self.q_proj(x), self.heads)
-        out = mx.fast.scaled_dot_product_attention(queries, text.keys, text.values, scale=self.scale,
-                                                   mask=text.mask)
+        out = self.attend(queries, text.keys, text.values, scale=self.scale, mask=text.mask)
         return self.out_proj(merge_heads(out))
 
 

@@ -27,7 +27,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from . import atomic, delay, lora
+from . import atomic, cpu, delay, lora
 from .dataset import Example
 from .decoder import TextKV
 from .melody import null_chroma
@@ -210,6 +210,8 @@ class Trainer:
         else:
             lora.apply_lora(model, adapters)
         self.adapters = adapters
+        if mx.default_device() == mx.cpu and not cpu.portable_requested():
+            cpu.optimize_for_training(model)
         decay = config.weight_decay if config.weight_decay is not None else (0.1 if adapters.full else 0.0)
         self.optimizer = optim.AdamW(learning_rate=config.schedule(), betas=[0.9, 0.95], weight_decay=decay)
         self.step = 0

@@ -17,7 +17,8 @@ import soundfile as sf
 import torch
 from mlx.utils import tree_flatten
 
-from mlx_musicgen import MusicGen, lora, training
+from mlx_musicgen import MusicGen, cpu, lora, training
+from mlx_musicgen.cpu import training as cpu_training
 from mlx_musicgen.dataset import load_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,9 +47,13 @@ def clips(K: int, lengths=(12, 9), seed=0) -> list[np.ndarray]:
     return [rng.integers(0, 2048, (K, n)) for n in lengths]
 
 
-def portable(folder) -> MusicGen:
-    """The model as finetune.py trains it: the portable modules (the CPU forms are for generation)."""
-    return MusicGen.from_pretrained(folder, portable=True)
+def portable(folder, forms: str = "portable") -> MusicGen:
+    """The model as finetune.py trains it: the portable modules (the CPU's inference forms are for generation);
+    `forms` "cpu": with the training forms that the trainer swaps in on a CPU (cpu.optimize_for_training)."""
+    musicgen = MusicGen.from_pretrained(folder, portable=True)
+    if forms == "cpu":
+        cpu.optimize_for_training(musicgen.model)
+    return musicgen
 
 
 def our_batch(model, texts, codes, chroma=None) -> training.Batch:
@@ -68,11 +73,12 @@ def test_labels_are_the_references_delay_pattern(checkpoint, request):
     np.testing.assert_array_equal(np.where(expected == -100, 2048, expected), labels)
 
 
+@pytest.mark.parametrize("forms", ["portable", "cpu"])
 @pytest.mark.parametrize("checkpoint", ["tiny", "tiny_stereo"])
-def test_loss_is_the_references(checkpoint, request):
+def test_loss_is_the_references(checkpoint, forms, request):
     """A padded batch of two texts and two clips of different lengths, teacher-forced."""
     ckpt = request.getfixturevalue(checkpoint)
-    reference, musicgen = ckpt.reference, portable(ckpt.folder)
+    reference, musicgen = ckpt.reference, portable(ckpt.folder, forms)
     reference.config.decoder.decoder_start_token_id = 2048
     texts = ["80s pop track with bassy drums and synth", "jazz"]
     codes = clips(reference.decoder.num_codebooks)
@@ -84,8 +90,9 @@ def test_loss_is_the_references(checkpoint, request):
     assert training.loss(musicgen.model, our_batch(musicgen, texts, codes), checkpoint=True).item() == ours
 
 
-def test_melody_loss_is_the_references(tiny_melody):
-    musicgen = portable(tiny_melody.folder)
+@pytest.mark.parametrize("forms", ["portable", "cpu"])
+def test_melody_loss_is_the_references(tiny_melody, forms):
+    musicgen = portable(tiny_melody.folder, forms)
     reference = tiny_melody.reference
     reference.config.decoder.decoder_start_token_id = 2048
     texts = ["lofi slow bpm", "epic orchestral strings cinematic"]
@@ -99,10 +106,11 @@ def test_melody_loss_is_the_references(tiny_melody):
     assert abs(ours - expected) / expected < LOSS_RTOL
 
 
-def test_lora_gradients_match_torch_autograd(tiny):
+@pytest.mark.parametrize("forms", ["portable", "cpu"])
+def test_lora_gradients_match_torch_autograd(tiny, forms):
     """Every adapter on (rank 4, alpha 8), B drawn non-zero so that both matrices get gradients; the same
     LoRA built in plain torch around transformers' modules (forward hooks), its gradients by autograd."""
-    musicgen = portable(tiny.folder)
+    musicgen = portable(tiny.folder, forms)
     model = musicgen.model
     config = lora.AdapterConfig(rank=4, alpha=8.0)
     mx.random.seed(0)
@@ -145,6 +153,34 @@ def test_lora_gradients_match_torch_autograd(tiny):
             ours, theirs = np.array(grads[f"{name}.{suffix}"]), tensor.grad.numpy()
             error = np.abs(ours - theirs).max() / np.abs(theirs).max()
             assert error < GRAD_RTOL, (name, suffix, error)
+
+
+def test_cpu_training_forms_compute_the_same_functions():
+    """cpu.training's exp, attention and GELU against float64 exp and MLX's own ops, values and gradients."""
+    z = np.concatenate([-np.geomspace(1e-8, 100, 20001), [0.0, -np.inf]]).astype(np.float32)
+    exact = np.exp(z.astype(np.float64))
+    ours = np.array(cpu_training.exp_nonpositive(mx.array(z)))
+    normal = exact > np.finfo(np.float32).tiny
+    assert np.abs(ours[normal] / exact[normal] - 1).max() < 2e-7
+    assert (ours[~normal] <= np.finfo(np.float32).tiny).all() and ours[-1] == 0 and ours[-2] == 1
+
+    rng = np.random.default_rng(0)
+    q, k, v = (mx.array(rng.normal(0, 1, (2, 3, n, 8)).astype(np.float32)) for n in (5, 7, 7))
+    cotangent = mx.array(rng.normal(0, 1, (2, 3, 5, 8)).astype(np.float32))
+    padding = mx.array(rng.random((2, 1, 1, 7)) < 0.7) | (mx.arange(7) == 0)
+    for mask in ("causal", None, padding, mx.where(padding, 0.0, -1e9)):
+        results = []
+        for attend in (mx.fast.scaled_dot_product_attention, cpu_training.attention):
+            def attended(q, k, v, attend=attend):
+                return attend(q, k, v, scale=0.35, mask=mask)
+            results.append([attended(q, k, v), *mx.vjp(attended, [q, k, v], [cotangent])[1]])
+        for expected, got in zip(*results):
+            np.testing.assert_allclose(np.array(got), np.array(expected), rtol=1e-5, atol=1e-6)
+
+    x = mx.array(np.linspace(-9, 9, 4001, dtype=np.float32))
+    np.testing.assert_allclose(np.array(cpu_training.gelu(x)), np.array(nn.gelu(x)), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.array(mx.grad(lambda x: cpu_training.gelu(x).sum())(x)),
+                               np.array(mx.grad(lambda x: nn.gelu(x).sum())(x)), rtol=0, atol=2e-6)
 
 
 # ---- training end to end (a codec at 50 frames/s, as the Hub's: 1 s is 50 frames)

@@ -15,8 +15,10 @@ THREAD_SETTINGS = ("MKL_NUM_THREADS", "OMP_NUM_THREADS", "OMP_WAIT_POLICY")
 
 
 def settings_after_import(env: dict, cpus: set[int] | None = None) -> dict:
-    """The thread settings a fresh process has after `import mlx_musicgen`, run on `cpus` if given."""
-    code = f"import json, os, mlx_musicgen; print(json.dumps({{k: os.environ.get(k) for k in {THREAD_SETTINGS}}}))"
+    """The thread settings of a fresh process's environment after `import mlx_musicgen`, and its MKL team
+    ("team"), run on `cpus` if given."""
+    code = (f"import json, os, mlx_musicgen; from mlx_musicgen import _linux; "
+            f"print(json.dumps({{'team': _linux.blas_team(), **{{k: os.environ.get(k) for k in {THREAD_SETTINGS}}}}}))")
     base = {k: v for k, v in os.environ.items() if k not in THREAD_SETTINGS}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env},
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None, timeout=120)
@@ -33,20 +35,25 @@ def test_usable_cores_follow_the_affinity():
 def test_mkl_team_is_the_usable_cores_less_one_and_sleeps_when_idle():
     cores = len(os.sched_getaffinity(0))
     settings = settings_after_import({})
-    assert settings["MKL_NUM_THREADS"] == str(max(1, _linux.usable_cores() - 1))
+    assert settings["team"] == max(1, _linux.usable_cores() - 1)
     assert settings["OMP_WAIT_POLICY"] == "PASSIVE"
+    # set through MKL, not the environment: a child process of this one sizes its own team
+    assert settings["MKL_NUM_THREADS"] is None and settings["OMP_NUM_THREADS"] is None
     one = {min(os.sched_getaffinity(0))}
-    assert settings_after_import({}, one)["MKL_NUM_THREADS"] == "1"
+    assert settings_after_import({}, one)["team"] == 1
     if cores >= 2:
         two = set(sorted(os.sched_getaffinity(0))[:2])
-        assert settings_after_import({}, two)["MKL_NUM_THREADS"] == "1"
+        assert settings_after_import({}, two)["team"] == 1
+        assert settings_after_import({"OMP_WAIT_POLICY": "PASSIVE"}, two)["team"] == 1  # what a child inherits
 
 
 @pytest.mark.skipif(_linux.LOADED != _linux.MKL, reason="MKL is not what this machine loaded")
 def test_the_users_thread_settings_win():
-    assert settings_after_import({"MKL_NUM_THREADS": "7", "OMP_WAIT_POLICY": "ACTIVE"}) == {
-        "MKL_NUM_THREADS": "7", "OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "ACTIVE"}
-    assert settings_after_import({"OMP_NUM_THREADS": "3"})["MKL_NUM_THREADS"] is None
+    cores = _linux.usable_cores()  # MKL caps its team at the cores; ours would be one fewer
+    assert settings_after_import({"MKL_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "ACTIVE"}) == {
+        "team": cores, "MKL_NUM_THREADS": str(cores), "OMP_NUM_THREADS": None, "OMP_WAIT_POLICY": "ACTIVE"}
+    settings = settings_after_import({"OMP_NUM_THREADS": str(cores)})
+    assert settings["MKL_NUM_THREADS"] is None and settings["team"] == cores
 
 
 def test_the_mkl_team_for_decoding_is_chosen_by_measurement(monkeypatch):

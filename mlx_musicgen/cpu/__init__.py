@@ -1,8 +1,8 @@
 """The CPU's fast paths, beside the portable model: `optimize_for_cpu(decoder, audio_encoder)` swaps modules of a
 loaded model for ones with the same interface and the same outputs that run faster on a CPU (see
-docs/performance.md).
+docs/performance.md); `optimize_for_training(model)` does the same for training (training.Trainer).
 
-MusicGen.from_pretrained calls it when MLX's default device is the CPU, unless MLX_MUSICGEN_PORTABLE=1.
+MusicGen.from_pretrained calls optimize_for_cpu when MLX's default device is the CPU, unless MLX_MUSICGEN_PORTABLE=1.
 Nothing here changes the saved format: weights are re-laid in memory at load.
 """
 
@@ -17,8 +17,10 @@ from ..encodec import EncodecModel
 from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
 from .threads import blas_threads_itself, choose_blas_team, parallel_streams, portable_requested
+from .training import optimize_for_training
 
-__all__ = ["optimize_for_cpu", "warn_if_slow", "portable_requested", "blas_threads_itself", "parallel_streams"]
+__all__ = ["optimize_for_cpu", "optimize_for_training", "warn_if_slow", "portable_requested", "blas_threads_itself",
+           "parallel_streams"]
 
 
 def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> None:
