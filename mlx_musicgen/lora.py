@@ -89,8 +89,10 @@ class LoRALinear(nn.Module):
         self.lora_b = mx.zeros((out_dims, rank), dtype=linear.weight.dtype)
 
     def __call__(self, x: mx.array) -> mx.array:
-        update = (self.dropout(x) @ self.lora_a.T) @ self.lora_b.T
-        return self.linear(x) + self.scale * update.astype(x.dtype)
+        """W x + scale B A x; the scale applied to the (rank,) middle, and B's product added into W x's by the
+        matmul itself (no separate passes over the output, forward or backward)."""
+        middle = (self.dropout(x) @ self.lora_a.T) * self.scale
+        return mx.addmm(self.linear(x), middle.astype(x.dtype), self.lora_b.T.astype(x.dtype))
 
     def fused(self) -> nn.Linear:
         """The Linear with the update folded into its weight: W + scale * B A."""

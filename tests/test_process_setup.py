@@ -85,3 +85,24 @@ def test_the_mkl_team_for_decoding_is_chosen_by_measurement(monkeypatch):
     assert threads.choose_blas_team(lambda: steps.append(team[0]), ("shape",)) == 1 and len(steps) == 6  # once
     monkeypatch.setattr(_linux, "blas_team_is_ours", lambda: False)
     assert threads.choose_blas_team(lambda: steps.append(team[0]), ("other",)) is None and len(steps) == 6
+
+
+def test_encodec_runs_its_products_on_every_core(monkeypatch):
+    """cpu.threads.every_core_for_blas: MKL's team on every usable core inside, the decoding team restored
+    after (also after an error), and nothing changed where the user chose the team."""
+    from mlx_musicgen.cpu import threads
+
+    team = [1]
+    monkeypatch.setattr(_linux, "usable_cores", lambda: 4)
+    monkeypatch.setattr(_linux, "blas_team_is_ours", lambda: True)
+    monkeypatch.setattr(_linux, "blas_team", lambda: team[0])
+    monkeypatch.setattr(_linux, "set_blas_threads", lambda n: team.__setitem__(0, n) or True)
+    with threads.every_core_for_blas():
+        assert team[0] == 4
+    assert team[0] == 1
+    with pytest.raises(KeyboardInterrupt), threads.every_core_for_blas():
+        raise KeyboardInterrupt
+    assert team[0] == 1
+    monkeypatch.setattr(_linux, "blas_team_is_ours", lambda: False)
+    with threads.every_core_for_blas():
+        assert team[0] == 1

@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..encodec import EncodecConfig, EncodecDecoder, EncodecEncoder, EncodecModel, context_frames
-from .threads import blas_threads_itself, parallel_streams
+from .threads import blas_threads_itself, every_core_for_blas, parallel_streams
 
 CHUNK_FRAMES = 50  # 1 s at 50 Hz: the largest buffers stay at a few MB
 
@@ -256,22 +256,28 @@ class Chunked:
 
 
 class ChunkedEncoder(Chunked, EncodecEncoder):
-    """EncodecEncoder whose convolutions before the LSTM run in chunks."""
+    """EncodecEncoder whose convolutions before the LSTM run in chunks, evaluated with MKL on every core."""
 
     def downsample(self, x: mx.array) -> mx.array:
         num_frames = -(-x.shape[1] // self.hop_length)
-        return run_in_chunks(self.layers[:-3], x, num_frames, self.hop_length, 1, self.context, self.chunk_frames)
+        with every_core_for_blas():
+            y = run_in_chunks(self.layers[:-3], x, num_frames, self.hop_length, 1, self.context, self.chunk_frames)
+            mx.eval(y)
+        return y
 
 
 class ChunkedDecoder(Chunked, EncodecDecoder):
     """EncodecDecoder whose upsampling stack runs in chunks, but for its first transposed conv, which runs over all
-    frames (in chunks, it would read its large weight once a chunk)."""
+    frames (in chunks, it would read its large weight once a chunk); evaluated with MKL on every core."""
 
     def upsample(self, x: mx.array) -> mx.array:
         activation, upsample, *rest = self.layers[2:]
         num_frames = x.shape[1]
-        x = upsample(activation(x))
-        return run_in_chunks(rest, x, num_frames, upsample.stride, self.hop_length, self.context, self.chunk_frames)
+        with every_core_for_blas():
+            x = upsample(activation(x))
+            y = run_in_chunks(rest, x, num_frames, upsample.stride, self.hop_length, self.context, self.chunk_frames)
+            mx.eval(y)
+        return y
 
 
 CPU_FORMS: dict[type, Callable[[nn.Module], nn.Module]] = {

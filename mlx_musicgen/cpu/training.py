@@ -31,28 +31,18 @@ LOWEST = -88.0  # below float32's smallest normal number (e^-87.34); from here o
 
 
 @mx.compile
-def reduced_exp(z: mx.array) -> tuple[mx.array, mx.array]:
-    """z <= 0 -> (e^r, n) with z = n ln 2 + r (z above LOWEST; -127 <= n <= 0)."""
-    z = mx.maximum(z, LOWEST)
-    n = (z * LOG2E + ROUND) - ROUND
-    r = (z - n * LN2_HIGH) - n * LN2_LOW
-    return (polynomial(r, EXP_P) * r + 1.0) * r + 1.0, n
-
-
-@mx.compile
-def exponent_bits(n: mx.array) -> mx.array:
-    """2^n's bits, as int32: the biased exponent n + 127 (0: the float 0)."""
-    return mx.left_shift(n.astype(mx.int32) + 127, 23)
-
-
 def exp_nonpositive(z: mx.array) -> mx.array:
     """e^z for float32 z <= 0 (-inf included: 0), vectorised; under e^-87.34, float32's smallest normal
     number, 0 or subnormal. Not differentiable (its users give their own VJPs)."""
-    mantissa, n = reduced_exp(z)
-    return mantissa * mx.view(exponent_bits(n), mx.float32)
+    z = mx.maximum(z, LOWEST)
+    n = (z * LOG2E + ROUND) - ROUND  # -127 <= n <= 0, and z = n ln 2 + r
+    r = (z - n * LN2_HIGH) - n * LN2_LOW
+    power_of_two = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)  # n = -127: 0
+    return ((polynomial(r, EXP_P) * r + 1.0) * r + 1.0) * power_of_two
 
 
 @mx.custom_function
+@mx.compile
 def softmax(scores: mx.array) -> mx.array:
     """softmax over the last axis (rows with at least one finite score)."""
     e = exp_nonpositive(scores - scores.max(axis=-1, keepdims=True))
@@ -60,7 +50,8 @@ def softmax(scores: mx.array) -> mx.array:
 
 
 @softmax.vjp
-def softmax_vjp(scores, cotangent, output):
+@mx.compile
+def softmax_vjp(scores: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
     return output * (cotangent - (cotangent * output).sum(axis=-1, keepdims=True))
 
 
@@ -87,13 +78,15 @@ def normal_cdf(x: mx.array) -> mx.array:
 
 
 @mx.custom_function
+@mx.compile
 def gelu(x: mx.array) -> mx.array:
     """The exact (erf) GELU, x * Phi(x), with the rational erf."""
     return x * normal_cdf(x)
 
 
 @gelu.vjp
-def gelu_vjp(x, cotangent, output):
+@mx.compile
+def gelu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
     density = exp_nonpositive(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
     return cotangent * (normal_cdf(x) + x * density)
 
