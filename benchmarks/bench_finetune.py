@@ -6,8 +6,8 @@
     python benchmarks/bench_finetune.py --shape tiny --seconds 1 --steps 2                       # smoke run
 
 Each side and mode runs in a fresh child process: one warm-up step, then --steps timed optimizer steps (the
-loss, its gradients and an AdamW update). tokens/s counts the codes predicted (the reference's loss counts the
-same ones); peak RSS is the child's, the loaded model included. The reference's LoRA is the same update built
+loss, its gradients, clipping to norm 1 and an AdamW update). tokens/s counts the codes predicted (the
+reference's loss counts the same ones); peak RSS is the child's, the loaded model included. The reference's LoRA is the same update built
 with forward hooks around transformers' modules (rank 16, alpha 16, the same targets). The checkpoint is
 bench_generate.py's, built once and cached.
 """
@@ -62,10 +62,11 @@ def ours(cfg: dict) -> dict:
     predicted = int((batch.labels != 2048).sum())
     optimizer = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95])
     step = nn.value_and_grad(model, lambda m, b: training.loss(m, b, cfg["checkpoint"]))
+    update = training.compiled_update(model, optimizer, 1, 1.0)  # as the trainer updates (clipped)
 
     def one_step():
         loss, grads = step(model, batch)
-        optimizer.update(model, grads)
+        update(grads)
         mx.eval(model.trainable_parameters(), optimizer.state, loss)
         return loss.item()
 
@@ -113,6 +114,7 @@ def reference(cfg: dict) -> dict:
         optimizer.zero_grad()
         loss = model(**inputs, labels=labels).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # as both trainers do
         optimizer.step()
         return loss.item()
 

@@ -144,6 +144,22 @@ def loss(model, batch: Batch, checkpoint: bool = False) -> mx.array:
 # ---- the training loop
 
 
+def compiled_update(model: nn.Module, optimizer: optim.Optimizer, grad_accum: int, max_grad_norm: float
+                    ) -> Callable[[dict], None]:
+    """grads_sum -> None: a step's summed gradients averaged over its micro-batches, clipped to max_grad_norm,
+    then the optimizer's update of the model. One compiled function over the model's and the optimizer's state
+    (as they are now: make it after a resume swaps them in), so each weight's update is one fused pass instead of
+    a dozen; a full fine-tune updates every weight of the decoder (docs/performance.md)."""
+
+    def update(grads_sum: dict) -> None:
+        grads = tree_map(lambda g: g / grad_accum, grads_sum)
+        grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
+        optimizer.update(model, grads)
+
+    state = [model.state, optimizer.state]
+    return mx.compile(update, inputs=state, outputs=state)
+
+
 @dataclass
 class TrainConfig:
     iters: int = 1000
@@ -219,6 +235,7 @@ class Trainer:
         self.plotting = True  # until matplotlib turns out to be missing
         self.pad = model.config.decoder.pad_token_id
         self.loss_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, config.grad_checkpoint))
+        self.compiled_update: Callable[[dict], None] | None = None  # at the first step, after any resume
 
     def trainable_count(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
@@ -249,12 +266,16 @@ class Trainer:
             loss_sum = loss_sum + value
             mx.eval(grads_sum, loss_sum)  # one micro-batch's activations alive at a time
             tokens += predicted_tokens(batch, self.pad)
-        grads = tree_map(lambda g: g / config.grad_accum, grads_sum)
-        grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
-        self.optimizer.update(self.model, grads)
+        self.apply_gradients(grads_sum)
         self.step += 1  # with the update: a Ctrl-C from here on saves the updated weights with this step
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return loss_sum.item() / config.grad_accum, tokens
+
+    def apply_gradients(self, grads_sum: dict) -> None:
+        if self.compiled_update is None:
+            self.compiled_update = compiled_update(self.model, self.optimizer, self.config.grad_accum,
+                                                   self.config.max_grad_norm)
+        self.compiled_update(grads_sum)
 
     def validation_loss(self) -> float | None:
         """The mean loss over the validation examples, conditioned (no dropout of any kind)."""
