@@ -60,13 +60,13 @@ def ours(cfg: dict) -> dict:
     inputs, labels = training.delayed_sequences(codes_for(cfg), 2048, model.config.decoder.audio_channels)
     batch = training.Batch(mx.array(inputs), mx.array(labels), states, mx.array(tokens["attention_mask"]))
     predicted = int((batch.labels != 2048).sum())
-    optimizer = optim.AdamW(learning_rate=1e-4, betas=[0.9, 0.95])
+    optimizer = training.FusedAdamW(learning_rate=1e-4, betas=[0.9, 0.95])  # the trainer's
     step = nn.value_and_grad(model, lambda m, b: training.loss(m, b, cfg["checkpoint"]))
-    update = training.compiled_update(model, optimizer, 1, 1.0)  # as the trainer updates (clipped)
 
     def one_step():
         loss, grads = step(model, batch)
-        update(grads)
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, loss)
         return loss.item()
 

@@ -18,6 +18,7 @@ import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -144,20 +145,29 @@ def loss(model, batch: Batch, checkpoint: bool = False) -> mx.array:
 # ---- the training loop
 
 
-def compiled_update(model: nn.Module, optimizer: optim.Optimizer, grad_accum: int, max_grad_norm: float
-                    ) -> Callable[[dict], None]:
-    """grads_sum -> None: a step's summed gradients averaged over its micro-batches, clipped to max_grad_norm,
-    then the optimizer's update of the model. One compiled function over the model's and the optimizer's state
-    (as they are now: make it after a resume swaps them in), so each weight's update is one fused pass instead of
-    a dozen; a full fine-tune updates every weight of the decoder (docs/performance.md)."""
+@partial(mx.compile, shapeless=True)
+def adamw_step(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.array, lr: mx.array, b1: float,
+               b2: float, eps: float, weight_decay: float) -> tuple[mx.array, mx.array, mx.array]:
+    """One weight's AdamW update (decoupled decay, no bias correction: mlx.optimizers.AdamW's by default)
+    -> the weight, m and v."""
+    m = b1 * m + (1 - b1) * gradient
+    v = b2 * v + (1 - b2) * mx.square(gradient)
+    return parameter * (1 - lr * weight_decay) - lr * m / (mx.sqrt(v) + eps), m, v
 
-    def update(grads_sum: dict) -> None:
-        grads = tree_map(lambda g: g / grad_accum, grads_sum)
-        grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
-        optimizer.update(model, grads)
 
-    state = [model.state, optimizer.state]
-    return mx.compile(update, inputs=state, outputs=state)
+class FusedAdamW(optim.AdamW):
+    """mlx.optimizers.AdamW (the same state, the same update) with each weight's update one compiled function:
+    one pass over the weight and its state instead of a dozen element-wise ones. A full fine-tune updates every
+    weight of the decoder (docs/performance.md)."""
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        if self.bias_correction:
+            return super().apply_single(gradient, parameter, state)
+        b1, b2 = self.betas
+        parameter, state["m"], state["v"] = adamw_step(gradient, parameter, state["m"], state["v"],
+                                                       self.learning_rate.astype(gradient.dtype), b1, b2,
+                                                       self.eps, self.weight_decay)
+        return parameter
 
 
 @dataclass
@@ -229,13 +239,12 @@ class Trainer:
         if mx.default_device() == mx.cpu and not cpu.portable_requested():
             cpu.optimize_for_training(model)
         decay = config.weight_decay if config.weight_decay is not None else (0.1 if adapters.full else 0.0)
-        self.optimizer = optim.AdamW(learning_rate=config.schedule(), betas=[0.9, 0.95], weight_decay=decay)
+        self.optimizer = FusedAdamW(learning_rate=config.schedule(), betas=[0.9, 0.95], weight_decay=decay)
         self.step = 0
         self.history: list[dict] = []
         self.plotting = True  # until matplotlib turns out to be missing
         self.pad = model.config.decoder.pad_token_id
         self.loss_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, config.grad_checkpoint))
-        self.compiled_update: Callable[[dict], None] | None = None  # at the first step, after any resume
 
     def trainable_count(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
@@ -266,16 +275,12 @@ class Trainer:
             loss_sum = loss_sum + value
             mx.eval(grads_sum, loss_sum)  # one micro-batch's activations alive at a time
             tokens += predicted_tokens(batch, self.pad)
-        self.apply_gradients(grads_sum)
+        grads = tree_map(lambda g: g / config.grad_accum, grads_sum) if config.grad_accum > 1 else grads_sum
+        grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
+        self.optimizer.update(self.model, grads)
         self.step += 1  # with the update: a Ctrl-C from here on saves the updated weights with this step
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return loss_sum.item() / config.grad_accum, tokens
-
-    def apply_gradients(self, grads_sum: dict) -> None:
-        if self.compiled_update is None:
-            self.compiled_update = compiled_update(self.model, self.optimizer, self.config.grad_accum,
-                                                   self.config.max_grad_norm)
-        self.compiled_update(grads_sum)
 
     def validation_loss(self) -> float | None:
         """The mean loss over the validation examples, conditioned (no dropout of any kind)."""

@@ -183,6 +183,25 @@ def test_cpu_training_forms_compute_the_same_functions():
                                np.array(mx.grad(lambda x: nn.gelu(x).sum())(x)), rtol=0, atol=2e-6)
 
 
+def test_fused_adamw_is_mlx_adamw():
+    """training.FusedAdamW: mlx.optimizers.AdamW's weights and state, step for step, with a schedule and decay."""
+    import mlx.optimizers as optim
+
+    rng = np.random.default_rng(0)
+    params = {"w": mx.array(rng.normal(0, 1, (7, 5)).astype(np.float32)), "b": [mx.array(np.ones(3, np.float32))]}
+    schedule = optim.linear_schedule(1e-2, 1e-3, 5)
+    ours, theirs = (kind(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=0.1)
+                    for kind in (training.FusedAdamW, optim.AdamW))
+    ours_params, theirs_params = params, params
+    for _ in range(4):
+        grads = {"w": mx.array(rng.normal(0, 1, (7, 5)).astype(np.float32)),
+                 "b": [mx.array(rng.normal(0, 1, 3).astype(np.float32))]}
+        ours_params = ours.apply_gradients(grads, ours_params)
+        theirs_params = theirs.apply_gradients(grads, theirs_params)
+    for (name, a), (_, b) in zip(tree_flatten([ours_params, ours.state]), tree_flatten([theirs_params, theirs.state])):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 # ---- training end to end (a codec at 50 frames/s, as the Hub's: 1 s is 50 frames)
 
 
