@@ -47,12 +47,10 @@ def convert(
     q_group_size: int = 64,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
-    read_bin: loading.BinReader | None = None,
 ) -> Path:
     """Convert a Hub id or Hub-layout folder. The decoder takes `dtype` (and optional quantization); T5 and
     EnCodec stay float32. Returns the output folder, which appears complete or not at all.
-    `progress` is told each stage as it starts (see STAGES); `read_bin` reads torch .bin checkpoints (the
-    convert.py script passes one that uses torch)."""
+    `progress` is told each stage as it starts (see STAGES)."""
     report = progress or (lambda stage: None)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
@@ -68,7 +66,7 @@ def convert(
     if loading.is_converted(loading.read_config(folder)):
         raise loading.CheckpointError(f"{folder} is already converted; load it directly.")
     report(STAGES[1])
-    model, config = loading.build_model(folder, read_bin)
+    model, config = loading.build_model(folder)
     report(STAGES[2])
     model.set_decoder_dtype(DTYPES[dtype])
     quantization = None
@@ -288,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace, read_bin: loading.BinReader | None = None) -> None:
+def run(args: argparse.Namespace) -> None:
     bits = args.q_bits or (4 if args.quantize else None)
     with Bar(total=len(STAGES), desc="converting", unit="stage", dynamic_ncols=True,
              bar_format="{desc}: {n}/{total} stages |{bar}| [{elapsed}{postfix}]") as bar:
@@ -298,17 +296,16 @@ def run(args: argparse.Namespace, read_bin: loading.BinReader | None = None) -> 
             bar.set_postfix_str(name)
 
         out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, q_bits=bits, q_group_size=args.q_group_size,
-                      overwrite=args.overwrite, progress=stage, read_bin=read_bin)
+                      overwrite=args.overwrite, progress=stage)
         bar.update(len(STAGES) - bar.n)
         bar.set_postfix_str("done")
     print(f"wrote {out}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None, read_bin: loading.BinReader | None = None) -> None:
-    """The command. `read_bin` reads torch .bin checkpoints: the checkout's convert.py passes one that uses torch
-    (never imported by the package); without it a .bin-only checkpoint is refused with what to run."""
+def main(argv: list[str] | None = None) -> None:
+    """The command."""
     args = parse_args(argv)
-    run_main(lambda: run(args, read_bin), args.debug)
+    run_main(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

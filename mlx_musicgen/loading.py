@@ -9,14 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import types
 import typing
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
+from . import torch_bin
 from .limits import MAX_DURATION
 from .model import CONVERTED_KEY, MusicGenConfig, MusicGenModel
 
@@ -239,13 +241,9 @@ def load_safetensors(file: Path) -> dict[str, mx.array]:
         raise CheckpointError(f"{file} is truncated or corrupt ({e}); download or convert it again.") from None
 
 
-BinReader = Callable[[list[Path]], dict[str, mx.array]]
-
-
-def load_hf_weights(folder: Path, read_bin: BinReader | None = None) -> dict[str, mx.array]:
-    """All tensors of a Hub-layout checkpoint: one safetensors file, or shards with an index. A checkpoint with
-    only torch .bin files needs `read_bin`, which only the conversion script supplies (torch is not a run-time
-    dependency)."""
+def load_hf_weights(folder: Path) -> dict[str, mx.array]:
+    """All tensors of a Hub-layout checkpoint: one safetensors file, or shards with an index; or, where it has
+    none, its torch .bin files (read without torch and without running anything from them: torch_bin)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -259,14 +257,21 @@ def load_hf_weights(folder: Path, read_bin: BinReader | None = None) -> dict[str
     if (folder / "model.safetensors").is_file():
         return load_safetensors(folder / "model.safetensors")
     bins = sorted(folder.glob("pytorch_model*.bin"))
-    if bins and read_bin is not None:
-        return read_bin(bins)
     if bins:
-        raise CheckpointError(
-            f"{folder} has only pytorch_model.bin weights: convert it once with "
-            f"`python convert.py --hf-path {folder} --mlx-path FOLDER` (needs torch) and load FOLDER."
-        )
+        weights = {}
+        for file in bins:
+            weights.update(load_torch_bin(file))
+        return weights
     raise CheckpointError(f"{folder} has no model.safetensors (or shards, or pytorch_model.bin).")
+
+
+def load_torch_bin(file: Path) -> dict[str, mx.array]:
+    """The state dict in a torch .bin file, every tensor float32 (as torch's `.float()` made them before)."""
+    try:
+        state = torch_bin.read_state_dict(file)
+    except (ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(str(error)) from None
+    return {name: mx.array(tensor.astype(np.float32)) for name, tensor in state.items()}
 
 
 def check_tokenizer_files(folder: Path) -> None:
@@ -371,7 +376,7 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
                                   f"could fill: the config does not belong to these weights.")
 
 
-def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicGenModel, dict]:
+def build_model(folder: Path) -> tuple[MusicGenModel, dict]:
     """The model a checkpoint folder describes, its weights loaded strictly, and its raw config. The config is
     checked against the weights (loaded lazily: their shapes are known before any is read) before the model is
     built."""
@@ -384,7 +389,7 @@ def build_model(folder: Path, read_bin: BinReader | None = None) -> tuple[MusicG
         raise CheckpointError(f"{folder / 'config.json'} is broken ({e}); download or convert the model again.") \
             from None
     weights = load_safetensors(folder / "model.safetensors") if is_converted(raw) else \
-        load_hf_weights(folder, read_bin)
+        load_hf_weights(folder)
     if not weights:
         raise CheckpointError(f"{folder / 'model.safetensors'} holds no tensors: download or convert the model again.")
     check_config(config, folder / "config.json", len(weights))
