@@ -102,7 +102,8 @@ def settle_threads() -> list[str]:
 
 
 def blas_team() -> int | None:
-    """The threads MKL runs each product on (None without MKL)."""
+    """The threads MKL runs each product on (None where no MKL library can be found; ask only where LOADED is
+    MKL)."""
     for name in MKL_NAMES:
         try:
             return ctypes.CDLL(name).MKL_Get_Max_Threads()

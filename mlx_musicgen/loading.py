@@ -271,7 +271,7 @@ def load_torch_bin(file: Path) -> dict[str, mx.array]:
         state = torch_bin.read_state_dict(file)
     except (ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(str(error)) from None
-    return {name: mx.array(tensor.astype(np.float32)) for name, tensor in state.items()}
+    return {name: mx.array(tensor.astype(np.float32, copy=False)) for name, tensor in state.items()}
 
 
 def check_tokenizer_files(folder: Path) -> None:

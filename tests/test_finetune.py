@@ -181,6 +181,15 @@ def test_cpu_training_forms_compute_the_same_functions():
     np.testing.assert_allclose(np.array(cpu_training.gelu(x)), np.array(nn.gelu(x)), rtol=0, atol=1e-6)
     np.testing.assert_allclose(np.array(mx.grad(lambda x: cpu_training.gelu(x).sum())(x)),
                                np.array(mx.grad(lambda x: nn.gelu(x).sum())(x)), rtol=0, atol=2e-6)
+    for dtype in (mx.float16, mx.bfloat16):  # a half-precision model: computed in float32, rounded once
+        half = x.astype(dtype)
+        exact = nn.gelu(half.astype(mx.float32))
+        ours, grad = cpu_training.gelu(half), mx.grad(lambda x: cpu_training.gelu(x).sum())(half)
+        assert ours.dtype == grad.dtype == dtype
+        np.testing.assert_allclose(np.array(ours.astype(mx.float32)), np.array(exact.astype(dtype).astype(mx.float32)),
+                                   rtol=1e-2, atol=1e-3)
+        exact_grad = mx.grad(lambda x: nn.gelu(x).sum())(half.astype(mx.float32))
+        np.testing.assert_allclose(np.array(grad.astype(mx.float32)), np.array(exact_grad), rtol=1e-2, atol=1e-3)
 
 
 def test_fused_adamw_is_mlx_adamw():

@@ -123,10 +123,58 @@ def test_damaged_archives_are_refused_in_one_line(tmp_path):
     with pytest.raises(torch_bin.UnsafeCheckpointError, match="reaches element 11 of a storage of 10"):
         torch_bin.read_torch_bin(past_storage)
     missing = archive_with(tmp_path, storage_pickle(10, 0, (10,), (1,)))
-    with pytest.raises(torch_bin.UnsafeCheckpointError, match="no data record"):
+    with pytest.raises(torch_bin.UnsafeCheckpointError, match="no record"):
         torch_bin.read_torch_bin(missing)
     inside = archive_with(tmp_path, storage_pickle(10, 2, (2, 4), (4, 1)), {"0": record})
     np.testing.assert_array_equal(torch_bin.read_torch_bin(inside)["w"], np.arange(2, 10).reshape(2, 4))
 
 
 STORAGE = object()  # stands for a storage in the crafted pickles
+
+
+def test_a_pickle_cannot_change_what_it_is_given(tmp_path):
+    """pickle's BUILD sets attributes of whatever is on its stack: refused on the storages, storage types, tensors
+    and callables this reader hands out (a storage swapped for a 2-D array, or a storage type given another
+    dtype, would read past the record's buffer)."""
+    def unicode(text: str) -> bytes:
+        return pickle.BINUNICODE + len(text).to_bytes(4, "little") + text.encode()
+
+    storage = (pickle.MARK + unicode("storage") + b"ctorch\nFloatStorage\n" + unicode("0") + unicode("cpu")
+               + pickle.BININT1 + bytes([10]) + pickle.TUPLE + pickle.BINPERSID)
+    rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n"
+    for target in (storage, b"ctorch\nFloatStorage\n", rebuild, b"ctorch._utils\n_rebuild_parameter\n"):
+        payload = (pickle.PROTO + b"\x02" + target + pickle.EMPTY_DICT + unicode("elements") + pickle.BININT1
+                   + b"\x01" + pickle.SETITEM + pickle.BUILD + pickle.STOP)
+        path = archive_with(tmp_path, payload, {"0": np.zeros(10, np.float32).tobytes()})
+        with pytest.raises(torch_bin.UnsafeCheckpointError, match="modifies an object"):
+            torch_bin.read_torch_bin(path)
+
+
+def test_a_small_file_cannot_make_huge_tensors(tmp_path):
+    """Expanded views (stride 0), many copies of one storage, and compressed records are refused."""
+    record = np.arange(10, dtype=np.float32).tobytes()
+
+    def tensors(*views) -> bytes:
+        buffer = io.BytesIO()
+
+        class Writer(pickle.Pickler):
+            def persistent_id(self, obj):
+                return ("storage", torch.FloatStorage, "0", "cpu", 10) if obj is STORAGE else None
+
+        Writer(buffer, protocol=2).dump([Runs(torch._utils._rebuild_tensor_v2, STORAGE, 0, size, stride, False,
+                                              collections.OrderedDict()) for size, stride in views])
+        return buffer.getvalue()
+
+    with pytest.raises(torch_bin.UnsafeCheckpointError, match="100000 elements from a storage of 10"):
+        torch_bin.read_torch_bin(archive_with(tmp_path, tensors(((10000, 10), (0, 1))), {"0": record}))
+    many = archive_with(tmp_path, tensors(*[((10,), (1,))] * 30000), {"0": record})
+    with pytest.raises(torch_bin.UnsafeCheckpointError, match="far more than its data"):
+        torch_bin.read_torch_bin(many)
+    assert len(torch_bin.read_torch_bin(archive_with(tmp_path, tensors(((10,), (1,)), ((5,), (2,))),
+                                                     {"0": record}))) == 2  # tied weights: views of one storage
+    compressed = tmp_path / "compressed.bin"
+    with zipfile.ZipFile(compressed, "w") as archive:
+        archive.writestr("crafted/data.pkl", tensors(((10,), (1,))))
+        archive.writestr("crafted/data/0", bytes(10 << 20), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(torch_bin.UnsafeCheckpointError, match="not stored as torch stores it"):
+        torch_bin.read_torch_bin(compressed)

@@ -273,6 +273,7 @@ class ChunkedDecoder(Chunked, EncodecDecoder):
     def upsample(self, x: mx.array) -> mx.array:
         activation, upsample, *rest = self.layers[2:]
         num_frames = x.shape[1]
+        mx.eval(x)  # the LSTM before, on the decoding team (a second thread does not help its 1-row products)
         with every_core_for_blas():
             x = upsample(activation(x))
             y = run_in_chunks(rest, x, num_frames, upsample.stride, self.hop_length, self.context, self.chunk_frames)

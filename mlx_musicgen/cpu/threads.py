@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,17 +81,22 @@ def choose_blas_team(step: Callable[[], None], key: tuple, steps: int = 3) -> in
     return _chosen[key]
 
 
+_team_lock = threading.RLock()  # one thread at a time resizes the team and puts it back
+
+
 @contextmanager
 def every_core_for_blas() -> Iterator[None]:
     """MKL's team on every usable core for the products evaluated inside (then back to the decoding team): for
     large products, such as EnCodec's convolutions over whole seconds of audio, where a second thread halves the
-    time instead of waiting on memory. Nothing changes where the user chose the team or MKL is not loaded."""
-    team = _linux.blas_team() if _linux.blas_team_is_ours() else None
-    if team is None:
+    time instead of waiting on memory. Threads using it take turns. Nothing changes where the user chose the team
+    or MKL is not loaded."""
+    if not _linux.blas_team_is_ours():
         yield
         return
-    _linux.set_blas_threads(_linux.usable_cores())
-    try:
-        yield
-    finally:
-        _linux.set_blas_threads(team)
+    with _team_lock:
+        team = _linux.blas_team()
+        _linux.set_blas_threads(_linux.usable_cores())
+        try:
+            yield
+        finally:
+            _linux.set_blas_threads(team)

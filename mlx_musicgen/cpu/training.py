@@ -1,6 +1,6 @@
 """Training on a CPU: `optimize_for_training(model)` swaps, in place, the decoder's attention and GELU for forms
-that compute the same functions (to float32 rounding) and whose gradients are the exact formulas, with the
-exponentials and erf vectorised.
+that compute the same functions (in float32, to its rounding, whatever the model's dtype) and whose gradients
+are the exact formulas, with the exponentials and erf vectorised.
 
 MLX's CPU `exp` and `erf` run element by element through libm. Training attends over hundreds of positions, so
 its softmax takes exp of heads x length^2 scores a layer, and the feed-forward's GELU takes erf (forward) and
@@ -16,6 +16,7 @@ The parameters and their names do not change; a model trained so saves and loads
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,11 +31,11 @@ EXP_P = (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3, 1.3
 LOWEST = -88.0  # below float32's smallest normal number (e^-87.34); from here on 2^n is 0 or 2^-126
 
 
-@mx.compile
+@mx.compile  # not shapeless: MLX cannot trace mx.view without shapes
 def exp_nonpositive(z: mx.array) -> mx.array:
-    """e^z for float32 z <= 0 (-inf included: 0), vectorised; under e^-87.34, float32's smallest normal
-    number, 0 or subnormal. Not differentiable (its users give their own VJPs)."""
-    z = mx.maximum(z, LOWEST)
+    """e^z for z <= 0 (-inf included: 0), vectorised, in float32 whatever z's dtype; under e^-87.34, float32's
+    smallest normal number, 0 or subnormal. Not differentiable (its users give their own VJPs)."""
+    z = mx.maximum(z.astype(mx.float32), LOWEST)
     n = (z * LOG2E + ROUND) - ROUND  # -127 <= n <= 0, and z = n ln 2 + r
     r = (z - n * LN2_HIGH) - n * LN2_LOW
     power_of_two = mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)  # n = -127: 0
@@ -57,8 +58,9 @@ def softmax_vjp(scores: mx.array, cotangent: mx.array, output: mx.array) -> mx.a
 
 def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
               mask: mx.array | str | None = None) -> mx.array:
-    """mx.fast.scaled_dot_product_attention's function and signature (B, heads, L, d) x (B, heads, S, d), the mask
-    additive, boolean (True: attend) or "causal" (the L queries are the last of the S positions)."""
+    """mx.fast.scaled_dot_product_attention's function, for the arguments the decoder gives it: queries
+    (B, heads, L, d), keys and values (B, heads, S, d) with as many heads, the mask additive, boolean (True:
+    attend) or "causal" (the L queries are the last of the S positions, L <= S). The softmax is float32."""
     if queries.shape[2] == 1:  # a decoding step: nothing to vectorise
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
     scores = (queries * scale) @ keys.swapaxes(-1, -2)
@@ -72,23 +74,26 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, scale: float,
     return softmax(scores.astype(mx.float32)).astype(values.dtype) @ values
 
 
-@mx.compile
 def normal_cdf(x: mx.array) -> mx.array:
+    """Phi(x), the standard normal distribution's CDF, with the rational erf."""
     return (1.0 + erf(x * math.sqrt(0.5))) * 0.5
 
 
 @mx.custom_function
-@mx.compile
+@partial(mx.compile, shapeless=True)
 def gelu(x: mx.array) -> mx.array:
-    """The exact (erf) GELU, x * Phi(x), with the rational erf."""
-    return x * normal_cdf(x)
+    """The exact (erf) GELU, x * Phi(x), computed in float32 (the rational erf is float32's) in x's dtype."""
+    x32 = x.astype(mx.float32)
+    return (x32 * normal_cdf(x32)).astype(x.dtype)
 
 
 @gelu.vjp
 @mx.compile
 def gelu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
-    density = exp_nonpositive(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
-    return cotangent * (normal_cdf(x) + x * density)
+    """GELU's derivative Phi(x) + x phi(x), phi the standard normal density, times the cotangent."""
+    x32 = x.astype(mx.float32)
+    density = exp_nonpositive(-0.5 * x32 * x32) * (1 / math.sqrt(2 * math.pi))
+    return (cotangent.astype(mx.float32) * (normal_cdf(x32) + x32 * density)).astype(x.dtype)
 
 
 def optimize_for_training(model: nn.Module) -> None:
