@@ -239,7 +239,8 @@ def test_a_chunked_upload_past_the_limit_gets_413_and_leaves_nothing(server, spo
     assert status == 413 and "8 MiB a file" in answer["detail"]
     assert sent < total / 2 and max(written) <= limit and peak.growth < 50
     assert not list((server.output / ".studio" / "uploads").iterdir())
-    assert spooled_bytes(server.process.pid, spool) == 0 and not list(spool.iterdir())
+    # (MLX's CPU compiler keeps the kernels it builds in $TMPDIR/mlx: not an upload's)
+    assert spooled_bytes(server.process.pid, spool) == 0 and not [p for p in spool.iterdir() if p.name != "mlx"]
 
 
 @pytest.mark.parametrize("body", ['{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "[" * 100_000])
