@@ -1,0 +1,104 @@
+"""audiocraft 1.3.0 as a reference in tests (installed with `pip install --no-deps`, as the README's test command
+does: its pins ask for an old torch). Its model code is imported with stand-ins for the heavy modules it imports
+at module level but never calls on the paths tested here (torchaudio cannot load beside torch 2.13; av, spacy,
+xformers, librosa, torchmetrics and demucs are not installed); the stand-ins leave sys.modules once audiocraft is
+imported, so nothing else sees them. Random-weight checkpoints are saved exactly as audiocraft's
+`utils/export.py` saves its releases."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+HEAVY_MODULES = ("av", "spacy", "torchaudio", "torchaudio.functional", "torchaudio.transforms", "xformers",
+                 "xformers.ops", "librosa", "librosa.filters", "torchmetrics", "demucs", "demucs.apply",
+                 "demucs.audio")
+
+
+def stand_in(name: str) -> types.ModuleType:
+    """A module whose every public attribute is a placeholder class (what `from x import Y` needs at import)."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    module.__path__ = []
+
+    def placeholder(attribute: str):
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        return type(attribute, (), {})
+
+    module.__getattr__ = placeholder
+    return module
+
+
+def import_audiocraft() -> types.SimpleNamespace:
+    """audiocraft's builders, loaders and OmegaConf, imported once with the stand-ins in place."""
+    if "audiocraft.models.builders" not in sys.modules:
+        added = [name for name in HEAVY_MODULES if name not in sys.modules]
+        sys.modules.update({name: stand_in(name) for name in added})
+        try:
+            import audiocraft.models.builders  # noqa: F401
+            import audiocraft.models.loaders  # noqa: F401
+        finally:
+            for name in added:
+                del sys.modules[name]
+    import audiocraft
+    from audiocraft.models import builders, loaders
+    from omegaconf import OmegaConf
+
+    return types.SimpleNamespace(version=audiocraft.__version__, builders=builders, loaders=loaders,
+                                 OmegaConf=OmegaConf)
+
+
+def codec_config(sample_rate: int = 32000, ratios=(8, 5, 4, 2), n_q: int = 4, bins: int = 64, dimension: int = 16):
+    """A small SEANet EnCodec's training config, laid out as audiocraft's config/model/encodec/default.yaml."""
+    ac = import_audiocraft()
+    return ac.OmegaConf.create({
+        "device": "cpu", "dtype": "float32", "sample_rate": sample_rate, "channels": 1,
+        "compression_model": "encodec",
+        "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": sample_rate, "channels": 1,
+                    "causal": False, "renormalize": False},
+        "seanet": {"dimension": dimension, "channels": 1, "causal": False, "n_filters": 4, "n_residual_layers": 1,
+                   "ratios": list(ratios), "activation": "ELU", "activation_params": {"alpha": 1.0},
+                   "norm": "weight_norm", "norm_params": {}, "kernel_size": 7, "residual_kernel_size": 3,
+                   "last_kernel_size": 7, "dilation_base": 2, "pad_mode": "constant", "true_skip": True,
+                   "compress": 2, "lstm": 2, "disable_norm_outer_blocks": 0,
+                   "decoder": {"trim_right_ratio": 1.0, "final_activation": None,
+                               "final_activation_params": None},
+                   "encoder": {}},
+        "rvq": {"n_q": n_q, "q_dropout": False, "bins": bins, "decay": 0.99, "kmeans_init": False,
+                "kmeans_iters": 50, "threshold_ema_dead_code": 2, "orthogonal_reg_weight": 0.0,
+                "orthogonal_reg_active_codes_only": False},
+    })
+
+
+def random_codec(cfg, seed: int = 0) -> torch.nn.Module:
+    """audiocraft's EnCodec built from `cfg` by its own builder, every parameter and codebook drawn at random."""
+    ac = import_audiocraft()
+    torch.manual_seed(seed)
+    model = ac.builders.get_compression_model(cfg).eval()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor) * (0.5 if "codebook" in name or "embed" in name else 0.1))
+    return model
+
+
+def export(path: Path, best_state: dict, cfg) -> Path:
+    """What audiocraft's export_lm / export_encodec write: the best state, the config as YAML, the version."""
+    ac = import_audiocraft()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"best_state": best_state, "xp.cfg": ac.OmegaConf.to_yaml(cfg), "version": ac.version,
+                "exported": True}, path)
+    return path
+
+
+def export_pointer(path: Path, pretrained: str) -> Path:
+    """What export_pretrained_compression_model writes for a named codec: a reference, no weights."""
+    ac = import_audiocraft()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"pretrained": pretrained, "exported": True, "version": ac.version}, path)
+    return path
