@@ -7,6 +7,7 @@ imported, so nothing else sees them. Random-weight checkpoints are saved exactly
 
 from __future__ import annotations
 
+import contextlib
 import importlib.machinery
 import sys
 import types
@@ -34,17 +35,24 @@ def stand_in(name: str) -> types.ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def stand_ins(names=HEAVY_MODULES):
+    """The modules `names` that are not installed, as stand-ins, within the block only."""
+    added = [name for name in names if name not in sys.modules]
+    sys.modules.update({name: stand_in(name) for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            del sys.modules[name]
+
+
 def import_audiocraft() -> types.SimpleNamespace:
     """audiocraft's builders, loaders and OmegaConf, imported once with the stand-ins in place."""
     if "audiocraft.models.builders" not in sys.modules:
-        added = [name for name in HEAVY_MODULES if name not in sys.modules]
-        sys.modules.update({name: stand_in(name) for name in added})
-        try:
+        with stand_ins():
             import audiocraft.models.builders  # noqa: F401
             import audiocraft.models.loaders  # noqa: F401
-        finally:
-            for name in added:
-                del sys.modules[name]
     import audiocraft
     from audiocraft.models import builders, loaders
     from omegaconf import OmegaConf
@@ -102,3 +110,81 @@ def export_pointer(path: Path, pretrained: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"pretrained": pretrained, "exported": True, "version": ac.version}, path)
     return path
+
+
+def lm_config(t5_name: str = "t5-base", dim: int = 32, heads: int = 2, layers: int = 2, n_q: int = 4,
+              card: int = 64, duration: float = 30.0):
+    """A small MusicGen LM's training config, laid out as audiocraft's config/model/lm/musicgen_lm.yaml with
+    conditioner/text2music.yaml (delay pattern, T5 cross-attention, pre-norm, no biases)."""
+    ac = import_audiocraft()
+    return ac.OmegaConf.create({
+        "device": "cpu", "dtype": "float32", "lm_model": "transformer_lm",
+        "dataset": {"segment_duration": duration},
+        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": list(range(n_q)), "flatten_first": 0,
+                                                             "empty_initial": 0}},
+        "transformer_lm": {"dim": dim, "num_heads": heads, "num_layers": layers, "hidden_scale": 4, "n_q": n_q,
+                           "card": card, "dropout": 0.0, "emb_lr": None, "activation": "gelu", "norm_first": True,
+                           "bias_ff": False, "bias_attn": False, "bias_proj": False, "past_context": None,
+                           "causal": True, "custom": False, "memory_efficient": True,
+                           "attention_as_float32": False, "layer_scale": None, "positional_embedding": "sin",
+                           "xpos": False, "checkpointing": "none", "weight_init": "gaussian",
+                           "depthwise_init": "current", "zero_bias_init": True, "norm": "layer_norm",
+                           "cross_attention": False, "qk_layer_norm": False, "qk_layer_norm_cross": False,
+                           "attention_dropout": None, "kv_repeat": 1, "two_step_cfg": False},
+        "classifier_free_guidance": {"training_dropout": 0.3, "inference_coef": 3.0},
+        "attribute_dropout": {},
+        "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [], "prepend": [],
+                  "cross": ["description"], "input_interpolate": []},
+        "conditioners": {"description": {"model": "t5", "t5": {"name": t5_name, "finetune": False,
+                                                                 "word_dropout": 0.3, "normalize_text": False}}},
+    })
+
+
+class LocalT5:
+    """Within the block, audiocraft's T5Conditioner takes the T5 it names (`t5-base`) from `folder` (a
+    transformers T5 encoder with spiece.model), of width `dim`, instead of the Hub; and its transformer's check
+    that xformers imports (for `memory_efficient: true`, as released configs have) passes on a stand-in, while
+    the attention that runs is torch's (audiocraft's default backend)."""
+
+    def __init__(self, folder: Path, dim: int, name: str = "t5-base"):
+        self.folder, self.dim, self.name = folder, dim, name
+
+    def __enter__(self):
+        from audiocraft.modules import conditioners
+
+        self.module, self.saved = conditioners, (conditioners.T5Tokenizer, conditioners.T5EncoderModel,
+                                                 dict(conditioners.T5Conditioner.MODELS_DIMS))
+        folder, name = str(self.folder), self.name
+
+        def redirected(cls):
+            class Local(cls):
+                @classmethod
+                def from_pretrained(cls_, requested, *args, **kwargs):
+                    return cls.from_pretrained(folder if requested == name else requested, *args, **kwargs)
+            return Local
+
+        conditioners.T5Tokenizer = redirected(self.saved[0])
+        conditioners.T5EncoderModel = redirected(self.saved[1])
+        conditioners.T5Conditioner.MODELS_DIMS[name] = self.dim
+        self.xformers = stand_ins(("xformers", "xformers.ops"))
+        self.xformers.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.xformers.__exit__(*exc)
+        conditioners = self.module
+        conditioners.T5Tokenizer, conditioners.T5EncoderModel = self.saved[:2]
+        conditioners.T5Conditioner.MODELS_DIMS.clear()
+        conditioners.T5Conditioner.MODELS_DIMS.update(self.saved[2])
+
+
+def random_lm(cfg, seed: int = 0) -> torch.nn.Module:
+    """audiocraft's LM built from `cfg` by its own builder (inside LocalT5), every weight drawn at random."""
+    ac = import_audiocraft()
+    torch.manual_seed(seed)
+    model = ac.builders.get_lm_model(cfg).eval()
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
+    return model

@@ -2,6 +2,8 @@
 writes them) read without torch by mlx_musicgen.torch_bin: every tensor and the config as audiocraft's own
 loader reads them."""
 
+import shutil
+
 import numpy as np
 import yaml
 
@@ -30,3 +32,25 @@ def test_a_pointer_to_a_pretrained_codec_reads_back(tmp_path):
     package = torch_bin.read_torch_bin(path)
     assert package == {"pretrained": "facebook/encodec_32khz", "exported": True,
                        "version": acref.import_audiocraft().version}
+
+
+def test_an_exported_lm_reads_back_as_audiocraft_reads_it(tiny, tmp_path):
+    """A MusicGen LM with T5 cross-attention (the T5 is named in the config, not saved), built and exported as
+    audiocraft does, then loaded by audiocraft's own loader and read by ours."""
+    t5 = tmp_path / "t5"
+    tiny.reference.text_encoder.save_pretrained(t5)
+    shutil.copyfile(tiny.folder / "spiece.model", t5 / "spiece.model")
+    cfg = acref.lm_config()
+    ac = acref.import_audiocraft()
+    with acref.LocalT5(t5, tiny.reference.text_encoder.config.d_model):
+        model = acref.random_lm(cfg)
+        path = acref.export(tmp_path / "state_dict.bin", model.state_dict(), cfg)
+        theirs = ac.loaders.load_lm_model(path)
+    package = torch_bin.read_torch_bin(path)
+    assert yaml.safe_load(package["xp.cfg"]) == ac.OmegaConf.to_container(cfg)
+    state = theirs.state_dict()
+    assert set(package["best_state"]) == set(state)
+    assert any(name.endswith("self_attn.in_proj_weight") for name in state)  # Q, K, V stacked, as released
+    assert "condition_provider.conditioners.description.output_proj.weight" in state
+    for name, tensor in state.items():
+        np.testing.assert_array_equal(package["best_state"][name], tensor.numpy(), err_msg=name)
