@@ -43,7 +43,7 @@ def ours(cfg: dict) -> dict:
     import mlx.nn as nn
     import mlx.optimizers as optim
 
-    from mlx_musicgen import _linux, cpu, lora, training
+    from mlx_musicgen import _linux, lora, training
     from mlx_musicgen.loading import load_model
 
     _linux.use_all_cores_for_blas()  # as finetune.py does
@@ -53,8 +53,7 @@ def ours(cfg: dict) -> dict:
         lora.unfreeze_for_full(model)
     else:
         lora.apply_lora(model, lora.AdapterConfig())
-    if mx.default_device() == mx.cpu and not cpu.portable_requested():
-        cpu.optimize_for_training(model)  # as training.Trainer does
+    training.use_cpu_training_forms(model)  # as training.Trainer does
     tokens = tokenizer([TEXT] * cfg["batch"], return_tensors="np")
     states = model.text_encoder(mx.array(tokens["input_ids"]), mx.array(tokens["attention_mask"]))
     inputs, labels = training.delayed_sequences(codes_for(cfg), 2048, model.config.decoder.audio_channels)

@@ -101,15 +101,21 @@ def settle_threads() -> list[str]:
     return taken
 
 
-def blas_team() -> int | None:
-    """The threads MKL runs each product on (None where no MKL library can be found; ask only where LOADED is
-    MKL)."""
-    for name in MKL_NAMES:
+def mkl_function(name: str):
+    """MKL's function `name` (through the MKL library this process has, or can load), or None."""
+    for library in MKL_NAMES:
         try:
-            return ctypes.CDLL(name).MKL_Get_Max_Threads()
+            return getattr(ctypes.CDLL(library), name)
         except (OSError, AttributeError):
             continue
     return None
+
+
+def blas_team() -> int | None:
+    """The threads MKL runs each product on (None where no MKL library can be found; ask only where LOADED is
+    MKL)."""
+    get_max_threads = mkl_function("MKL_Get_Max_Threads")
+    return None if get_max_threads is None else get_max_threads()
 
 
 def blas_team_is_ours() -> bool:
@@ -119,13 +125,10 @@ def blas_team_is_ours() -> bool:
 
 def set_blas_threads(count: int) -> bool:
     """Resize MKL's team, for the products that follow. Returns whether it did."""
-    for name in MKL_NAMES:
-        try:
-            ctypes.CDLL(name).MKL_Set_Num_Threads(ctypes.c_int(count))
-            return True
-        except (OSError, AttributeError):
-            continue
-    return False
+    set_num_threads = mkl_function("MKL_Set_Num_Threads")
+    if set_num_threads is not None:
+        set_num_threads(ctypes.c_int(count))
+    return set_num_threads is not None
 
 
 def use_all_cores_for_blas() -> bool:

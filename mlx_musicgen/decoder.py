@@ -136,6 +136,15 @@ class KVCache:
         return self.state["keys"][:, :, :end], self.state["values"][:, :, :end], "causal" if L > 1 else None
 
 
+def cached_keys_values(cache: KVCache | None, keys: mx.array, values: mx.array
+                          ) -> tuple[mx.array, mx.array, mx.array | str | None]:
+    """The newest positions' keys and values (B, heads, L, head_dim) -> what they attend to and the mask:
+    through the cache where there is one (KVCache.update), else themselves, causally."""
+    if cache is not None:
+        return cache.update(keys, values)
+    return keys, values, "causal" if keys.shape[2] > 1 else None
+
+
 def cache_position(cache: list | None) -> int | mx.array:
     """Where the next positions go: the caches' offset (inside a compiled step, as an array)."""
     if not cache:
@@ -189,10 +198,7 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
         """x (B, L, D), the L newest positions -> (B, L, D)."""
         queries, keys, values = (split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if cache is not None:
-            keys, values, mask = cache.update(keys, values)
-        else:
-            mask = "causal" if x.shape[1] > 1 else None
+        keys, values, mask = cached_keys_values(cache, keys, values)
         out = self.attend(queries, keys, values, scale=self.scale, mask=mask)
         return self.out_proj(merge_heads(out))
 

@@ -145,6 +145,13 @@ def loss(model, batch: Batch, checkpoint: bool = False) -> mx.array:
 # ---- the training loop
 
 
+def use_cpu_training_forms(model) -> None:
+    """On a CPU (unless MLX_MUSICGEN_PORTABLE=1), the decoder's attention and GELU in their vectorised forms,
+    the same functions (cpu.training); elsewhere the model stays as it is."""
+    if mx.default_device() == mx.cpu and not cpu.portable_requested():
+        cpu.optimize_for_training(model)
+
+
 @partial(mx.compile, shapeless=True)
 def adamw_step(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.array, lr: mx.array, b1: float,
                b2: float, eps: float, weight_decay: float) -> tuple[mx.array, mx.array, mx.array]:
@@ -236,8 +243,7 @@ class Trainer:
         else:
             lora.apply_lora(model, adapters)
         self.adapters = adapters
-        if mx.default_device() == mx.cpu and not cpu.portable_requested():
-            cpu.optimize_for_training(model)
+        use_cpu_training_forms(model)
         decay = config.weight_decay if config.weight_decay is not None else (0.1 if adapters.full else 0.0)
         self.optimizer = FusedAdamW(learning_rate=config.schedule(), betas=[0.9, 0.95], weight_decay=decay)
         self.step = 0

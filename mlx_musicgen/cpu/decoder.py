@@ -30,6 +30,7 @@ from ..decoder import (
     MusicgenDecoder,
     TextKV,
     additive_mask,
+    cached_keys_values,
     merge_heads,
     split_heads,
     text_kv,
@@ -196,10 +197,7 @@ class CompiledDecoderLayer(nn.Module):
         queries, keys, values = self_attention_inputs(
             x, self.self_attn_layer_norm, sa.q_proj, sa.k_proj, sa.v_proj, sa.heads
         )
-        if cache is not None:
-            keys, values, mask = cache.update(keys, values)
-        else:
-            mask = "causal" if x.shape[1] > 1 else None
+        keys, values, mask = cached_keys_values(cache, keys, values)
         attended = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=sa.scale, mask=mask)
         # Only the modules it uses: the compiled function's inputs are flattened every step.
         if "encoder_attn" not in self:
