@@ -10,7 +10,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from .loading import CheckpointError
+from .loading import CHECKPOINT_FORMATS, CheckpointError
 from .model import DTYPES
 from .request import COMMAND_SETTINGS, GenerationConfig, command_settings
 
@@ -63,16 +63,30 @@ def run_main(main: Callable[[], None], debug: bool) -> None:
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """--duration, --seed, --guidance-scale, --top-k, --top-p, --temperature, --extend-stride and --greedy, made
     from GenerationConfig's fields (request.command_settings): their types, defaults and help."""
-    for name, setting in command_settings().items():
-        shown = "" if setting.default is None else f" (default {setting.default:g})"
+    music, sound = command_settings("musicgen"), command_settings("audiogen")
+    for name, setting in command_settings(None).items():  # the family's defaults are filled in once it loads
+        shown = "" if music[name].default is None else f" (default {music[name].default:g}" + (
+            f"; AudioGen {sound[name].default:g})" if sound[name].default != music[name].default else ")")
+        help = setting.help.split(" (default: the model's")[0]
         parser.add_argument(f"--{name.replace('_', '-')}", type=setting.kind, default=setting.default,
-                            help=setting.help + shown)
+                            help=help + shown)
     parser.add_argument("--greedy", action="store_true", help="always take the most likely code")
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     """The settings that add_generation_options' options give."""
     return GenerationConfig(do_sample=not args.greedy, **{name: getattr(args, name) for name in COMMAND_SETTINGS})
+
+
+def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint-format and --text-encoder: which files of a repository to read, and where an audiocraft
+    checkpoint's T5 comes from."""
+    parser.add_argument("--checkpoint-format", choices=list(CHECKPOINT_FORMATS), default="auto",
+                        help="auto (default): transformers' files where a repository has both; audiocraft: its "
+                             "state_dict.bin and compression_state_dict.bin")
+    parser.add_argument("--text-encoder",
+                        help="audiocraft checkpoints: a T5 folder (or Hub id) instead of the one the checkpoint "
+                             "names (t5-base, t5-large), which otherwise comes from the Hub or its cache")
 
 
 def add_dtype_option(parser: argparse.ArgumentParser) -> None:

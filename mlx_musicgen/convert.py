@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import atomic, loading, lora
-from .cli import Bar, run_main
+from .cli import Bar, add_checkpoint_options, run_main
 from .model import CONVERTED_KEY, DTYPES, MusicGenModel
 
 STAGES = ("finding the checkpoint", "reading and mapping weights", "casting the decoder", "writing")
@@ -47,8 +47,11 @@ def convert(
     q_group_size: int = 64,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    checkpoint_format: str = "auto",
+    text_encoder: str | Path | None = None,
 ) -> Path:
-    """Convert a Hub id or Hub-layout folder. The decoder takes `dtype` (and optional quantization); T5 and
+    """Convert a Hub id or a folder in transformers' layout or audiocraft's (`checkpoint_format` and
+    `text_encoder`: see loading.build_model). The decoder takes `dtype` (and optional quantization); T5 and
     EnCodec stay float32. Returns the output folder, which appears complete or not at all.
     `progress` is told each stage as it starts (see STAGES)."""
     report = progress or (lambda stage: None)
@@ -62,11 +65,13 @@ def convert(
     check_destination(out, overwrite)
 
     report(STAGES[0])
-    folder = loading.resolve(hf_path)
-    if loading.is_converted(loading.read_config(folder)):
+    folder = loading.resolve(hf_path, checkpoint_format)
+    if loading.checkpoint_format_of(folder, checkpoint_format) == "transformers" and \
+            loading.is_converted(loading.read_config(folder)):
         raise loading.CheckpointError(f"{folder} is already converted; load it directly.")
     report(STAGES[1])
-    model, config = loading.build_model(folder)
+    model, config, tokenizer = loading.build_model(folder, checkpoint_format=checkpoint_format,
+                                                   text_encoder=text_encoder)
     report(STAGES[2])
     model.set_decoder_dtype(DTYPES[dtype])
     quantization = None
@@ -82,7 +87,7 @@ def convert(
         "max_length": model.config.max_length,
     }
     report(STAGES[3])
-    write_atomically(out, model, config, folder)
+    write_atomically(out, model, config, tokenizer)
     return out
 
 
@@ -105,8 +110,7 @@ def fuse(adapter_path: str | Path, mlx_path: str | Path | None = None, model_id:
         raise ValueError(f"--mlx-path and --hf-path are the same folder {outs[0]}: give two folders.")
     for out in outs:
         check_destination(out, overwrite)
-    folder = loading.resolve(model_id)
-    model, raw = loading.build_model(folder)
+    model, raw, folder = loading.build_model(loading.resolve(model_id))
     if hf_path is not None:
         check_exportable(raw, folder)  # before the work of fusing
     lora.load_adapters(model, adapter_path, model_name=model_id)
@@ -274,7 +278,10 @@ def write_folder(out: Path, weights: dict[str, mx.array], config: dict, source: 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-path", default="facebook/musicgen-small", help="Hub id or Hub-layout folder")
+    p.add_argument("--hf-path", default="facebook/musicgen-small",
+                   help="Hub id, or a folder in transformers' layout or with audiocraft's state_dict.bin and "
+                        "compression_state_dict.bin")
+    add_checkpoint_options(p)
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default mlx_model)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="decoder precision; T5 and EnCodec stay float32 (default float32)")
@@ -296,7 +303,8 @@ def run(args: argparse.Namespace) -> None:
             bar.set_postfix_str(name)
 
         out = convert(args.hf_path, args.mlx_path, dtype=args.dtype, q_bits=bits, q_group_size=args.q_group_size,
-                      overwrite=args.overwrite, progress=stage)
+                      overwrite=args.overwrite, progress=stage, checkpoint_format=args.checkpoint_format,
+                      text_encoder=args.text_encoder)
         bar.update(len(STAGES) - bar.n)
         bar.set_postfix_str("done")
     print(f"wrote {out}", file=sys.stderr)

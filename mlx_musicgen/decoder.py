@@ -29,6 +29,7 @@ class DecoderConfig:
     max_position_embeddings: int = 2048
     activation_function: str = "gelu"
     scale_embedding: bool = False
+    sinusoids: str = "transformers"  # whose rounding of the position table: transformers' or audiocraft's
 
     @classmethod
     def from_dict(cls, d: dict) -> DecoderConfig:
@@ -43,6 +44,8 @@ class DecoderConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"the decoder's {self.num_attention_heads} heads do not divide its width "
                              f"{self.hidden_size}")
+        if self.sinusoids not in SINUSOIDS:
+            raise ValueError(f"the decoder's sinusoids {self.sinusoids!r} are not one of {sorted(SINUSOIDS)}")
         if self.audio_channels not in (1, 2) or self.num_codebooks % self.audio_channels:
             raise ValueError(f"{self.num_codebooks} codebooks for {self.audio_channels} audio channels: MusicGen is "
                              f"mono or stereo, with the same codebooks per channel")
@@ -67,9 +70,28 @@ def sinusoids(length: int, dims: int) -> np.ndarray:
     """The reference's table of sinusoidal positions [cos | sin] (length, dims), float32, a zero column
     padding an odd width: angle(p, i) = p * frequency(i), a float32 product as the reference's, its cos and
     sin from float64 rounded once, so every entry is the reference's to float32 rounding."""
-    angles = (np.arange(length, dtype=np.float32)[:, None] * position_frequencies(dims)[None, :]).astype(np.float64)
-    table = np.concatenate([np.cos(angles), np.sin(angles), np.zeros((length, dims % 2))], axis=1)
+    angles = np.arange(length, dtype=np.float32)[:, None] * position_frequencies(dims)[None, :]
+    return cos_sin(angles, dims)
+
+
+def audiocraft_sinusoids(length: int, dims: int) -> np.ndarray:
+    """audiocraft's table (modules/transformer.py create_sin_embedding), the same sinusoids rounded its way:
+    angle(p, i) = p / 10000 ** (i / (half - 1)), the exponent, the power and the quotient each a float32, as
+    its float32 arithmetic makes them (the power from float64 rounded once); cos and sin as in `sinusoids`."""
+    half = dims // 2
+    exponents = np.arange(half, dtype=np.float32) / np.float32(half - 1)
+    periods = (10000.0 ** exponents.astype(np.float64)).astype(np.float32)
+    return cos_sin(np.arange(length, dtype=np.float32)[:, None] / periods[None, :], dims)
+
+
+def cos_sin(angles: np.ndarray, dims: int) -> np.ndarray:
+    """(length, half) float32 angles -> [cos | sin] (length, dims) float32, each from float64 rounded once."""
+    angles = angles.astype(np.float64)
+    table = np.concatenate([np.cos(angles), np.sin(angles), np.zeros((len(angles), dims % 2))], axis=1)
     return table.astype(np.float32)
+
+
+SINUSOIDS = {"transformers": sinusoids, "audiocraft": audiocraft_sinusoids}  # DecoderConfig.sinusoids
 
 
 def split_heads(x: mx.array, heads: int) -> mx.array:
@@ -304,7 +326,7 @@ class MusicgenDecoder(nn.Module):
         """The sinusoids of the first `length` positions (at least), made once and cast once, not every step."""
         if length > self._positions.shape[0] or self._positions.dtype != dtype:
             size = 1 << (length - 1).bit_length()
-            self._positions = mx.array(sinusoids(size, self.config.hidden_size)).astype(dtype)
+            self._positions = mx.array(SINUSOIDS[self.config.sinusoids](size, self.config.hidden_size)).astype(dtype)
         return self._positions
 
     def add_positions(self, x: mx.array, offset: int | mx.array) -> mx.array:

@@ -86,7 +86,7 @@ class EncodecConfig:
             "normalize": self.normalize,
             "chunk_length_s": self.chunk_length_s is not None,
             "norm_type": self.norm_type != "weight_norm",
-            "pad_mode": self.pad_mode != "reflect",
+            "pad_mode": self.pad_mode not in ("reflect", "constant"),
             "trim_right_ratio": self.trim_right_ratio != 1.0,
         }
         for name, is_unsupported in unsupported.items():
@@ -114,6 +114,12 @@ def context_frames(config: EncodecConfig) -> int:
     return -(-reach // step)
 
 
+def pad(x: mx.array, left: int, right: int, mode: str) -> mx.array:
+    """Pad the time axis of (batch, time, channels) by reflection or with zeros ("constant", as audiocraft's
+    SEANet configs may ask)."""
+    return pad_reflect(x, left, right) if mode == "reflect" else mx.pad(x, [(0, 0), (left, right), (0, 0)])
+
+
 def pad_reflect(x: mx.array, left: int, right: int) -> mx.array:
     """Reflect-pad the time axis of (batch, time, channels) like transformers' EncodecConv1d._pad1d."""
     if left == right == 0:
@@ -131,11 +137,13 @@ def pad_reflect(x: mx.array, left: int, right: int) -> mx.array:
 class EncodecConv1d(nn.Module):
     """A conv padded like transformers' non-causal one: (batch, time, in) -> (batch, ceil(time / stride), out).
 
-    Reflect padding of kernel - stride samples (the odd one on the left), plus on the right what completes
-    the last stride."""
+    Padding (by reflection, or zeros: `pad_mode`) of kernel - stride samples (the odd one on the left), plus on the
+    right what completes the last stride."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+                 pad_mode: str = "reflect"):
         super().__init__()
+        self.pad_mode = pad_mode
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, stride=stride, dilation=dilation)
         self.stride = stride
         self.kernel_size = (kernel_size - 1) * dilation + 1  # effective, with dilation
@@ -144,7 +152,7 @@ class EncodecConv1d(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         extra = -x.shape[1] % self.stride  # completes the last stride
         right = self.padding_total // 2
-        return self.conv(pad_reflect(x, self.padding_total - right, right + extra))
+        return self.conv(pad(x, self.padding_total - right, right + extra, self.pad_mode))
 
 
 class EncodecConvTranspose1d(nn.Module):
@@ -192,11 +200,11 @@ class EncodecResnetBlock(nn.Module):
         # Same indices as transformers' block (ELU, conv, ELU, conv), so parameter names match.
         self.block = [
             nn.ELU(),
-            EncodecConv1d(dim, hidden, config.residual_kernel_size, dilation=dilation),
+            EncodecConv1d(dim, hidden, config.residual_kernel_size, dilation=dilation, pad_mode=config.pad_mode),
             nn.ELU(),
-            EncodecConv1d(hidden, dim, kernel_size=1),
+            EncodecConv1d(hidden, dim, kernel_size=1, pad_mode=config.pad_mode),
         ]
-        self.shortcut = EncodecConv1d(dim, dim, kernel_size=1) if config.use_conv_shortcut else None
+        self.shortcut = EncodecConv1d(dim, dim, kernel_size=1, pad_mode=config.pad_mode) if config.use_conv_shortcut else None
 
     def __call__(self, x: mx.array) -> mx.array:
         h = x
@@ -214,16 +222,17 @@ class EncodecEncoder(nn.Module):
     def __init__(self, config: EncodecConfig):
         super().__init__()
         dim = config.num_filters
-        layers = [EncodecConv1d(config.audio_channels, dim, config.kernel_size)]
+        layers = [EncodecConv1d(config.audio_channels, dim, config.kernel_size, pad_mode=config.pad_mode)]
         for ratio in reversed(config.upsampling_ratios):
             for j in range(config.num_residual_layers):
                 layers.append(EncodecResnetBlock(config, dim, config.dilation_growth_rate**j))
-            layers += [nn.ELU(), EncodecConv1d(dim, 2 * dim, kernel_size=2 * ratio, stride=ratio)]
+            layers += [nn.ELU(), EncodecConv1d(dim, 2 * dim, kernel_size=2 * ratio, stride=ratio,
+                                               pad_mode=config.pad_mode)]
             dim *= 2
         layers += [
             EncodecLSTM(dim, config.num_lstm_layers),
             nn.ELU(),
-            EncodecConv1d(dim, config.hidden_size, config.last_kernel_size),
+            EncodecConv1d(dim, config.hidden_size, config.last_kernel_size, pad_mode=config.pad_mode),
         ]
         self.layers = layers
 
@@ -250,7 +259,7 @@ class EncodecDecoder(nn.Module):
         super().__init__()
         dim = config.num_filters * 2 ** len(config.upsampling_ratios)
         layers = [
-            EncodecConv1d(config.hidden_size, dim, config.kernel_size),
+            EncodecConv1d(config.hidden_size, dim, config.kernel_size, pad_mode=config.pad_mode),
             EncodecLSTM(dim, config.num_lstm_layers),
         ]
         for ratio in config.upsampling_ratios:
@@ -258,7 +267,7 @@ class EncodecDecoder(nn.Module):
             dim //= 2
             for j in range(config.num_residual_layers):
                 layers.append(EncodecResnetBlock(config, dim, config.dilation_growth_rate**j))
-        layers += [nn.ELU(), EncodecConv1d(dim, config.audio_channels, config.last_kernel_size)]
+        layers += [nn.ELU(), EncodecConv1d(dim, config.audio_channels, config.last_kernel_size, pad_mode=config.pad_mode)]
         self.layers = layers
 
     @property

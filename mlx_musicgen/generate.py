@@ -1,9 +1,10 @@
-"""Generate music from text with MusicGen on MLX (the `mlx_musicgen.generate` command; generate.py runs it too).
+"""Generate music (MusicGen) or sound (AudioGen) from text on MLX (the `mlx_musicgen.generate` command; generate.py runs it too).
 
     mlx_musicgen.generate --text "80s pop track with bassy drums and synth" --duration 8 --output out.wav
     mlx_musicgen.generate --text "lofi" --text "epic strings" --output clips/take.wav     # take-1.wav, take-2.wav
     mlx_musicgen.generate --prompts-file prompts.txt --duration 30 --stream --play
     mlx_musicgen.generate --model facebook/musicgen-melody --text "lofi" --melody tune.wav --output take.wav
+    mlx_musicgen.generate --model facebook/audiogen-medium --text "dog barking in the rain" --output dog.wav
 """
 
 import argparse
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .audio import NORMALIZATIONS, ProgressiveWriter, check_prompt, read_audio
-from .cli import add_dtype_option, add_generation_options, generation_config, player, progress_bar, run_main
+from .cli import add_checkpoint_options, add_dtype_option, add_generation_options, generation_config, player, progress_bar, run_main
 from .clips import check_clip_output, clip_settings, write_clip
 from .lora import read_adapter_config
 from .model import DTYPES
@@ -25,7 +26,8 @@ from .musicgen import MusicGen
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="facebook/musicgen-small",
-                   help="Hub id, Hub-layout folder or converted folder (default: facebook/musicgen-small)")
+                   help="Hub id (facebook/musicgen-small, facebook/audiogen-medium, ...), a folder in transformers' "
+                        "or audiocraft's layout, or a converted folder (default: facebook/musicgen-small)")
     p.add_argument("--text", action="append",
                    help="what the music should be (repeat for several clips); leave out for unconditional music")
     p.add_argument("--prompts-file", help="a text file with one description per line, one clip each")
@@ -39,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", help="LoRA adapters to apply: a fine-tune's output folder (finetune.py "
                    "--adapter-path), a PEFT adapter folder, or the Hub id of one")
     add_dtype_option(p)
+    add_checkpoint_options(p)
     p.add_argument("--bits", choices=["16", "24", "float"], default="16", help="sample format (default 16)")
     p.add_argument("--normalize", choices=NORMALIZATIONS, default="peak",
                    help="peak: to -1 dBFS (default); loudness: to -14 LUFS (ITU-R BS.1770); none: as generated")
@@ -105,8 +108,11 @@ def run(args: argparse.Namespace) -> None:
     if args.adapter:
         read_adapter_config(Path(args.adapter))  # before the load
     # generate_stream checks top_k against its vocabulary
-    model = MusicGen.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), adapter=args.adapter)
-    # the seed is recorded, so that every clip can be made again
+    model = MusicGen.from_pretrained(args.model, dtype=DTYPES.get(args.dtype), adapter=args.adapter,
+                                     checkpoint_format=args.checkpoint_format, text_encoder=args.text_encoder)
+    # the family's length and stride where none was given; the seed is recorded, so that every clip can be made
+    # again
+    config = config.for_family(model.family, command=True)
     config = dataclasses.replace(config, seed=config.seed if config.seed is not None else secrets.randbits(31))
     speaker = player(model.sampling_rate, model.audio_channels) if args.play else None
     for start in range(0, len(texts), args.batch_size):

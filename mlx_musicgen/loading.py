@@ -18,15 +18,17 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from . import torch_bin
+from . import audiocraft, torch_bin
 from .limits import MAX_DURATION
-from .model import CONVERTED_KEY, MusicGenConfig, MusicGenModel
+from .encodec import EncodecConfig
+from .model import AUDIOCRAFT_KEY, CONVERTED_KEY, MusicGenConfig, MusicGenModel
 
 FORMAT_VERSION = 2  # of converted folders; bump when the layout of weights or config changes (2: portable layout)
 SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
 
 # What a download needs: configs, tokenizer and weights (the .bin only where a repo has no safetensors).
 HUB_PATTERNS = ["*.json", "*.safetensors", "spiece.model", "tokenizer*"]
+CHECKPOINT_FORMATS = ("auto", "transformers", "audiocraft")  # auto: transformers' where a repo has both
 TOKENIZER_MODELS = ("spiece.model", "tokenizer.json")  # either holds the vocabulary
 
 MAX_SIZE = 2**31 - 1  # the largest dimension MLX arrays take
@@ -39,26 +41,48 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used, with a message that says what to do."""
 
 
-def resolve(path_or_id: str | Path) -> Path:
-    """A local folder as it is; otherwise a Hub repo id, downloaded (or found in the cache when offline)."""
+def resolve(path_or_id: str | Path, checkpoint_format: str = "auto") -> Path:
+    """A local folder as it is; otherwise a Hub repo id, downloaded (or found in the cache when offline) in
+    `checkpoint_format` (see download)."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got "
+                         f"{checkpoint_format!r}.")
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; give the folder that holds config.json.")
+            raise CheckpointError(f"{path} is a file; give the folder that holds config.json (or audiocraft's "
+                                  f"{audiocraft.LM_FILE}).")
         return path
     if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
         raise CheckpointError(
             f"{path_or_id} is neither an existing folder nor a Hub id like facebook/musicgen-small."
         )
-    return download(str(path_or_id))
+    return download(str(path_or_id), checkpoint_format)
 
 
-def download(repo_id: str) -> Path:
-    """A model's Hub snapshot: configs, tokenizer and safetensors (the .bin only where a repo has none)."""
-    folder = snapshot(repo_id, HUB_PATTERNS)
-    if not list(folder.glob("*.safetensors")):
-        folder = snapshot(repo_id, HUB_PATTERNS + ["pytorch_model*.bin"])
-    return folder
+def download(repo_id: str, checkpoint_format: str = "auto") -> Path:
+    """A model's Hub snapshot: configs, tokenizer and safetensors (the .bin only where a repo has none) in
+    transformers' layout; where the repo has none (or `checkpoint_format` is "audiocraft"), audiocraft's two
+    files."""
+    if checkpoint_format != "audiocraft":
+        folder = snapshot(repo_id, HUB_PATTERNS)
+        if (folder / "config.json").is_file() or checkpoint_format == "transformers":
+            if not list(folder.glob("*.safetensors")):
+                folder = snapshot(repo_id, HUB_PATTERNS + ["pytorch_model*.bin"])
+            return folder
+    return snapshot(repo_id, [audiocraft.LM_FILE, audiocraft.CODEC_FILE])
+
+
+def checkpoint_format_of(folder: Path, checkpoint_format: str = "auto") -> str:
+    """"transformers" (a config.json: transformers' layout or a converted folder) or "audiocraft" (its
+    state_dict.bin); where a folder has both, transformers' unless `checkpoint_format` asks for the other."""
+    has_config, has_audiocraft = (folder / "config.json").is_file(), audiocraft.is_audiocraft(folder)
+    if checkpoint_format == "audiocraft" or (checkpoint_format == "auto" and has_audiocraft and not has_config):
+        if not has_audiocraft:
+            raise CheckpointError(f"{folder} has no audiocraft checkpoint ({audiocraft.LM_FILE}): leave out "
+                                  f"--checkpoint-format audiocraft to load its transformers files.")
+        return "audiocraft"
+    return "transformers"
 
 
 def snapshot(repo_id: str, patterns: list[str], what: str = "model") -> Path:
@@ -271,7 +295,12 @@ def load_torch_bin(file: Path) -> dict[str, mx.array]:
         state = torch_bin.read_state_dict(file)
     except (ValueError, pickle.UnpicklingError) as error:
         raise CheckpointError(str(error)) from None
-    return {name: mx.array(tensor.astype(np.float32, copy=False)) for name, tensor in state.items()}
+    return as_mlx(state)
+
+
+def as_mlx(state: dict[str, np.ndarray]) -> dict[str, mx.array]:
+    """numpy tensors (torch_bin's) as MLX arrays, every one float32 (as torch's `.float()` made them before)."""
+    return {name: mx.array(np.asarray(tensor).astype(np.float32, copy=False)) for name, tensor in state.items()}
 
 
 def check_tokenizer_files(folder: Path) -> None:
@@ -376,39 +405,117 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
                                   f"could fill: the config does not belong to these weights.")
 
 
-def build_model(folder: Path) -> tuple[MusicGenModel, dict]:
-    """The model a checkpoint folder describes, its weights loaded strictly, and its raw config. The config is
-    checked against the weights (loaded lazily: their shapes are known before any is read) before the model is
-    built."""
-    raw = read_config(folder)
-    check_tokenizer_files(folder)  # a converted folder holds them too
-    generation, preprocessor = read_generation_config(folder), read_preprocessor_config(folder, raw)
+def build_model(folder: Path, *, checkpoint_format: str = "auto", text_encoder: str | Path | None = None
+                ) -> tuple[MusicGenModel, dict, Path]:
+    """The model a checkpoint folder describes, its weights loaded strictly, its raw config (config.json, or for
+    audiocraft's files one made from theirs: read_audiocraft) and the folder that holds its tokenizer. The config
+    is checked against the weights (loaded lazily: their shapes are known before any is read) before the model
+    is built. `checkpoint_format` and `text_encoder`: see checkpoint_format_of and read_audiocraft."""
+    if checkpoint_format_of(folder, checkpoint_format) == "audiocraft":
+        raw, generation, weights, tokenizer = read_audiocraft(folder, text_encoder)
+        preprocessor, file = None, folder / audiocraft.LM_FILE
+    else:
+        raw, tokenizer, file = read_config(folder), folder, folder / "config.json"
+        generation, preprocessor = read_generation_config(folder), read_preprocessor_config(folder, raw)
+        weights = load_safetensors(folder / "model.safetensors") if is_converted(raw) else load_hf_weights(folder)
+    check_tokenizer_files(tokenizer)  # a converted folder holds them too
     try:
         config = MusicGenConfig.from_dict(raw, generation, preprocessor)
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:
-        raise CheckpointError(f"{folder / 'config.json'} is broken ({e}); download or convert the model again.") \
-            from None
-    weights = load_safetensors(folder / "model.safetensors") if is_converted(raw) else \
-        load_hf_weights(folder)
+        raise CheckpointError(f"{file} is broken ({e}); download or convert the model again.") from None
     if not weights:
         raise CheckpointError(f"{folder / 'model.safetensors'} holds no tensors: download or convert the model again.")
-    check_config(config, folder / "config.json", len(weights))
+    check_config(config, file, len(weights))
     model = MusicGenModel(config)
     if not is_converted(raw):
         # Contiguous, as a converted folder's are: the same layouts give the same kernels, hence the same bits.
         weights = {k: mx.contiguous(v) for k, v in MusicGenModel.sanitize(weights).items()}
     load_weights(model, weights, folder)
-    return model, raw
+    return model, raw, tokenizer
 
 
-def load_model(path_or_id: str | Path, *, dtype: mx.Dtype | None = None) -> tuple[MusicGenModel, object]:
-    """A converted folder, a Hub-layout folder (converted in memory) or a Hub id -> the model and its tokenizer,
-    the decoder in `dtype` if given (the portable model: see MusicGen.from_pretrained for the device's)."""
-    folder = resolve(path_or_id)
-    model, _ = build_model(folder)
+def read_audiocraft(folder: Path, text_encoder: str | Path | None = None) -> tuple[dict, dict, dict, Path]:
+    """audiocraft's two files (see audiocraft) -> what a transformers checkpoint folder holds: a config.json-shaped
+    dict (its AUDIOCRAFT_KEY section says what follows audiocraft), the generation settings (the window: 30 s for
+    MusicGen, 10 s for AudioGen), every tensor under transformers' names, and the folder of the T5 and its
+    tokenizer: `text_encoder` (a folder or Hub id), by default the one the config names, from the Hub or its
+    cache. A codec file that points to a pretrained codec takes it from its folder or Hub id
+    (transformers' EnCodec layout, or audiocraft's file)."""
+    try:
+        lm = audiocraft.LM(folder)
+        codec = audiocraft.Codec(folder)
+        if codec.pretrained is None:
+            codec_config, codec_weights = codec.section, as_mlx(codec.weights)
+        else:
+            codec_config, codec_weights = pretrained_codec(codec.pretrained)
+    except audiocraft.AudiocraftError as error:
+        raise CheckpointError(str(error)) from None
+    codec_rate = codec_config.get("sampling_rate")
+    if lm.sampling_rate is not None and codec_rate != lm.sampling_rate:
+        raise CheckpointError(f"{folder}: the LM was trained at {lm.sampling_rate} Hz, its codec runs at "
+                              f"{codec_rate} Hz: the two files do not belong together.")
+    t5 = model_folder(text_encoder if text_encoder is not None else lm.text_encoder, "text encoder")
+    t5_config = read_settings(required(t5 / "config.json", "text encoder"))
+    t5_weights = {"text_encoder." + k: v for k, v in load_hf_weights(t5).items()
+                  if k == "shared.weight" or k.startswith("encoder.")}  # a whole T5 has a decoder too
+    projection = lm.weights.get("enc_to_dec_proj.weight")
+    if projection is not None and projection.shape[-1] != t5_config.get("d_model"):
+        raise CheckpointError(f"the text encoder in {t5} is {t5_config.get('d_model')} wide, the LM reads "
+                              f"{projection.shape[-1]}: give the T5 its config names ({lm.text_encoder}).")
+    raw = {"model_type": "musicgen", "text_encoder": t5_config, "decoder": lm.decoder, "audio_encoder": codec_config,
+           AUDIOCRAFT_KEY: {"family": lm.family, "text_encoder": lm.text_encoder,
+                            "compression_model": codec.pretrained}}
+    frame_rate = EncodecConfig.from_dict(codec_config).frame_rate
+    generation = {"max_length": int(lm.window_seconds * frame_rate)}
+    return raw, generation, {**as_mlx(lm.weights), **codec_weights, **t5_weights}, t5
+
+
+def model_folder(path_or_id: str | Path, what: str) -> Path:
+    """A folder as it is, or a Hub repo's configs, tokenizer and weights (see snapshot); `what` it is names it in
+    messages."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    folder = snapshot(str(path_or_id), HUB_PATTERNS, what)
+    if not list(folder.glob("*.safetensors")):
+        folder = snapshot(str(path_or_id), HUB_PATTERNS + ["pytorch_model*.bin"], what)
+    return folder
+
+
+def required(file: Path, what: str) -> Path:
+    if not file.is_file():
+        raise CheckpointError(f"{file.parent} has no {file.name}: it is not the {what} it should be; download it "
+                              f"again.")
+    return file
+
+
+def pretrained_codec(name: str) -> tuple[dict, dict]:
+    """The codec a compression file points to, as audiocraft's CompressionModel.get_pretrained finds it: a folder
+    (audiocraft's file or transformers' EncodecModel) or a Hub id (facebook/encodec_32khz, transformers')."""
+    folder = model_folder(name, "codec")
+    if (folder / audiocraft.CODEC_FILE).is_file():
+        codec = audiocraft.Codec(folder)
+        if codec.pretrained is not None:
+            raise CheckpointError(f"{folder / audiocraft.CODEC_FILE} points to yet another codec "
+                                  f"({codec.pretrained}): point to the codec itself.")
+        return codec.section, as_mlx(codec.weights)
+    config = read_settings(required(folder / "config.json", "codec"))
+    if config.get("model_type") != "encodec":
+        raise CheckpointError(f"{folder} holds a {config.get('model_type')!r} model, not the EnCodec codec that "
+                              f"{audiocraft.CODEC_FILE} points to.")
+    return config, {"audio_encoder." + k: v for k, v in load_hf_weights(folder).items()}
+
+
+def load_model(path_or_id: str | Path, *, dtype: mx.Dtype | None = None, checkpoint_format: str = "auto",
+               text_encoder: str | Path | None = None) -> tuple[MusicGenModel, object]:
+    """A converted folder, a Hub-layout folder (converted in memory), audiocraft's files or a Hub id -> the model
+    and its tokenizer, the decoder in `dtype` if given (the portable model: see MusicGen.from_pretrained for the
+    device's)."""
+    folder = resolve(path_or_id, checkpoint_format)
+    model, _, tokenizer = build_model(folder, checkpoint_format=checkpoint_format, text_encoder=text_encoder)
     if dtype is not None:
         model.set_decoder_dtype(dtype)
-    return model, load_tokenizer(folder, model.config.text_encoder.vocab_size)
+    return model, load_tokenizer(tokenizer, model.config.text_encoder.vocab_size)
 
 
 def mismatches(weights: dict[str, mx.array], expected: dict[str, mx.array]) -> tuple[list, list, list]:

@@ -21,6 +21,8 @@ from .melody import MelodyConfig, MelodyDecoder, chroma_rows, prefix_context
 from .t5 import T5Config, T5Encoder
 
 CONVERTED_KEY = "mlx_musicgen"  # the converted config.json's own section
+AUDIOCRAFT_KEY = "audiocraft"  # the section of a model read from audiocraft's files (loading.read_audiocraft)
+FAMILIES = ("musicgen", "audiogen")  # text to music, text to sound: the same model, their own defaults
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}  # the decoder's, by name
 
 
@@ -33,6 +35,10 @@ class MusicGenConfig:
     max_length: int = 1500  # the checkpoint's generation window: frames by duration, positions by steps
     quantization: dict | None = None
     melody: MelodyConfig | None = None  # MusicGen-Melody's chroma conditioning
+    family: str = "musicgen"  # or "audiogen" (request.FAMILY_DEFAULTS)
+    # audiocraft's models attend to the text's padding too (zero states, hence zero keys and values), where
+    # transformers' mask it: the same only without padding (one text, or texts of one length)
+    attend_text_padding: bool = False
 
     @classmethod
     def from_dict(cls, config: dict, generation: dict | None = None,
@@ -41,13 +47,18 @@ class MusicGenConfig:
         text = T5Config.from_dict(config["text_encoder"])
         decoder = DecoderConfig.from_dict(config["decoder"])
         audio = EncodecConfig.from_dict(config["audio_encoder"])
-        project = text.d_model != decoder.hidden_size and config["decoder"].get("cross_attention_hidden_size") is None
+        origin = config.get(AUDIOCRAFT_KEY)  # audiocraft's LM always projects the text
+        project = origin is not None or (text.d_model != decoder.hidden_size
+                                         and config["decoder"].get("cross_attention_hidden_size") is None)
         converted = config.get(CONVERTED_KEY, {})
         max_length = (generation or {}).get("max_length") or converted.get("max_length") or 1500
         chroma = MelodyConfig.from_dict(config, preprocessor) if config["model_type"] == "musicgen_melody" \
             else None
-        return cls(text, decoder, audio, project, max_length, converted.get("quantization"), chroma)  # checked by
-        # the loader
+        family = "musicgen" if origin is None else origin["family"]
+        if family not in FAMILIES:
+            raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
+        return cls(text, decoder, audio, project, max_length, converted.get("quantization"), chroma, family,
+                   attend_text_padding=origin is not None)  # checked by the loader
 
     @property
     def sampling_rate(self) -> int:
@@ -131,7 +142,7 @@ class MusicGenModel(nn.Module):
         chroma and text (MusicGen-Melody; `chroma` (B, frames, num_chroma) one-hot of the conditional rows, None:
         the null melody)."""
         if self.config.melody is None:
-            return self.decoder.text_context(states, mask)
+            return self.decoder.text_context(states, mx.ones_like(mask) if self.config.attend_text_padding else mask)
         rows = states.shape[0] // (2 if guided else 1)
         features = mx.array(chroma_rows(chroma, rows, guided, self.config.melody.num_chroma))
         if "audio_enc_to_dec_proj" in self:

@@ -58,14 +58,20 @@ class MusicGen:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, dtype: mx.Dtype | None = None,
-                        adapter: str | Path | None = None, portable: bool | None = None) -> MusicGen:
-        """A converted folder, a Hub-layout folder (converted in memory) or a Hub id such as facebook/musicgen-small;
-        `adapter`: a fine-tune's output folder (finetune.py --adapter-path), a PEFT LoRA folder or its Hub id,
-        merged into the weights.
+                        adapter: str | Path | None = None, portable: bool | None = None,
+                        checkpoint_format: str = "auto", text_encoder: str | Path | None = None) -> MusicGen:
+        """A converted folder, a folder in transformers' layout or with audiocraft's files (converted in memory),
+        or a Hub id such as facebook/musicgen-small or facebook/audiogen-medium; `adapter`: a fine-tune's output
+        folder (finetune.py --adapter-path), a PEFT LoRA folder or its Hub id, merged into the weights.
+
+        `checkpoint_format`: "auto" reads transformers' files where a repository has both formats, "audiocraft"
+        its state_dict.bin and compression_state_dict.bin. `text_encoder`: for audiocraft's files, a T5 folder
+        (or Hub id) instead of the one their config names (from the Hub, or its cache when offline).
 
         On a CPU, the modules are swapped for their fast CPU forms (see cpu), unless `portable` (by default
         MLX_MUSICGEN_PORTABLE=1) asks for the portable model that Metal and CUDA run."""
-        model, tokenizer = loading.load_model(path_or_id, dtype=dtype)
+        model, tokenizer = loading.load_model(path_or_id, dtype=dtype, checkpoint_format=checkpoint_format,
+                                              text_encoder=text_encoder)
         if adapter is not None:
             lora.load_adapters(model, adapter, model_name=path_or_id)
             lora.fuse_lora(model)
@@ -96,6 +102,11 @@ class MusicGen:
         return self.model.audio_encoder
 
     @property
+    def family(self) -> str:
+        """"musicgen" (text to music) or "audiogen" (text to sound): which defaults its generations take."""
+        return self.config.family
+
+    @property
     def sampling_rate(self) -> int:
         return self.config.sampling_rate
 
@@ -122,7 +133,7 @@ class MusicGen:
         config = self.config
         melody_rate = None if config.melody is None else config.melody.features.sampling_rate
         return ModelShape(self.sampling_rate, self.frame_rate, self.audio_channels, self.num_codebooks,
-                          self.window_frames, config.max_length, config.decoder.vocab_size, melody_rate)
+                          self.window_frames, config.max_length, config.decoder.vocab_size, melody_rate, self.family)
 
     # ---- conditioning
 

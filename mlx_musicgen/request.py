@@ -22,7 +22,21 @@ from . import audio, delay, longform
 from .limits import MAX_DURATION, MAX_GUIDANCE, WINDOW_SECONDS
 
 PromptInput = str | Path | np.ndarray  # an audio file, or samples
-COMMAND_DURATION = 10.0  # seconds: the commands' (CLI, studio) default length; the API's is one window
+COMMAND_DURATION = 10.0  # seconds: the commands' (CLI, studio) default length of music; the API's is one window
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What a family's generations take when the request does not say (audiocraft's own, for AudioGen): the
+    API's duration (None: one window), the commands' (CLI, studio), and the long form's stride."""
+
+    duration: float | None
+    command_duration: float
+    extend_stride: float
+
+
+FAMILY_DEFAULTS = {"musicgen": FamilyDefaults(None, COMMAND_DURATION, 18.0),
+                   "audiogen": FamilyDefaults(5.0, 5.0, 2.0)}
 
 
 def is_real(x) -> bool:
@@ -186,8 +200,10 @@ class GenerationConfig:
     the CLI's options and the studio's job fields are all made from these fields.
 
     duration: seconds of audio in all, the prompt included (round(duration * frame_rate) frames); one window
-        up to the model's 30 s, beyond it audiocraft's windows, each continuing the last (30 - extend_stride) s.
-    max_new_tokens: decoder steps, as the reference counts them (give this or duration; neither: one window).
+        up to the model's (MusicGen's 30 s, AudioGen's 10 s), beyond it audiocraft's windows, each continuing the
+        last (window - extend_stride) s.
+    max_new_tokens: decoder steps, as the reference counts them (give this or duration; neither: MusicGen makes
+        one window, AudioGen 5 s, as audiocraft's defaults).
     do_sample / temperature / top_k / top_p: sampling (greedy when do_sample is False or temperature is 0).
     guidance_scale: classifier-free guidance; 1 or less is none. seed: the same seed gives the same audio.
     """
@@ -200,7 +216,8 @@ class GenerationConfig:
     top_p: float = setting(0.0, "nucleus sampling threshold (0: off)")
     temperature: float = setting(1.0, "sampling temperature (0: greedy)")
     seed: int | None = setting(None, "the same seed gives the same music")
-    extend_stride: float = setting(18.0, "beyond the model's 30 s window, seconds each next window moves on")
+    extend_stride: float | None = setting(None, "beyond the model's window, seconds each next window moves on "
+                                                "(default: the model's, 18 for MusicGen, 2 for AudioGen)")
 
     @classmethod
     def with_settings(cls, config: GenerationConfig | None, settings: dict) -> GenerationConfig:
@@ -215,6 +232,15 @@ class GenerationConfig:
             settings = {**{name: None for name in lengths}, **settings}
         return dataclasses.replace(config or cls(), **settings)
 
+    def for_family(self, family: str, command: bool = False, length: bool = True) -> GenerationConfig:
+        """These settings with the family's defaults (FAMILY_DEFAULTS) where they leave a choice to the model:
+        the stride, and (`length`) the duration when no length is given (the commands' with `command`)."""
+        defaults = FAMILY_DEFAULTS[family]
+        changes = {"extend_stride": defaults.extend_stride} if self.extend_stride is None else {}
+        if length and self.duration is None and self.max_new_tokens is None:
+            changes["duration"] = defaults.command_duration if command else defaults.duration
+        return dataclasses.replace(self, **changes)
+
     def check(self, vocab_size: int | None = None, window_seconds: float = WINDOW_SECONDS) -> None:
         """Every setting in its range (top_k against `vocab_size` when the model is known): what can be checked
         before a model loads is checked here, once, for the API, the CLI and the studio alike."""
@@ -226,7 +252,8 @@ class GenerationConfig:
             check_duration(self.duration)
         if self.max_new_tokens is not None:
             check_steps(self.max_new_tokens)
-        check_extend_stride(self.extend_stride, self.duration, window_seconds)
+        if self.extend_stride is not None:
+            check_extend_stride(self.extend_stride, self.duration, window_seconds)
         check_seed(self.seed)
 
 
@@ -240,15 +267,18 @@ class Setting(NamedTuple):
     help: str
 
 
-def command_settings() -> dict[str, Setting]:
-    """The type, default and help of each setting the commands offer, from GenerationConfig's fields (the
-    duration's default is the commands', COMMAND_DURATION)."""
+def command_settings(family: str | None = "musicgen") -> dict[str, Setting]:
+    """The type, default and help of each setting the commands offer, from GenerationConfig's fields, the
+    duration and stride the family's (FAMILY_DEFAULTS; None: not yet known, left to the model)."""
     fields = {f.name: f for f in dataclasses.fields(GenerationConfig)}
     hints = typing.get_type_hints(GenerationConfig)
+    defaults = None if family is None else FAMILY_DEFAULTS[family]
     settings = {}
     for name in COMMAND_SETTINGS:
         kind = next(k for k in typing.get_args(hints[name]) or (hints[name],) if k is not type(None))
-        default = COMMAND_DURATION if name == "duration" else fields[name].default
+        default = fields[name].default
+        if defaults is not None and name in ("duration", "extend_stride"):
+            default = defaults.command_duration if name == "duration" else defaults.extend_stride
         settings[name] = Setting(kind, default, fields[name].metadata["help"])
     return settings
 
@@ -267,6 +297,7 @@ class ModelShape:
     max_length: int
     vocab_size: int
     melody_rate: int | None = None
+    family: str = "musicgen"
 
     @property
     def window_seconds(self) -> float:
@@ -319,12 +350,13 @@ def prepare(
 
     A duration gives round(duration * frame_rate) frames in all, the prompt included; max_new_tokens counts
     decoder steps as the reference does (frames out = prompt frames + steps + 1 - codebooks per channel);
-    `total_frames` (codes in, codes out) is a frame count. None of them: one window of the checkpoint's
-    max_length positions.
+    `total_frames` (codes in, codes out) is a frame count. None of them: the family's duration (AudioGen's 5 s),
+    or one window of the checkpoint's max_length positions (MusicGen's).
 
     A melody (melody checkpoints only) is one for every item or one per item; without texts or prompts, a
     list of melodies makes one item each."""
     texts, num_samples = check_texts(texts, num_samples)
+    config = config.for_family(model.family, length=total_frames is None)
     config.check(model.vocab_size)  # the model's own window is checked with the length (by_frames)
     check_one_length(config, total_frames)
     melodies = None if melody is None else model_melodies(model, melody, melody_sr)

@@ -47,18 +47,28 @@ def stand_ins(names=HEAVY_MODULES):
             del sys.modules[name]
 
 
+def xformers_stand_in():
+    """audiocraft's attention with `memory_efficient: true` (as released configs have) checks that xformers
+    imports, and takes its LowerTriangularMask only as "causal"; the attention that runs is torch's
+    (audiocraft's default backend). Within the block, a stand-in answers the import."""
+    return stand_ins(("xformers", "xformers.ops"))
+
+
 def import_audiocraft() -> types.SimpleNamespace:
     """audiocraft's builders, loaders and OmegaConf, imported once with the stand-ins in place."""
     if "audiocraft.models.builders" not in sys.modules:
         with stand_ins():
             import audiocraft.models.builders  # noqa: F401
             import audiocraft.models.loaders  # noqa: F401
+        # transformer.py bound `from xformers import ops` to the stand-in; what it calls of it is torch's unbind
+        from audiocraft.modules import transformer
+        transformer.ops = types.SimpleNamespace(unbind=torch.unbind)
     import audiocraft
-    from audiocraft.models import builders, loaders
+    from audiocraft.models import AudioGen, MusicGen, builders, encodec, loaders
     from omegaconf import OmegaConf
 
     return types.SimpleNamespace(version=audiocraft.__version__, builders=builders, loaders=loaders,
-                                 OmegaConf=OmegaConf)
+                                 OmegaConf=OmegaConf, MusicGen=MusicGen, AudioGen=AudioGen, encodec=encodec)
 
 
 def codec_config(sample_rate: int = 32000, ratios=(8, 5, 4, 2), n_q: int = 4, bins: int = 64, dimension: int = 16):
@@ -113,15 +123,20 @@ def export_pointer(path: Path, pretrained: str) -> Path:
 
 
 def lm_config(t5_name: str = "t5-base", dim: int = 32, heads: int = 2, layers: int = 2, n_q: int = 4,
-              card: int = 64, duration: float = 30.0):
-    """A small MusicGen LM's training config, laid out as audiocraft's config/model/lm/musicgen_lm.yaml with
-    conditioner/text2music.yaml (delay pattern, T5 cross-attention, pre-norm, no biases)."""
+              card: int = 64, duration: float = 30.0, solver: str = "musicgen", sample_rate: int = 32000,
+              channels: int = 1):
+    """A small LM's training config, laid out as audiocraft's config/model/lm/musicgen_lm.yaml with
+    conditioner/text2music.yaml (delay pattern, T5 cross-attention, pre-norm, no biases), or AudioGen's
+    (`solver` "audiogen"); stereo (`channels` 2) interleaves n_q codebooks L0, R0, L1, ... as
+    config/solver/musicgen/musicgen_base_32khz stereo configs do."""
     ac = import_audiocraft()
     return ac.OmegaConf.create({
-        "device": "cpu", "dtype": "float32", "lm_model": "transformer_lm",
+        "device": "cpu", "dtype": "float32", "lm_model": "transformer_lm", "solver": solver,
+        "sample_rate": sample_rate, "channels": channels,
+        "interleave_stereo_codebooks": {"use": channels == 2, "per_timestep": False},
         "dataset": {"segment_duration": duration},
-        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": list(range(n_q)), "flatten_first": 0,
-                                                             "empty_initial": 0}},
+        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": [k // channels for k in range(n_q)],
+                                                             "flatten_first": 0, "empty_initial": 0}},
         "transformer_lm": {"dim": dim, "num_heads": heads, "num_layers": layers, "hidden_scale": 4, "n_q": n_q,
                            "card": card, "dropout": 0.0, "emb_lr": None, "activation": "gelu", "norm_first": True,
                            "bias_ff": False, "bias_attn": False, "bias_proj": False, "past_context": None,
@@ -166,7 +181,7 @@ class LocalT5:
         conditioners.T5Tokenizer = redirected(self.saved[0])
         conditioners.T5EncoderModel = redirected(self.saved[1])
         conditioners.T5Conditioner.MODELS_DIMS[name] = self.dim
-        self.xformers = stand_ins(("xformers", "xformers.ops"))
+        self.xformers = xformers_stand_in()
         self.xformers.__enter__()
         return self
 
@@ -188,3 +203,22 @@ def random_lm(cfg, seed: int = 0) -> torch.nn.Module:
             if tensor.is_floating_point():
                 tensor.copy_(torch.randn_like(tensor) * 0.1)
     return model
+
+
+@contextlib.contextmanager
+def hf_codec(name: str, folder: Path):
+    """Within the block, audiocraft's CompressionModel.get_pretrained(`name`) takes transformers' EnCodec from
+    `folder` instead of the Hub."""
+    ac = import_audiocraft()
+    saved = ac.encodec.HFEncodecModel
+
+    class Local(saved):
+        @classmethod
+        def from_pretrained(cls, requested, *args, **kwargs):
+            return saved.from_pretrained(str(folder) if requested == name else requested, *args, **kwargs)
+
+    ac.encodec.HFEncodecModel = Local
+    try:
+        yield
+    finally:
+        ac.encodec.HFEncodecModel = saved

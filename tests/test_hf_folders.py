@@ -44,7 +44,7 @@ def finetune(*args) -> subprocess.CompletedProcess:
 def random_adapters(base: Path, out: Path, seed: int, full: bool = False) -> None:
     """Our LoRA on every target (rank 4, alpha 8), B drawn non-zero so that it changes the model, or (`full`) a
     full fine-tune (the decoder and projections moved by noise), saved as finetune.py saves them."""
-    model, _ = loading.build_model(base)
+    model, _, _ = loading.build_model(base)
     mx.random.seed(seed)
     config = lora.AdapterConfig(rank=4, alpha=8.0, full=full)
     if full:
@@ -138,7 +138,7 @@ def test_a_fused_fine_tune_loads_in_transformers_and_gives_our_codes(checkpoint,
 
 
 def test_the_transformers_names_are_the_inverse_of_sanitize(tiny_melody):
-    model, _ = loading.build_model(tiny_melody.folder)
+    model, _, _ = loading.build_model(tiny_melody.folder)
     ours = dict(tree_flatten(model.parameters()))
     back = MusicGenModel.sanitize(hf_weights(model))
     assert set(back) == set(ours)

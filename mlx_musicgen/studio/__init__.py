@@ -18,7 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..cli import add_dtype_option, run_main
+from ..cli import add_checkpoint_options, add_dtype_option, run_main
 from ..model import DTYPES
 from ..musicgen import MusicGen
 
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adapter", help="LoRA adapters to apply: a fine-tune's output folder (finetune.py "
                    "--adapter-path), a PEFT adapter folder, or the Hub id of one")
     add_dtype_option(p)
+    add_checkpoint_options(p)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
 
@@ -109,7 +110,8 @@ def run(args: argparse.Namespace) -> None:
 
     def load():
         dtype = DTYPES.get(args.dtype)
-        return MusicGen.from_pretrained(args.model, dtype=dtype, adapter=args.adapter)
+        return MusicGen.from_pretrained(args.model, dtype=dtype, adapter=args.adapter,
+                                        checkpoint_format=args.checkpoint_format, text_encoder=args.text_encoder)
 
     jobs = JobQueue(load, output, str(args.model), max_queued=args.max_queue, chunk_seconds=args.chunk,
                     adapter=args.adapter)

@@ -17,5 +17,6 @@ def info(jobs: Jobs, max_upload_bytes: MaxUploadBytes) -> dict:
     """The model and the limits: what the page's form offers, with the settings' defaults (GenerationConfig's)."""
     return {**jobs.model_info, "model": jobs.model_name, "version": __version__, "max_upload_bytes": max_upload_bytes,
             "max_queued": jobs.max_queued, "output": str(jobs.output),
-            "defaults": {name: setting.default for name, setting in command_settings().items()},
+            "defaults": {name: setting.default for name, setting in
+                         command_settings(jobs.model_info.get("family", "musicgen")).items()},
             "max_duration": MAX_DURATION, "max_guidance": MAX_GUIDANCE}

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import ConfigDict, Field, create_model
 
-from ..request import COMMAND_DURATION, COMMAND_SETTINGS, GenerationConfig, command_settings, is_real
+from ..request import COMMAND_SETTINGS, GenerationConfig, command_settings, is_real
 from .takes import FORMATS
 
 UPLOADS = ("audio_prompt", "melody")
@@ -46,9 +46,9 @@ JobForm = create_model(
 KNOWN = tuple(JobForm.model_fields)
 
 
-def command_config(**settings) -> GenerationConfig:
-    """A GenerationConfig with the commands' default duration."""
-    return GenerationConfig(**{"duration": COMMAND_DURATION, **settings})
+def command_config(family: str = "musicgen", **settings) -> GenerationConfig:
+    """A GenerationConfig with the commands' defaults for the model's family (duration, stride)."""
+    return GenerationConfig(**settings).for_family(family, command=True)
 
 
 @dataclass
@@ -81,7 +81,7 @@ class JobSettings:
                 if not isinstance(value, str):
                     raise ValueError(f"{name} must be text, got {quoted(value)}.")
                 texts[name] = value
-        settings = cls(command_config(**numbers), **texts)
+        settings = cls(command_config((model_info or {}).get("family", "musicgen"), **numbers), **texts)
         settings.check(model_info)
         return settings
 

@@ -1,0 +1,270 @@
+"""Parity with audiocraft 1.3.0 itself on its own checkpoint files: random-weight MusicGen (mono, stereo) and
+AudioGen models built by audiocraft's builders, saved as its utils/export.py saves them, loaded by audiocraft's
+loaders on one side and by MusicGen.from_pretrained (no torch) on the other.
+
+Tolerances: teacher-forced logits and the codec's audio within 1e-4 (float32); codes token-exact with greedy
+decoding and guidance 3, over a whole window and over a long form."""
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import audiocraft_reference as acref
+from mlx_musicgen import MusicGen, convert
+from mlx_musicgen.loading import CheckpointError
+
+ATOL = 1e-4
+TEXTS = ["warm bass and soft vocals", "jazz"]  # of different lengths: audiocraft attends to the padding
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclasses.dataclass
+class Built:
+    folder: Path  # state_dict.bin and compression_state_dict.bin
+    t5: Path
+    reference: object  # audiocraft's MusicGen or AudioGen, loaded from the folder by audiocraft's loaders
+
+
+def t5_folder(tiny, folder: Path) -> Path:
+    """The tiny checkpoint's T5 encoder and tokenizer as a T5 folder of its own (what the Hub's t5-base holds)."""
+    tiny.reference.text_encoder.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (tiny.folder / name).is_file():
+            shutil.copyfile(tiny.folder / name, folder / name)
+    return folder
+
+
+def build(tiny, folder: Path, *, solver: str = "musicgen", channels: int = 1, t5_name: str = "t5-base",
+          codec_cfg=None, pointer: tuple[str, Path] | None = None, card: int = 64, seed: int = 0) -> Built:
+    """A random-weight audiocraft checkpoint of `solver`'s kind, exported into `folder`, and audiocraft's own
+    generator loaded back from it. `pointer` (name, transformers EnCodec folder): the compression file names a
+    pretrained codec instead of holding one."""
+    ac = acref.import_audiocraft()
+    t5 = t5_folder(tiny, folder.parent / f"{folder.name}-t5")
+    dim = tiny.reference.text_encoder.config.d_model
+    rate = 16000 if solver == "audiogen" else 32000
+    if codec_cfg is None and pointer is None:
+        codec_cfg = acref.codec_config(sample_rate=rate, ratios=(8, 5, 4, 4) if rate == 32000 else (8, 5, 4, 2),
+                                       bins=card)
+    if pointer is not None:
+        rate = tiny.reference.audio_encoder.config.sampling_rate
+    cfg = acref.lm_config(t5_name, n_q=4 * channels, card=card, solver=solver, sample_rate=rate, channels=channels)
+    with acref.LocalT5(t5, dim, t5_name):
+        lm = acref.random_lm(cfg, seed=seed)
+        acref.export(folder / "state_dict.bin", lm.state_dict(), cfg)
+        lm = ac.loaders.load_lm_model(folder)
+    if pointer is None:
+        acref.export(folder / "compression_state_dict.bin", acref.random_codec(codec_cfg, seed=seed).state_dict(),
+                     codec_cfg)
+        codec = ac.loaders.load_compression_model(folder)
+    else:
+        acref.export_pointer(folder / "compression_state_dict.bin", pointer[0])
+        with acref.hf_codec(*pointer):
+            codec = ac.loaders.load_compression_model(folder)
+    kind, window = (ac.AudioGen, 10) if solver == "audiogen" else (ac.MusicGen, 30)
+    return Built(folder, t5, kind(folder.name, codec, lm, max_duration=window))
+
+
+@pytest.fixture(scope="module")
+def music(tiny, tmp_path_factory):
+    return build(tiny, tmp_path_factory.mktemp("ac") / "musicgen")
+
+
+@pytest.fixture(scope="module")
+def sound(tiny, tmp_path_factory):
+    return build(tiny, tmp_path_factory.mktemp("ac") / "audiogen", solver="audiogen", t5_name="t5-large", seed=1)
+
+
+@pytest.fixture(scope="module")
+def stereo(tiny, tmp_path_factory):
+    return build(tiny, tmp_path_factory.mktemp("ac") / "stereo", channels=2, seed=2)
+
+
+def reference_logits(built: Built, texts: list[str], codes: np.ndarray) -> np.ndarray:
+    """audiocraft's LM on `codes` (B, K, T), conditioned on `texts` as its generate conditions them."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    lm = built.reference.lm
+    attributes = [ConditioningAttributes(text={"description": text}) for text in texts]
+    condition_tensors = lm.condition_provider(lm.condition_provider.tokenize(attributes))
+    with acref.xformers_stand_in():
+        return lm(torch.from_numpy(codes), [], condition_tensors).numpy()
+
+
+def our_logits(model: MusicGen, texts: list[str], codes: np.ndarray) -> np.ndarray:
+    states, mask = model.encode_text(texts)
+    return np.array(model.decoder(mx.array(codes), model.model.decoder_context(states, mask)))
+
+
+@pytest.mark.parametrize("which", ["music", "sound", "stereo"])
+@pytest.mark.parametrize("portable", [True, False], ids=["portable", "cpu-forms"])
+def test_teacher_forced_logits_match_audiocraft(which, portable, request):
+    built = request.getfixturevalue(which)
+    model = MusicGen.from_pretrained(built.folder, text_encoder=built.t5, portable=portable)
+    K = model.num_codebooks
+    codes = np.random.default_rng(0).integers(0, 64, size=(2, K, 12))
+    expected = reference_logits(built, TEXTS, codes)
+    actual = our_logits(model, TEXTS, codes)
+    assert actual.shape == expected.shape == (2, K, 12, 64)
+    np.testing.assert_allclose(actual, expected, atol=ATOL, rtol=0)
+
+
+def test_padding_is_attended_as_audiocraft_attends_it(music):
+    """The shorter text's logits change with the longer text beside it (its padding is attended), as in
+    audiocraft, where transformers masks it."""
+    model = MusicGen.from_pretrained(music.folder, text_encoder=music.t5)
+    codes = np.random.default_rng(1).integers(0, 64, size=(1, 4, 6))
+    alone = our_logits(model, TEXTS[1:], codes)
+    beside = our_logits(model, TEXTS, np.concatenate([codes, codes]))[1:]
+    assert np.abs(alone - beside).max() > 1e-3
+    np.testing.assert_allclose(beside, reference_logits(music, TEXTS, np.concatenate([codes, codes]))[1:],
+                               atol=ATOL, rtol=0)
+
+
+def generate_both(built: Built, duration: float, extend_stride: float, texts=TEXTS):
+    built.reference.set_generation_params(use_sampling=False, duration=duration, cfg_coef=3.0,
+                                          extend_stride=extend_stride)
+    with acref.xformers_stand_in():
+        audio, tokens = built.reference.generate(texts, progress=False, return_tokens=True)
+    model = MusicGen.from_pretrained(built.folder, text_encoder=built.t5)
+    ours, codes = model.generate(texts, duration=duration, do_sample=False, guidance_scale=3.0, top_k=0,
+                                 extend_stride=extend_stride, return_tokens=True)
+    return (audio.numpy(), tokens.numpy()), (ours, codes)
+
+
+@pytest.mark.parametrize("which, duration", [("music", 30.0), ("sound", 10.0), ("stereo", 2.0)])
+def test_greedy_codes_over_a_whole_window_are_audiocraft_s(which, duration, request):
+    (audio, tokens), (ours, codes) = generate_both(request.getfixturevalue(which), duration, 2.0)
+    assert codes.shape == tokens.shape and codes.shape[-1] == round(duration * 50)
+    np.testing.assert_array_equal(codes, tokens)
+    np.testing.assert_allclose(ours, audio, atol=ATOL, rtol=0)
+
+
+def test_greedy_codes_over_a_long_form_are_audiocraft_s(sound):
+    """AudioGen beyond its 10 s window: windows 2 s apart (its extend_stride), each continuing the last 8 s."""
+    (audio, tokens), (ours, codes) = generate_both(sound, 13.0, 2.0, TEXTS[:1])
+    assert codes.shape[-1] == 650
+    np.testing.assert_array_equal(codes, tokens)
+    np.testing.assert_allclose(ours, audio, atol=ATOL, rtol=0)
+
+
+def test_audiogen_takes_audiocraft_s_defaults(sound):
+    model = MusicGen.from_pretrained(sound.folder, text_encoder=sound.t5)
+    assert (model.family, model.sampling_rate, model.frame_rate, model.num_codebooks) == ("audiogen", 16000, 50, 4)
+    assert model.shape.window_seconds == 10.0
+    codes = model.generate_tokens(["rain"], do_sample=False, top_k=0)  # no length: AudioGen's 5 s
+    assert codes.shape[-1] == 250
+
+
+@pytest.mark.parametrize("pad_mode", ["constant", "reflect"])
+def test_codec_encode_and_decode_match_audiocraft(tiny, tmp_path, pad_mode):
+    cfg = acref.codec_config(sample_rate=16000, bins=64)
+    cfg.seanet.pad_mode = pad_mode
+    built = build(tiny, tmp_path / "codec", solver="audiogen", codec_cfg=cfg, seed=3)
+    model = MusicGen.from_pretrained(built.folder, text_encoder=built.t5)
+    audio = np.random.default_rng(0).standard_normal((2, 1, 16000 // 5 + 37)).astype(np.float32) * 0.3
+    codes, _ = built.reference.compression_model.encode(torch.from_numpy(audio))
+    np.testing.assert_array_equal(model.encode_audio(audio), codes.numpy())
+    expected = built.reference.compression_model.decode(codes).numpy()
+    np.testing.assert_allclose(model.decode(codes.numpy()), expected, atol=ATOL, rtol=0)
+
+
+def fake_hub_cache(root: Path, repos: dict[str, Path]) -> Path:
+    """A Hugging Face cache holding `repos` (id -> folder) as snapshot_download leaves them."""
+    commit = "0" * 40
+    for repo, source in repos.items():
+        repo_folder = root / ("models--" + repo.replace("/", "--"))
+        shutil.copytree(source, repo_folder / "snapshots" / commit)
+        (repo_folder / "refs").mkdir()
+        (repo_folder / "refs" / "main").write_text(commit)
+    return root
+
+
+def test_a_pointer_to_a_pretrained_codec_and_the_t5_come_from_the_hub_cache(tiny, tmp_path, monkeypatch):
+    """compression_state_dict.bin names facebook/encodec_32khz and the config names t5-base: both are taken
+    from the Hub's cache, offline, in transformers' layout, as audiocraft takes them from the Hub."""
+    from huggingface_hub import constants
+
+    codec = tmp_path / "encodec_32khz"
+    tiny.reference.audio_encoder.save_pretrained(codec)
+    built = build(tiny, tmp_path / "finetune", pointer=("facebook/encodec_32khz", codec), card=2048, seed=4)
+    cache = fake_hub_cache(tmp_path / "cache", {"facebook/encodec_32khz": codec, "t5-base": built.t5})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model = MusicGen.from_pretrained(built.folder)  # no text_encoder: the config's t5-base
+    rate = model.frame_rate
+    (audio, tokens), (ours, codes) = generate_both(built, 40 / rate, 2.0)
+    np.testing.assert_array_equal(codes, tokens)
+    np.testing.assert_allclose(ours, audio, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(model.decode(tokens), audio, atol=ATOL, rtol=0)
+
+
+def test_a_missing_t5_says_how_to_give_one(music, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="text encoder t5-base is not in the local Hugging Face cache"):
+        MusicGen.from_pretrained(music.folder)
+
+
+def test_conversion_round_trips(music, tmp_path):
+    """Converted once (no torch), the folder loads alone (its T5 and tokenizer inside) and gives the same logits
+    and greedy codes as the audiocraft files it came from."""
+    out = convert.convert(music.folder, tmp_path / "converted", text_encoder=music.t5)
+    direct = MusicGen.from_pretrained(music.folder, text_encoder=music.t5)
+    converted = MusicGen.from_pretrained(out)
+    assert converted.family == "musicgen" and converted.config.attend_text_padding
+    codes = np.random.default_rng(2).integers(0, 64, size=(2, 4, 9))
+    np.testing.assert_array_equal(our_logits(converted, TEXTS, codes), our_logits(direct, TEXTS, codes))
+    settings = dict(duration=1.0, do_sample=False, guidance_scale=3.0, top_k=0)
+    np.testing.assert_array_equal(converted.generate_tokens(TEXTS, **settings), direct.generate_tokens(TEXTS, **settings))
+
+
+def test_transformers_files_are_preferred_where_a_folder_has_both(tiny, music, tmp_path):
+    both = tmp_path / "both"
+    shutil.copytree(tiny.folder, both)
+    for name in ("state_dict.bin", "compression_state_dict.bin"):
+        shutil.copyfile(music.folder / name, both / name)
+    assert MusicGen.from_pretrained(both).config.decoder.hidden_size == tiny.reference.decoder.config.hidden_size
+    picked = MusicGen.from_pretrained(both, checkpoint_format="audiocraft", text_encoder=music.t5)
+    assert picked.config.attend_text_padding and picked.config.decoder.vocab_size == 64
+    with pytest.raises(CheckpointError, match="has no audiocraft checkpoint"):
+        MusicGen.from_pretrained(tiny.folder, checkpoint_format="audiocraft")
+
+
+def rewritten(music: Path, tmp_path: Path, change) -> Path:
+    """A copy of the checkpoint whose config `change` edits."""
+    import yaml
+
+    from mlx_musicgen import torch_bin
+
+    package = torch_bin.read_torch_bin(music / "state_dict.bin")
+    cfg = yaml.safe_load(package["xp.cfg"])
+    change(cfg)
+    folder = tmp_path / "changed"
+    folder.mkdir()
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in package["best_state"].items()}
+    torch.save({**package, "best_state": state, "xp.cfg": yaml.safe_dump(cfg)}, folder / "state_dict.bin")
+    shutil.copyfile(music / "compression_state_dict.bin", folder / "compression_state_dict.bin")
+    return folder
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["conditioners"].update(self_wav={"model": "chroma_stem"}),
+     "audiocraft-format melody checkpoint, which conditions through Demucs .* facebook/musicgen-melody"),
+    (lambda c: c["conditioners"].update(self_wav={"model": "style"}), "MusicGen-Style, whose style conditioner"),
+    (lambda c: c.update(lm_model="transformer_lm_magnet"), "MAGNeT checkpoint"),
+    (lambda c: c["transformer_lm"].update(bias_attn=True), "transformer_lm.bias_attn is True"),
+    (lambda c: c["codebooks_pattern"].update(modeling="parallel"), "codebook pattern is 'parallel'"),
+])
+def test_what_this_port_does_not_run_is_refused_in_one_line(music, tmp_path, change, message):
+    folder = rewritten(music.folder, tmp_path, change)
+    with pytest.raises(CheckpointError, match=message) as error:
+        MusicGen.from_pretrained(folder, text_encoder=music.t5)
+    assert "\n" not in str(error.value)
