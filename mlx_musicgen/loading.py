@@ -65,10 +65,8 @@ def download(repo_id: str, checkpoint_format: str = "auto") -> Path:
     transformers' layout; where the repo has none (or `checkpoint_format` is "audiocraft"), audiocraft's two
     files."""
     if checkpoint_format != "audiocraft":
-        folder = snapshot(repo_id, HUB_PATTERNS)
+        folder = hub_folder(repo_id, "model")
         if (folder / "config.json").is_file() or checkpoint_format == "transformers":
-            if not list(folder.glob("*.safetensors")):
-                folder = snapshot(repo_id, HUB_PATTERNS + ["pytorch_model*.bin"])
             return folder
     return snapshot(repo_id, [audiocraft.LM_FILE, audiocraft.CODEC_FILE])
 
@@ -454,7 +452,9 @@ def read_audiocraft(folder: Path, text_encoder: str | Path | None = None) -> tup
     if lm.sampling_rate is not None and codec_rate != lm.sampling_rate:
         raise CheckpointError(f"{folder}: the LM was trained at {lm.sampling_rate} Hz, its codec runs at "
                               f"{codec_rate} Hz: the two files do not belong together.")
-    t5 = model_folder(text_encoder if text_encoder is not None else lm.text_encoder, "text encoder")
+    # the config's name is taken as a Hub id only: a checkpoint does not choose folders on this machine
+    t5 = model_folder(text_encoder, "text encoder") if text_encoder is not None else \
+        hub_folder(lm.text_encoder, "text encoder")
     t5_config = read_settings(required(t5 / "config.json", "text encoder"))
     t5_weights = {"text_encoder." + k: v for k, v in load_hf_weights(t5).items()
                   if k == "shared.weight" or k.startswith("encoder.")}  # a whole T5 has a decoder too
@@ -474,11 +474,14 @@ def model_folder(path_or_id: str | Path, what: str) -> Path:
     """A folder as it is, or a Hub repo's configs, tokenizer and weights (see snapshot); `what` it is names it in
     messages."""
     path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    folder = snapshot(str(path_or_id), HUB_PATTERNS, what)
+    return path if path.is_dir() else hub_folder(str(path_or_id), what)
+
+
+def hub_folder(repo_id: str, what: str) -> Path:
+    """A Hub repo's configs, tokenizer and safetensors (its .bin only where it has none), see snapshot."""
+    folder = snapshot(repo_id, HUB_PATTERNS, what)
     if not list(folder.glob("*.safetensors")):
-        folder = snapshot(str(path_or_id), HUB_PATTERNS + ["pytorch_model*.bin"], what)
+        folder = snapshot(repo_id, HUB_PATTERNS + ["pytorch_model*.bin"], what)
     return folder
 
 

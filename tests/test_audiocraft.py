@@ -6,18 +6,24 @@ Tolerances: teacher-forced logits and the codec's audio within 1e-4 (float32); c
 decoding and guidance 3, over a whole window and over a long form."""
 
 import dataclasses
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 import audiocraft_reference as acref
 from mlx_musicgen import MusicGen, convert
 from mlx_musicgen.loading import CheckpointError
+from mlx_musicgen.request import command_settings
 
+ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
 TEXTS = ["warm bass and soft vocals", "jazz"]  # of different lengths: audiocraft attends to the padding
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -186,17 +192,19 @@ def fake_hub_cache(root: Path, repos: dict[str, Path]) -> Path:
 
 
 def test_a_pointer_to_a_pretrained_codec_and_the_t5_come_from_the_hub_cache(tiny, tmp_path, monkeypatch):
-    """compression_state_dict.bin names facebook/encodec_32khz and the config names t5-base: both are taken
-    from the Hub's cache, offline, in transformers' layout, as audiocraft takes them from the Hub."""
+    """A Hub repo of audiocraft's two files only: compression_state_dict.bin names facebook/encodec_32khz and
+    the config names t5-base; all three are taken from the Hub's cache, offline, the codec and T5 in
+    transformers' layout, as audiocraft takes them from the Hub."""
     from huggingface_hub import constants
 
     codec = tmp_path / "encodec_32khz"
     tiny.reference.audio_encoder.save_pretrained(codec)
     built = build(tiny, tmp_path / "finetune", pointer=("facebook/encodec_32khz", codec), card=2048, seed=4)
-    cache = fake_hub_cache(tmp_path / "cache", {"facebook/encodec_32khz": codec, "t5-base": built.t5})
+    cache = fake_hub_cache(tmp_path / "cache", {"facebook/encodec_32khz": codec, "t5-base": built.t5,
+                                                 "someone/finetune": built.folder})
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    model = MusicGen.from_pretrained(built.folder)  # no text_encoder: the config's t5-base
+    model = MusicGen.from_pretrained("someone/finetune")  # no text_encoder: the config's t5-base
     rate = model.frame_rate
     (audio, tokens), (ours, codes) = generate_both(built, 40 / rate, 2.0)
     np.testing.assert_array_equal(codes, tokens)
@@ -268,3 +276,49 @@ def test_what_this_port_does_not_run_is_refused_in_one_line(music, tmp_path, cha
     with pytest.raises(CheckpointError, match=message) as error:
         MusicGen.from_pretrained(folder, text_encoder=music.t5)
     assert "\n" not in str(error.value)
+
+
+def test_audiogen_continues_an_audio_prompt_as_audiocraft_does(sound):
+    prompt = np.random.default_rng(5).standard_normal((2, 1, 16000)).astype(np.float32) * 0.3  # 1 s: 50 frames
+    sound.reference.set_generation_params(use_sampling=False, duration=3.0, cfg_coef=3.0)
+    with acref.xformers_stand_in():
+        audio, tokens = sound.reference.generate_continuation(torch.from_numpy(prompt), 16000, TEXTS,
+                                                              progress=False, return_tokens=True)
+    model = MusicGen.from_pretrained(sound.folder, text_encoder=sound.t5)
+    ours, codes = model.generate(TEXTS, audio_prompt=prompt, audio_prompt_sr=16000, duration=3.0, do_sample=False,
+                                 top_k=0, return_tokens=True)
+    np.testing.assert_array_equal(codes, tokens.numpy())
+    np.testing.assert_allclose(ours, audio.numpy(), atol=ATOL, rtol=0)
+
+
+def test_audiogen_streams_what_it_generates(sound):
+    model = MusicGen.from_pretrained(sound.folder, text_encoder=sound.t5)
+    settings = dict(duration=3.0, do_sample=False, top_k=0)
+    whole = model.generate(TEXTS, **settings)
+    streamed = np.concatenate(list(model.generate_stream(TEXTS, chunk_duration=0.5, **settings)), axis=-1)
+    np.testing.assert_allclose(streamed, whole, atol=1e-6, rtol=0)
+
+
+def test_generate_py_makes_audiogen_s_default_clip(sound, tmp_path):
+    """No --duration: AudioGen's 5 s (MusicGen's would be 10 s), recorded with its stride of 2 s."""
+    out = tmp_path / "dog.wav"
+    result = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--model", str(sound.folder),
+                             "--text-encoder", str(sound.t5), "--text", "dog barking in the rain", "--greedy",
+                             "--top-k", "0", "--output", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    audio, rate = sf.read(out)
+    assert rate == 16000 and audio.shape == (5 * 16000,)
+    recorded = json.loads(out.with_suffix(".json").read_text())
+    assert (recorded["duration"], recorded["extend_stride"]) == (5.0, 2.0)
+
+
+def test_the_studio_takes_the_model_s_defaults(sound, music):
+    from mlx_musicgen.studio.jobs import describe
+    from mlx_musicgen.studio.settings import JobSettings
+
+    for built, duration, stride in ((sound, 5.0, 2.0), (music, 10.0, 18.0)):
+        info = describe(MusicGen.from_pretrained(built.folder, text_encoder=built.t5))
+        settings = JobSettings.from_fields({"text": "rain on a tin roof", "top_k": "0"}, info)
+        assert (settings.config.duration, settings.config.extend_stride) == (duration, stride)
+        assert {k: v.default for k, v in command_settings(info["family"]).items() if k in ("duration", "extend_stride")
+                } == {"duration": duration, "extend_stride": stride}
