@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import torch_bin
+from .names import compile_names, renamed
 
 LM_FILE, CODEC_FILE = "state_dict.bin", "compression_state_dict.bin"
 # audiocraft's windows (max_duration) by family, set by its MusicGen.get_pretrained and AudioGen.get_pretrained
@@ -204,7 +205,7 @@ def codec_section(config: dict, file: Path) -> dict:
 
 
 # audiocraft's names -> transformers' (convert_musicgen_transformers.py and convert_encodec_checkpoint.py, inverted)
-LM_NAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
+LM_NAMES = compile_names((
     (r"transformer\.layers\.(\d+)\.self_attn\.out_proj\.weight",
      r"decoder.model.decoder.layers.\1.self_attn.out_proj.weight"),
     (r"transformer\.layers\.(\d+)\.cross_attention\.out_proj\.weight",
@@ -221,26 +222,13 @@ LM_NAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in 
     (r"condition_provider\.conditioners\.description\.output_proj\.(weight|bias)", r"enc_to_dec_proj.\1"),
 ))
 FUSED = re.compile(r"transformer\.layers\.(\d+)\.(self_attn|cross_attention)\.in_proj_weight")
-CODEC_NAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
+CODEC_NAMES = compile_names((
     (r"(encoder|decoder)\.model\.(\d+)\.(conv|convtr)\.\3\.(.*)", r"\1.layers.\2.conv.\4"),
     (r"(encoder|decoder)\.model\.(\d+)\.block\.(\d+)\.conv\.conv\.(.*)", r"\1.layers.\2.block.\3.conv.\4"),
     (r"(encoder|decoder)\.model\.(\d+)\.shortcut\.conv\.conv\.(.*)", r"\1.layers.\2.shortcut.conv.\3"),
     (r"(encoder|decoder)\.model\.(\d+)\.lstm\.(.*)", r"\1.layers.\2.lstm.\3"),
     (r"quantizer\.vq\.layers\.(\d+)\._codebook\.(.*)", r"quantizer.layers.\1.codebook.\2"),
 ))
-
-
-def renamed(state: dict, names) -> dict:
-    """Tensors renamed by the first pattern of `names` that matches; others pass through, for strict loading
-    to report."""
-    out = {}
-    for key, value in state.items():
-        for pattern, replacement in names:
-            if match := pattern.fullmatch(key):
-                key = match.expand(replacement)
-                break
-        out[key] = value
-    return out
 
 
 def lm_weights(state: dict) -> dict:

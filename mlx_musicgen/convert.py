@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 from . import atomic, loading, lora
 from .cli import Bar, add_checkpoint_options, run_main
 from .model import CONVERTED_KEY, DTYPES, MusicGenModel
+from .names import compile_names, renamed
 
 STAGES = ("finding the checkpoint", "reading and mapping weights", "casting the decoder", "writing")
 TOKENIZER_FILES = (
@@ -131,7 +132,7 @@ def fuse(adapter_path: str | Path, mlx_path: str | Path | None = None, model_id:
 
 
 # Ours -> transformers' names of T5's tensors: the inverse of t5.HF_NAMES (`text_encoder.` prefix stripped).
-T5_HF_NAMES = tuple((re.compile(pattern), replacement) for pattern, replacement in (
+T5_HF_NAMES = compile_names((
     (r"embed_tokens\.weight", "shared.weight"),
     (r"relative_attention_bias\.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
     (r"layers\.(\d+)\.attention\.(q|k|v|o)\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
@@ -144,14 +145,7 @@ T5_HF_NAMES = tuple((re.compile(pattern), replacement) for pattern, replacement 
 
 def t5_to_hf(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """Our T5 tensors -> transformers' T5EncoderModel names (`shared.weight` holds the tied embedding)."""
-    out = {}
-    for key, value in weights.items():
-        for pattern, replacement in T5_HF_NAMES:
-            if match := pattern.fullmatch(key):
-                key = match.expand(replacement)
-                break
-        out[key] = value
-    return out
+    return renamed(weights, T5_HF_NAMES)
 
 
 def decoder_to_hf(weights: dict[str, mx.array]) -> dict[str, mx.array]:

@@ -8,11 +8,12 @@ shared by every layer.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, fields
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .names import compile_names, renamed
 
 FEED_FORWARDS = ("relu", "gated-gelu")
 
@@ -127,9 +128,8 @@ class T5Layer(nn.Module):
 
 # Hugging Face parameter names -> ours. The relative attention bias lives in HF's first layer, which computes it
 # for all layers; here it belongs to the encoder itself.
-HF_NAMES = tuple(
-    (re.compile(pattern), replacement)
-    for pattern, replacement in (
+HF_NAMES = compile_names(
+    (
         (r"shared\.weight", "embed_tokens.weight"),
         (r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight",
          "relative_attention_bias.weight"),
@@ -189,11 +189,4 @@ class T5Encoder(nn.Module):
         tied = weights.pop("encoder.embed_tokens.weight", None)
         if tied is not None and "shared.weight" not in weights:
             weights["shared.weight"] = tied
-        renamed = {}
-        for key, value in weights.items():
-            for pattern, replacement in HF_NAMES:
-                if match := pattern.fullmatch(key):
-                    key = match.expand(replacement)
-                    break
-            renamed[key] = value
-        return renamed
+        return renamed(weights, HF_NAMES)
