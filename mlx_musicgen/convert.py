@@ -23,20 +23,20 @@ from mlx.utils import tree_flatten
 
 from . import atomic, loading, lora
 from .cli import Bar, add_checkpoint_options, run_main
-from .model import CONVERTED_KEY, DTYPES, MusicGenModel
+from .model import AUDIOCRAFT_KEY, CONVERTED_KEY, DTYPES, MusicGenModel
 from .names import compile_names, renamed
 
 STAGES = ("finding the checkpoint", "reading and mapping weights", "casting the decoder", "writing")
-TOKENIZER_FILES = (
+TOKENIZER_ONLY = (
     "spiece.model",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "generation_config.json",
     "added_tokens.json",  # transformers 4's slow tokenizers, beside spiece.model
 )
+# what a checkpoint folder holds beside its weights; from a T5's own folder (audiocraft's models) only its
+# tokenizer: its generation_config.json is T5's, not the model's
+TOKENIZER_FILES = TOKENIZER_ONLY + ("preprocessor_config.json", "processor_config.json", "generation_config.json")
 
 
 def convert(
@@ -202,6 +202,11 @@ def hf_weights(model: MusicGenModel) -> dict[str, mx.array]:
 def check_exportable(raw: dict, folder: Path) -> None:
     """transformers cannot read MLX's quantized weights, and dequantizing would not give the source's back:
     refuse a quantized base (float16 and bfloat16 ones are written as float32, see hf_weights)."""
+    if AUDIOCRAFT_KEY in raw:
+        raise loading.CheckpointError(
+            f"{folder} was read from audiocraft's files, whose model computes as audiocraft does (it attends to text "
+            f"padding), which transformers' MusicGen would not follow: fuse into a converted folder with "
+            f"--mlx-path instead.")
     converted = raw.get(CONVERTED_KEY) or {}
     if converted.get("quantization"):
         raise loading.CheckpointError(
@@ -263,7 +268,7 @@ def write_folder(out: Path, weights: dict[str, mx.array], config: dict, source: 
     with atomic.removed_on_error(lambda: shutil.rmtree(staging, ignore_errors=True), out.parent):
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata=metadata or {})
         (staging / "config.json").write_text(json.dumps(config, indent=2))
-        for name in TOKENIZER_FILES:
+        for name in TOKENIZER_ONLY if AUDIOCRAFT_KEY in config else TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)
         atomic.give_normal_mode(staging)

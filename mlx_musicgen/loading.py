@@ -297,8 +297,9 @@ def load_torch_bin(file: Path) -> dict[str, mx.array]:
 
 
 def as_mlx(state: dict[str, np.ndarray]) -> dict[str, mx.array]:
-    """numpy tensors (torch_bin's) as MLX arrays, every one float32 (as torch's `.float()` made them before)."""
-    return {name: mx.array(np.asarray(tensor).astype(np.float32, copy=False)) for name, tensor in state.items()}
+    """numpy tensors (torch_bin's) as MLX arrays, every one float32 (as torch's `.float()` made them before),
+    taken out of `state` one by one, so that each numpy copy is freed as its MLX one is made."""
+    return {name: mx.array(np.asarray(state.pop(name)).astype(np.float32, copy=False)) for name in list(state)}
 
 
 def check_tokenizer_files(folder: Path) -> None:
@@ -412,6 +413,9 @@ def build_model(folder: Path, *, checkpoint_format: str = "auto", text_encoder: 
     if checkpoint_format_of(folder, checkpoint_format) == "audiocraft":
         raw, generation, weights, tokenizer = read_audiocraft(folder, text_encoder)
         preprocessor, file = None, folder / audiocraft.LM_FILE
+    elif text_encoder is not None:
+        raise CheckpointError(f"{folder} is in transformers' layout, whose text encoder is inside: --text-encoder is "
+                              f"for audiocraft checkpoints; leave it out.")
     else:
         raw, tokenizer, file = read_config(folder), folder, folder / "config.json"
         generation, preprocessor = read_generation_config(folder), read_preprocessor_config(folder, raw)
@@ -437,8 +441,7 @@ def read_audiocraft(folder: Path, text_encoder: str | Path | None = None) -> tup
     dict (its AUDIOCRAFT_KEY section says what follows audiocraft), the generation settings (the window: 30 s for
     MusicGen, 10 s for AudioGen), every tensor under transformers' names, and the folder of the T5 and its
     tokenizer: `text_encoder` (a folder or Hub id), by default the one the config names, from the Hub or its
-    cache. A codec file that points to a pretrained codec takes it from its folder or Hub id
-    (transformers' EnCodec layout, or audiocraft's file)."""
+    cache. A codec file that points to a pretrained codec takes it by its Hub id (pretrained_codec)."""
     try:
         lm = audiocraft.LM(folder)
         codec = audiocraft.Codec(folder)
@@ -451,7 +454,7 @@ def read_audiocraft(folder: Path, text_encoder: str | Path | None = None) -> tup
     codec_rate = codec_config.get("sampling_rate")
     if lm.sampling_rate is not None and codec_rate != lm.sampling_rate:
         raise CheckpointError(f"{folder}: the LM was trained at {lm.sampling_rate} Hz, its codec runs at "
-                              f"{codec_rate} Hz: the two files do not belong together.")
+                              f"{codec_rate} Hz: the two files do not belong together; download the model again.")
     # the config's name is taken as a Hub id only: a checkpoint does not choose folders on this machine
     t5 = model_folder(text_encoder, "text encoder") if text_encoder is not None else \
         hub_folder(lm.text_encoder, "text encoder")
@@ -466,8 +469,9 @@ def read_audiocraft(folder: Path, text_encoder: str | Path | None = None) -> tup
            AUDIOCRAFT_KEY: {"family": lm.family, "text_encoder": lm.text_encoder,
                             "compression_model": codec.pretrained}}
     frame_rate = EncodecConfig.from_dict(codec_config).frame_rate
-    generation = {"max_length": int(lm.window_seconds * frame_rate)}
-    return raw, generation, {**as_mlx(lm.weights), **codec_weights, **t5_weights}, t5
+    generation = {"max_length": int(lm.window_seconds * frame_rate)}  # audiocraft's int(max_duration * frame_rate)
+    # a T5 fine-tuned with the LM comes with it, and takes the place of the Hub's
+    return raw, generation, {**t5_weights, **as_mlx(lm.weights), **codec_weights}, t5
 
 
 def model_folder(path_or_id: str | Path, what: str) -> Path:
@@ -493,19 +497,13 @@ def required(file: Path, what: str) -> Path:
 
 
 def pretrained_codec(name: str) -> tuple[dict, dict]:
-    """The codec a compression file points to, as audiocraft's CompressionModel.get_pretrained finds it: a folder
-    (audiocraft's file or transformers' EncodecModel) or a Hub id (facebook/encodec_32khz, transformers')."""
-    folder = model_folder(name, "codec")
-    if (folder / audiocraft.CODEC_FILE).is_file():
-        codec = audiocraft.Codec(folder)
-        if codec.pretrained is not None:
-            raise CheckpointError(f"{folder / audiocraft.CODEC_FILE} points to yet another codec "
-                                  f"({codec.pretrained}): point to the codec itself.")
-        return codec.section, as_mlx(codec.weights)
+    """The codec a compression file points to by its Hub id (facebook/encodec_32khz), in transformers' EncodecModel
+    layout, as audiocraft's CompressionModel.get_pretrained takes it."""
+    folder = hub_folder(name, "codec")
     config = read_settings(required(folder / "config.json", "codec"))
     if config.get("model_type") != "encodec":
         raise CheckpointError(f"{folder} holds a {config.get('model_type')!r} model, not the EnCodec codec that "
-                              f"{audiocraft.CODEC_FILE} points to.")
+                              f"{audiocraft.CODEC_FILE} points to: the checkpoint names the wrong codec.")
     return config, {"audio_encoder." + k: v for k, v in load_hf_weights(folder).items()}
 
 

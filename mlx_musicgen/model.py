@@ -17,12 +17,12 @@ import numpy as np
 
 from .decoder import Context, DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
+from .limits import FAMILIES
 from .melody import MelodyConfig, MelodyDecoder, chroma_rows, prefix_context
 from .t5 import T5Config, T5Encoder
 
 CONVERTED_KEY = "mlx_musicgen"  # the converted config.json's own section
 AUDIOCRAFT_KEY = "audiocraft"  # the section of a model read from audiocraft's files (loading.read_audiocraft)
-FAMILIES = ("musicgen", "audiogen")  # text to music, text to sound: the same model, their own defaults
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}  # the decoder's, by name
 
 

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import audio, delay, longform
-from .limits import MAX_DURATION, MAX_GUIDANCE, WINDOW_SECONDS
+from .limits import FAMILIES, MAX_DURATION, MAX_GUIDANCE, WINDOW_SECONDS
 
 PromptInput = str | Path | np.ndarray  # an audio file, or samples
 COMMAND_DURATION = 10.0  # seconds: the commands' (CLI, studio) default length of music; the API's is one window
@@ -35,8 +35,9 @@ class FamilyDefaults:
     extend_stride: float
 
 
-FAMILY_DEFAULTS = {"musicgen": FamilyDefaults(None, COMMAND_DURATION, 18.0),
-                   "audiogen": FamilyDefaults(5.0, 5.0, 2.0)}
+FAMILY_DEFAULTS = {"musicgen": FamilyDefaults(None, COMMAND_DURATION, 18.0),  # audiocraft's stride
+                   "audiogen": FamilyDefaults(5.0, 5.0, 2.0)}  # audiocraft's AudioGen: all three
+assert set(FAMILY_DEFAULTS) == set(FAMILIES)
 
 
 def is_real(x) -> bool:
@@ -73,7 +74,8 @@ def check_extend_stride(extend_stride: float, duration: float | None, window_sec
     """The stride of long form: a number of seconds above 0 and, when the duration needs more than one window,
     below the window (30 s: what every MusicGen checkpoint is trained on; the model's own is checked again)."""
     if not (is_real(extend_stride) and math.isfinite(extend_stride) and extend_stride > 0):
-        raise ValueError(f"extend_stride must be a number of seconds above 0 (18 is typical), got {extend_stride}.")
+        raise ValueError(f"extend_stride must be a number of seconds above 0 (18 is typical for MusicGen, 2 for "
+                         f"AudioGen), got {extend_stride}.")
     if duration is not None and duration > window_seconds and extend_stride >= window_seconds:
         raise ValueError(f"extend_stride must be below the window ({window_seconds:g} s) for music longer than "
                          f"it, got {extend_stride}.")
@@ -203,7 +205,7 @@ class GenerationConfig:
         up to the model's (MusicGen's 30 s, AudioGen's 10 s), beyond it audiocraft's windows, each continuing the
         last (window - extend_stride) s.
     max_new_tokens: decoder steps, as the reference counts them (give this or duration; neither: MusicGen makes
-        one window, AudioGen 5 s, as audiocraft's defaults).
+        one window, as transformers does, AudioGen 5 s, as audiocraft does).
     do_sample / temperature / top_k / top_p: sampling (greedy when do_sample is False or temperature is 0).
     guidance_scale: classifier-free guidance; 1 or less is none. seed: the same seed gives the same audio.
     """

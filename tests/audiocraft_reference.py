@@ -72,14 +72,16 @@ def import_audiocraft() -> types.SimpleNamespace:
 
 
 def codec_config(sample_rate: int = 32000, ratios=(8, 5, 4, 2), n_q: int = 4, bins: int = 64, dimension: int = 16):
-    """A small SEANet EnCodec's training config, laid out as audiocraft's config/model/encodec/default.yaml."""
+    """A small SEANet EnCodec's training config, laid out as audiocraft's config/model/encodec/default.yaml, its
+    `${...}` references left as export.py writes them (unresolved)."""
     ac = import_audiocraft()
     return ac.OmegaConf.create({
         "device": "cpu", "dtype": "float32", "sample_rate": sample_rate, "channels": 1,
         "compression_model": "encodec",
-        "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": sample_rate, "channels": 1,
-                    "causal": False, "renormalize": False},
-        "seanet": {"dimension": dimension, "channels": 1, "causal": False, "n_filters": 4, "n_residual_layers": 1,
+        "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": "${sample_rate}",
+                    "channels": "${channels}", "causal": False, "renormalize": False},
+        "seanet": {"dimension": dimension, "channels": "${channels}", "causal": "${encodec.causal}", "n_filters": 4,
+                   "n_residual_layers": 1,
                    "ratios": list(ratios), "activation": "ELU", "activation_params": {"alpha": 1.0},
                    "norm": "weight_norm", "norm_params": {}, "kernel_size": 7, "residual_kernel_size": 3,
                    "last_kernel_size": 7, "dilation_base": 2, "pad_mode": "constant", "true_skip": True,

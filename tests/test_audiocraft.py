@@ -37,19 +37,23 @@ class Built:
 
 
 def t5_folder(tiny, folder: Path) -> Path:
-    """The tiny checkpoint's T5 encoder and tokenizer as a T5 folder of its own (what the Hub's t5-base holds)."""
+    """The tiny checkpoint's T5 encoder and tokenizer as a T5 folder of its own, with what the Hub's t5-base
+    also holds: T5's own generation_config.json (max_length 20), which is not the model's."""
     tiny.reference.text_encoder.save_pretrained(folder)
     for name in TOKENIZER_FILES:
         if (tiny.folder / name).is_file():
             shutil.copyfile(tiny.folder / name, folder / name)
+    (folder / "generation_config.json").write_text(json.dumps({"max_length": 20, "decoder_start_token_id": 0}))
     return folder
 
 
 def build(tiny, folder: Path, *, solver: str = "musicgen", channels: int = 1, t5_name: str = "t5-base",
-          codec_cfg=None, pointer: tuple[str, Path] | None = None, card: int = 64, seed: int = 0) -> Built:
+          codec_cfg=None, pointer: tuple[str, Path] | None = None, card: int = 64, seed: int = 0,
+          edit=None) -> Built:
     """A random-weight audiocraft checkpoint of `solver`'s kind, exported into `folder`, and audiocraft's own
-    generator loaded back from it. `pointer` (name, transformers EnCodec folder): the compression file names a
-    pretrained codec instead of holding one."""
+    generator loaded back from it (its window the config's segment_duration, as audiocraft's get_pretrained
+    takes it). `pointer` (name, transformers EnCodec folder): the compression file names a pretrained codec
+    instead of holding one. `edit`: changes the LM's config before it is built."""
     ac = acref.import_audiocraft()
     t5 = t5_folder(tiny, folder.parent / f"{folder.name}-t5")
     dim = tiny.reference.text_encoder.config.d_model
@@ -59,7 +63,10 @@ def build(tiny, folder: Path, *, solver: str = "musicgen", channels: int = 1, t5
                                        bins=card)
     if pointer is not None:
         rate = tiny.reference.audio_encoder.config.sampling_rate
-    cfg = acref.lm_config(t5_name, n_q=4 * channels, card=card, solver=solver, sample_rate=rate, channels=channels)
+    cfg = acref.lm_config(t5_name, n_q=4 * channels, card=card, solver=solver, sample_rate=rate, channels=channels,
+                          duration=10.0 if solver == "audiogen" else 30.0)
+    if edit is not None:
+        edit(cfg)
     with acref.LocalT5(t5, dim, t5_name):
         lm = acref.random_lm(cfg, seed=seed)
         acref.export(folder / "state_dict.bin", lm.state_dict(), cfg)
@@ -72,8 +79,8 @@ def build(tiny, folder: Path, *, solver: str = "musicgen", channels: int = 1, t5
         acref.export_pointer(folder / "compression_state_dict.bin", pointer[0])
         with acref.hf_codec(*pointer):
             codec = ac.loaders.load_compression_model(folder)
-    kind, window = (ac.AudioGen, 10) if solver == "audiogen" else (ac.MusicGen, 30)
-    return Built(folder, t5, kind(folder.name, codec, lm, max_duration=window))
+    kind = ac.AudioGen if solver == "audiogen" else ac.MusicGen
+    return Built(folder, t5, kind(folder.name, codec, lm))
 
 
 @pytest.fixture(scope="module")
@@ -228,6 +235,7 @@ def test_conversion_round_trips(music, tmp_path):
     direct = MusicGen.from_pretrained(music.folder, text_encoder=music.t5)
     converted = MusicGen.from_pretrained(out)
     assert converted.family == "musicgen" and converted.config.attend_text_padding
+    assert converted.window_frames == direct.window_frames == 1500  # not T5's generation_config.json's 20
     codes = np.random.default_rng(2).integers(0, 64, size=(2, 4, 9))
     np.testing.assert_array_equal(our_logits(converted, TEXTS, codes), our_logits(direct, TEXTS, codes))
     settings = dict(duration=1.0, do_sample=False, guidance_scale=3.0, top_k=0)
@@ -268,8 +276,12 @@ def rewritten(music: Path, tmp_path: Path, change) -> Path:
      "audiocraft-format melody checkpoint, which conditions through Demucs .* facebook/musicgen-melody"),
     (lambda c: c["conditioners"].update(self_wav={"model": "style"}), "MusicGen-Style, whose style conditioner"),
     (lambda c: c.update(lm_model="transformer_lm_magnet"), "MAGNeT checkpoint"),
-    (lambda c: c["transformer_lm"].update(bias_attn=True), "transformer_lm.bias_attn is True"),
-    (lambda c: c["codebooks_pattern"].update(modeling="parallel"), "codebook pattern is 'parallel'"),
+    (lambda c: c["transformer_lm"].update(bias_attn=True), "transformer_lm.bias_attn is not False \\(True\\)"),
+    (lambda c: c["codebooks_pattern"].update(modeling="parallel"), "codebook pattern is not 'delay'"),
+    (lambda c: c.update(fuser=[1]), "its fuser is not the text cross-attended"),
+    (lambda c: c.update(codebooks_pattern=[1]), "its codebook pattern is not 'delay'"),
+    (lambda c: c["conditioners"].update({3: 1}), "it conditions on more than text"),
+    (lambda c: c["dataset"].update(segment_duration="${nowhere}"), "refers to \\$\\{nowhere\\}"),
 ])
 def test_what_this_port_does_not_run_is_refused_in_one_line(music, tmp_path, change, message):
     folder = rewritten(music.folder, tmp_path, change)
@@ -322,3 +334,93 @@ def test_the_studio_takes_the_model_s_defaults(sound, music):
         assert (settings.config.duration, settings.config.extend_stride) == (duration, stride)
         assert {k: v.default for k, v in command_settings(info["family"]).items() if k in ("duration", "extend_stride")
                 } == {"duration": duration, "extend_stride": stride}
+
+
+def edited(**changes):
+    def edit(cfg):
+        for path, value in changes.items():
+            node = cfg
+            *parents, last = path.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = value
+    return edit
+
+
+@pytest.mark.parametrize("changes", [
+    {"conditioners.description.t5.finetune": True},  # the T5 is saved with the LM, and read from there
+    {"transformer_lm.memory_efficient": False},  # torch's own attention: `mha.` in the names
+], ids=["fine-tuned-t5", "torch-attention"])
+def test_fine_tunes_of_other_settings_match_audiocraft(tiny, tmp_path, changes):
+    built = build(tiny, tmp_path / "variant", edit=edited(**changes), seed=6)
+    if "conditioners.description.t5.finetune" in changes:
+        # the Hub's T5 differs from the fine-tuned one the checkpoint holds: the checkpoint's must win
+        with torch.no_grad():
+            for tensor in built.reference.lm.condition_provider.conditioners["description"].t5.parameters():
+                tensor.add_(0.05)
+        state = built.reference.lm.state_dict()
+        assert any(".t5." in name for name in state)
+        acref.export(built.folder / "state_dict.bin", state, built.reference.lm.cfg)
+    model = MusicGen.from_pretrained(built.folder, text_encoder=built.t5)
+    codes = np.random.default_rng(3).integers(0, 64, size=(2, 4, 10))
+    np.testing.assert_allclose(our_logits(model, TEXTS, codes), reference_logits(built, TEXTS, codes), atol=ATOL,
+                               rtol=0)
+
+
+def test_a_fine_tune_s_own_window_is_its_segment_duration(tiny, tmp_path):
+    """Trained on 4 s segments: audiocraft's window is 4 s (max_duration = dataset.segment_duration), and long
+    form beyond it moves on by the stride. (AudioGen's: audiocraft's MusicGen cannot be built with a window
+    within its default stride of 18 s.)"""
+    built = build(tiny, tmp_path / "short", solver="audiogen", edit=edited(**{"dataset.segment_duration": 4.0}),
+                  seed=7)
+    model = MusicGen.from_pretrained(built.folder, text_encoder=built.t5)
+    assert model.window_frames == 200
+    (audio, tokens), (ours, codes) = generate_both(built, 7.0, 2.0, TEXTS[:1])
+    assert codes.shape[-1] == 350
+    np.testing.assert_array_equal(codes, tokens)
+    np.testing.assert_allclose(ours, audio, atol=ATOL, rtol=0)
+
+
+def with_config_text(music: Path, tmp_path: Path, text: str) -> Path:
+    """A copy of the checkpoint whose saved config is `text`."""
+    from mlx_musicgen import torch_bin
+
+    package = torch_bin.read_torch_bin(music / "state_dict.bin")
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in package["best_state"].items()}
+    torch.save({**package, "best_state": state, "xp.cfg": text}, folder / "state_dict.bin")
+    shutil.copyfile(music / "compression_state_dict.bin", folder / "compression_state_dict.bin")
+    return folder
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x [1, 2]\nb: [*x, *x]\n", "uses YAML aliases"),  # a chain of these expands to any size
+    ("a: " + "[" * 5000 + "]" * 5000, "is not valid YAML"),
+    ("a: " + "x" * 2**20, "characters long"),
+    ("- a list", "not a table of settings"),
+    ("a: ${b}\nb: ${a}\n", "go round in a circle"),
+])
+def test_hostile_configs_are_refused_in_one_line(music, tmp_path, text, message):
+    with pytest.raises(CheckpointError, match=message) as error:
+        MusicGen.from_pretrained(with_config_text(music.folder, tmp_path, text), text_encoder=music.t5)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("pointer, message", [
+    ("/home", "not a Hub id"),  # a checkpoint does not choose folders on this machine
+    ("~/codec", "not a Hub id"),
+    ("dac_44khz", "which this port does not run"),
+])
+def test_a_codec_pointer_names_a_hub_encodec_only(music, tmp_path, pointer, message):
+    folder = tmp_path / "pointing"
+    folder.mkdir()
+    shutil.copyfile(music.folder / "state_dict.bin", folder / "state_dict.bin")
+    acref.export_pointer(folder / "compression_state_dict.bin", pointer)
+    with pytest.raises(CheckpointError, match=message):
+        MusicGen.from_pretrained(folder, text_encoder=music.t5)
+
+
+def test_text_encoder_is_for_audiocraft_checkpoints_only(tiny, music):
+    with pytest.raises(CheckpointError, match="--text-encoder is for audiocraft checkpoints"):
+        MusicGen.from_pretrained(tiny.folder, text_encoder=music.t5)
