@@ -366,7 +366,7 @@ CASES = [
          r"model.safetensors holds no tensors: download or convert the model again"),
     # command-line checks fail before the model loads (here: a model that does not exist)
     Case("extend-stride-zero", gen("--extend-stride", 0, model=lambda t, w: w / "no-model"),
-         r"extend_stride must be a number of seconds above 0 \(18 is typical\), got 0.0"),
+         r"extend_stride must be a number of seconds above 0 \(18 is typical for MusicGen, 2 for AudioGen\), got 0.0"),
     Case("extend-stride-past-the-window",
          gen("--extend-stride", 30, "--duration", 45, model=lambda t, w: w / "no-model"),
          r"extend_stride must be below the window \(30 s\) for music longer than it, got 30.0"),
