@@ -125,12 +125,13 @@ def require(condition: bool, file: Path, what: str, value=None) -> None:
     if not condition:
         shown = "" if value is None else f" ({SHOWN.repr(value)})"
         raise AudiocraftError(f"{file}: {what}{shown}, which this port does not run: it runs the architecture of "
-                              f"the released MusicGen and AudioGen models, and this checkpoint cannot be loaded here.")
+                              f"the released MusicGen, AudioGen and MAGNeT models, and this checkpoint cannot be "
+                              f"loaded here.")
 
 
 def family(config: dict) -> str:
-    """"audiogen" for AudioGen's solver, otherwise "musicgen" (limits.FAMILIES)."""
-    return "audiogen" if config.get("solver") == "audiogen" else "musicgen"
+    """"audiogen" for the sound solvers (AudioGen's, MAGNeT's for sound), otherwise "musicgen" (limits.FAMILIES)."""
+    return "audiogen" if config.get("solver") in ("audiogen", "audio_magnet") else "musicgen"
 
 
 def check_conditioners(config: dict, file: Path) -> str:
@@ -163,9 +164,14 @@ def check_conditioners(config: dict, file: Path) -> str:
     return name
 
 
-def delays(config: dict, file: Path, n_q: int, channels: int) -> None:
-    """audiocraft's delay pattern, as this port's (delay.codebook_delays) lays it out."""
+def delays(config: dict, file: Path, n_q: int, channels: int, magnet: bool) -> None:
+    """audiocraft's delay pattern, as this port's (delay.codebook_delays) lays it out; MAGNeT's codebooks are
+    parallel (it does not use the pattern to decode)."""
     modeling = setting(config, "codebooks_pattern.modeling")
+    if magnet:
+        require(modeling == "parallel" and channels == 1, file, "its MAGNeT codebooks are not parallel and mono",
+                modeling)
+        return
     require(modeling == "delay", file, "its codebook pattern is not 'delay'", modeling)
     expected = [k // channels for k in range(n_q)]
     got = setting(config, "codebooks_pattern.delay.delays", list(range(n_q)))  # audiocraft's default
@@ -184,19 +190,16 @@ RELEASED_LM = {"norm_first": (True, False), "bias_ff": (False, True), "bias_attn
                "max_period": (10000, 10000)}
 
 
-def decoder_section(config: dict, file: Path, channels: int) -> dict:
+def decoder_section(config: dict, file: Path, channels: int, magnet: bool) -> dict:
     """transformers' MusicgenDecoderConfig fields from `transformer_lm`, after checking that the LM is the one
-    MusicGen and AudioGen release: pre-norm, no biases, GELU, sinusoidal positions, plain attention."""
+    MusicGen, AudioGen and MAGNeT release: pre-norm, no biases, GELU, sinusoidal positions, plain attention,
+    causal (MAGNeT: not)."""
     lm = setting(config, "transformer_lm")
     if not isinstance(lm, dict):
         raise AudiocraftError(f"{file}: its config has no transformer_lm section; download the model again.")
-    kind = config.get("lm_model")
-    if kind == "transformer_lm_magnet":
-        raise AudiocraftError(f"{file} is a MAGNeT checkpoint, which this version does not run yet: use a MusicGen "
-                              f"or AudioGen model.")
-    require(kind == "transformer_lm", file, "its LM is not audiocraft's transformer_lm", kind)
     # what the released models use; where a key is absent, audiocraft's classes' own default stands in
     for name, (value, default) in RELEASED_LM.items():
+        value = False if name == "causal" and magnet else value
         got = lm.get(name, default)
         require(got == value, file, f"its transformer_lm.{name} is not {value!r}", got)
     sizes = {name: lm.get(name) for name in ("dim", "num_heads", "num_layers", "n_q", "card", "hidden_scale")}
@@ -204,7 +207,7 @@ def decoder_section(config: dict, file: Path, channels: int) -> dict:
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             raise AudiocraftError(f"{file}: transformer_lm.{name} must be a whole number >= 1, got {value!r}: the "
                                   f"config is broken; download the model again.")
-    delays(config, file, sizes["n_q"], channels)
+    delays(config, file, sizes["n_q"], channels, magnet)
     return {"vocab_size": sizes["card"], "hidden_size": sizes["dim"], "num_hidden_layers": sizes["num_layers"],
             "num_attention_heads": sizes["num_heads"], "ffn_dim": sizes["dim"] * sizes["hidden_scale"],
             "num_codebooks": sizes["n_q"], "audio_channels": channels, "activation_function": "gelu",
@@ -316,6 +319,23 @@ def parsed(make):
     return checked
 
 
+def magnet_settings(config: dict, file: Path) -> dict:
+    """MAGNeT's span of masking (masking.span_len) and the context of codebooks above the first
+    (transformer_lm.subcodes_context), as audiocraft's load_lm_model_magnet passes them on; the clip is the
+    window (dataset.segment_duration, required)."""
+    span_len = setting(config, "masking.span_len", 3)
+    context = setting(config, "transformer_lm.subcodes_context", 5)
+    segment = setting(config, "dataset.segment_duration")
+    for name, value, low in (("masking.span_len", span_len, 1), ("transformer_lm.subcodes_context", context, -1)):
+        if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= 2**20):
+            raise AudiocraftError(f"{file}: {name} must be a whole number from {low}, got {SHOWN.repr(value)}: the "
+                                  f"config is broken; download the model again.")
+    if segment is None:
+        raise AudiocraftError(f"{file}: a MAGNeT config must give its clip's length (dataset.segment_duration); "
+                              f"download the model again.")
+    return {"span_len": span_len, "subcodes_context": context}
+
+
 class LM:
     """What state_dict.bin holds, checked: the family, the T5's name, the window (the config's
     dataset.segment_duration, audiocraft's max_duration), and the config's sections and tensors in transformers'
@@ -334,7 +354,12 @@ class LM:
                 "its channels are not mono, nor stereo by interleaved codebooks", config.get("channels"))
         require(not interleaved.get("per_timestep"), file, "its stereo codebooks interleave by timestep")
         self.sampling_rate = config.get("sample_rate")
-        self.decoder = decoder_section(config, file, self.channels)
+        kind = config.get("lm_model")
+        require(kind in ("transformer_lm", "transformer_lm_magnet"), file, "its LM is not audiocraft's "
+                "transformer_lm (MusicGen, AudioGen) or transformer_lm_magnet (MAGNeT)", kind)
+        magnet = kind == "transformer_lm_magnet"
+        self.decoder = decoder_section(config, file, self.channels, magnet)
+        self.magnet = magnet_settings(config, file) if magnet else None
         window = setting(config, "dataset.segment_duration", WINDOW_SECONDS[self.family])
         if not (isinstance(window, (int, float)) and not isinstance(window, bool) and 0 < window <= 3600):
             raise AudiocraftError(f"{file}: dataset.segment_duration must be seconds from 0 to 3600, got "

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from .loading import CHECKPOINT_FORMATS, CheckpointError
 from .model import DTYPES
-from .request import COMMAND_SETTINGS, GenerationConfig, command_settings
+from .request import COMMAND_SETTINGS, MODEL_KINDS, GenerationConfig, command_settings
 
 # CheckpointError is a ValueError; OSError covers missing, existing, unwritable files; FloatingPointError is
 # NaN/inf in the model's output (sampling.NonFiniteLogitsError, audio.write_audio).
@@ -60,22 +60,56 @@ def run_main(main: Callable[[], None], debug: bool) -> None:
         sys.exit(2)
 
 
+KIND_NAMES = {"audiogen": "AudioGen", "magnet": "MAGNeT"}  # the kinds whose defaults differ from MusicGen's
+
+
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """--duration, --seed, --guidance-scale, --top-k, --top-p, --temperature, --extend-stride and --greedy, made
-    from GenerationConfig's fields (request.command_settings): their types, defaults and help."""
-    music, sound = command_settings("musicgen"), command_settings("audiogen")
-    for name, setting in command_settings(None).items():  # the family's defaults are filled in once it loads
-        shown = "" if music[name].default is None else f" (default {music[name].default:g}" + (
-            f"; AudioGen {sound[name].default:g})" if sound[name].default != music[name].default else ")")
-        help = setting.help.split(" (default: the model's")[0]
+    from GenerationConfig's fields (request.command_settings): their types, help and each kind of model's
+    defaults (filled in once the model loads); and MAGNeT's --decoding-steps, --span-arrangement, --max-cfg and
+    --min-cfg."""
+    defaults = {kind: command_settings(kind) for kind in MODEL_KINDS}
+    for name, setting in command_settings(None).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=setting.kind, default=setting.default,
-                            help=help + shown)
+                            help=setting.help + shown_defaults(name, defaults))
     parser.add_argument("--greedy", action="store_true", help="always take the most likely code")
+    parser.add_argument("--decoding-steps", type=passes, help="MAGNeT: passes per codebook (default 20,10,10,10)")
+    parser.add_argument("--span-arrangement", choices=["nonoverlap", "stride1"], default="nonoverlap",
+                        help="MAGNeT: mask non-overlapping spans (default) or overlapping ones (stride1)")
+    parser.add_argument("--max-cfg", type=float, default=10.0,
+                        help="MAGNeT: guidance when all is masked, annealed to --min-cfg (default 10)")
+    parser.add_argument("--min-cfg", type=float, default=1.0, help="MAGNeT: guidance at the end (default 1)")
+
+
+def shown_defaults(name: str, defaults: dict) -> str:
+    """" (default 10; AudioGen 5; MAGNeT its clip)": MusicGen's default, then the kinds' that differ."""
+    def shown(value) -> str:
+        if value is None:
+            return "its clip" if name == "duration" else "none"
+        return f"{value:g}"
+
+    music = defaults["musicgen"][name].default
+    if music is None:
+        return ""
+    others = [f"{KIND_NAMES[kind]} {shown(settings[name].default)}" for kind, settings in defaults.items()
+              if kind != "musicgen" and settings[name].default != music]
+    return f" (default {shown(music)}" + "".join(f"; {other}" for other in others) + ")"
+
+
+def passes(text: str) -> tuple[int, ...]:
+    """--decoding-steps: whole numbers separated by commas."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give passes per codebook as whole numbers separated by commas, such as "
+                                         f"20,10,10,10, not {text!r}") from None
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     """The settings that add_generation_options' options give."""
-    return GenerationConfig(do_sample=not args.greedy, **{name: getattr(args, name) for name in COMMAND_SETTINGS})
+    return GenerationConfig(do_sample=not args.greedy, decoding_steps=args.decoding_steps,
+                            span_arrangement=args.span_arrangement, max_cfg=args.max_cfg, min_cfg=args.min_cfg,
+                            **{name: getattr(args, name) for name in COMMAND_SETTINGS})
 
 
 def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:

@@ -117,6 +117,7 @@ def additive_mask(mask: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
 
 
 SPAN = 128  # a compiled step attends over the cache in multiples of this many positions (see KVCache.at)
+CAUSAL = "causal"  # the self-attention's mask: causal over the new positions, as the cache has them
 
 
 class KVCache:
@@ -217,11 +218,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dims, dims, bias=False)
         self.out_proj = nn.Linear(dims, dims, bias=False)
 
-    def __call__(self, x: mx.array, cache: KVCache | None = None) -> mx.array:
-        """x (B, L, D), the L newest positions -> (B, L, D)."""
+    def __call__(self, x: mx.array, cache: KVCache | None = None, mask: mx.array | str | None = CAUSAL
+                 ) -> mx.array:
+        """x (B, L, D), the L newest positions -> (B, L, D); `mask` CAUSAL (over the cache, see
+        cached_keys_values), or without a cache None (every position) or an additive (L, L) mask (MAGNeT's)."""
         queries, keys, values = (split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        keys, values, mask = cached_keys_values(cache, keys, values)
-        out = self.attend(queries, keys, values, scale=self.scale, mask=mask)
+        keys, values, causal = cached_keys_values(cache, keys, values)
+        out = self.attend(queries, keys, values, scale=self.scale, mask=causal if mask is CAUSAL else mask)
         return self.out_proj(merge_heads(out))
 
 
@@ -268,8 +271,9 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn
         return KVCache(batch, attn.heads, attn.q_proj.weight.shape[0] // attn.heads, max_length, dtype)
 
-    def __call__(self, x: mx.array, text: TextKV | None = None, cache: KVCache | None = None) -> mx.array:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cache)
+    def __call__(self, x: mx.array, text: TextKV | None = None, cache: KVCache | None = None,
+                 mask: mx.array | str | None = CAUSAL) -> mx.array:
+        x = x + self.self_attn(self.self_attn_layer_norm(x), cache, mask)
         if self.cross_attention:
             x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), text)
         return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))

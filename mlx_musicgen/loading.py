@@ -375,6 +375,12 @@ def check_config(config: MusicGenConfig, file: Path, tensors: int) -> None:
         source = preprocessor_source(file.parent)
         check_fields(config.melody.features, "preprocessor", source[0] if source else file.parent)
         parts["melody"] = config.melody
+
+    if config.magnet is not None:  # its own check: subcodes_context may be -1
+        try:
+            config.magnet.check()
+        except ValueError as e:
+            raise CheckpointError(f"{file}: {e}; download or convert the model again.") from None
     for section, part in parts.items():
         check_fields(part, section, file)
         try:
@@ -465,11 +471,13 @@ def read_audiocraft(folder: Path, text_encoder: str | Path | None = None) -> tup
     if projection is not None and projection.shape[-1] != t5_config.get("d_model"):
         raise CheckpointError(f"the text encoder in {t5} is {t5_config.get('d_model')} wide, the LM reads "
                               f"{projection.shape[-1]}: give the T5 its config names ({lm.text_encoder}).")
+    frame_rate = EncodecConfig.from_dict(codec_config).frame_rate
+    window = int(lm.window_seconds * frame_rate)  # audiocraft's int(max_duration * frame_rate)
     raw = {"model_type": "musicgen", "text_encoder": t5_config, "decoder": lm.decoder, "audio_encoder": codec_config,
            AUDIOCRAFT_KEY: {"family": lm.family, "text_encoder": lm.text_encoder,
-                            "compression_model": codec.pretrained}}
-    frame_rate = EncodecConfig.from_dict(codec_config).frame_rate
-    generation = {"max_length": int(lm.window_seconds * frame_rate)}  # audiocraft's int(max_duration * frame_rate)
+                            "compression_model": codec.pretrained,
+                            "magnet": None if lm.magnet is None else {**lm.magnet, "frames": window}}}
+    generation = {"max_length": window}
     # a T5 fine-tuned with the LM comes with it, and takes the place of the Hub's
     return raw, generation, {**t5_weights, **as_mlx(lm.weights), **codec_weights}, t5
 

@@ -30,7 +30,7 @@ from typing import Callable, Protocol
 import mlx.core as mx
 import numpy as np
 
-from .decoder import Context
+from .decoder import Context, DecoderConfig, MusicgenDecoder
 from .sampling import apply_guidance, check_tokens, sample
 
 DONT_REMASK = -1e4  # the score of a kept token or span (the prompt's; and what the last pass did not mask)
@@ -48,8 +48,42 @@ class MagnetConfig:
     subcodes_context: int = 5
 
     def check(self) -> None:
-        if self.subcodes_context < -1:
-            raise ValueError(f"subcodes_context must be -1 (all frames) or more, got {self.subcodes_context}")
+        """Raise ValueError for settings that make no clip (each a whole number in its range)."""
+        for name, low in (("frames", 1), ("span_len", 1), ("subcodes_context", -1)):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and low <= value <= 2**31 - 1):
+                raise ValueError(f"MAGNeT's {name} must be a whole number from {low}, got {value!r}")
+
+
+class MagnetDecoder(MusicgenDecoder):
+    """MusicGen's transformer read without a causal mask over a whole clip: the first codebook's stage attends to
+    every frame, later stages only to the frames within subcodes_context of their own (audiocraft's
+    restricted_context_attn_mask); no KV cache (every pass reads the clip)."""
+
+    def __init__(self, config: DecoderConfig, magnet: MagnetConfig):
+        super().__init__(config)
+        self.magnet = magnet
+
+    @property
+    def span_len(self) -> int:
+        return self.magnet.span_len
+
+    def stage_mask(self, stage: int, length: int, dtype: mx.Dtype) -> mx.array | None:
+        """The self-attention's additive (length, length) mask at `stage`: 0 where |query - key| <=
+        subcodes_context, -inf elsewhere; None (every frame) for the first codebook or an unrestricted model."""
+        if stage == 0 or self.magnet.subcodes_context < 0:
+            return None
+        positions = mx.arange(length)
+        near = mx.abs(positions[:, None] - positions[None, :]) <= self.magnet.subcodes_context
+        return mx.where(near, mx.array(0.0, dtype), mx.array(-mx.inf, dtype))
+
+    def __call__(self, codes: mx.array, context: Context, stage: int = 0) -> mx.array:
+        """codes (B, K, T) of a whole clip (masked positions hold the mask token) -> logits (B, K, T, vocab)."""
+        x = self.add_positions(self.embed(codes), 0)
+        mask = self.stage_mask(stage, codes.shape[-1], x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, context.text[i], None, mask)
+        return self.logits(x)
 
 
 class MaskedLM(Protocol):
@@ -57,26 +91,27 @@ class MaskedLM(Protocol):
 
     num_codebooks: int
     pad_token_id: int  # the mask token
+    span_len: int
 
     def __call__(self, codes: mx.array, context: Context, stage: int) -> mx.array:
         """codes (B, K, T) -> logits (B, K, T, vocab), attending as `stage` does."""
 
 
 def linspace(steps: int) -> np.ndarray:
-    """torch.linspace(0, 1, steps) in float32, as torch computes it: from the start in the first half, from the end
-    in the second."""
+    """torch.linspace(0, 1, steps) in float32, as torch's vectorised CPU kernel computes it: a float32 step, then
+    from the start in the first half and from the end in the second, each by a fused multiply-add (one rounding:
+    a float32 product is exact in float64)."""
     if steps == 1:
         return np.zeros(1, np.float32)
-    step = np.float32(1.0) / np.float32(steps - 1)
+    step = np.float64(np.float32(1.0) / np.float32(steps - 1))
     i = np.arange(steps)
-    first = np.float32(0.0) + step * i.astype(np.float32)
-    second = np.float32(1.0) - step * (steps - 1 - i).astype(np.float32)
-    return np.where(i < steps // 2, first, second).astype(np.float32)
+    return np.where(i < steps // 2, step * i, 1.0 - step * (steps - 1 - i)).astype(np.float32)
 
 
 def mask_ratios(steps: int) -> np.ndarray:
-    """gamma_i = cos(t_i * pi * 0.5) of each pass, float32 (the product rounded as torch rounds it, the cosine
-    from float64 rounded once)."""
+    """gamma_i = cos(t_i * pi * 0.5) of each pass, float32: the products in float32, as torch's, the cosine from
+    float64 rounded once (torch's own float32 cosine is at times a step off it, which moves the guidance by 1e-7
+    and a count of masked spans only where ratio * count falls within a step of a whole number)."""
     angles = linspace(steps) * np.float32(math.pi) * np.float32(0.5)
     return np.cos(angles.astype(np.float64)).astype(np.float32)
 
@@ -101,8 +136,80 @@ def spans_mask(starts: np.ndarray, length: int, span_len: int) -> np.ndarray:
     """(length,) bool: True in the span_len frames from each start."""
     mask = np.zeros(length, bool)
     for offset in range(span_len):
-        mask[np.minimum(starts + offset, length - 1)[starts + offset < length]] = True
+        frames = starts + offset
+        mask[frames[frames < length]] = True
     return mask
+
+
+def descending_order(keys: np.ndarray) -> np.ndarray:
+    """Indices of `keys` (1-D) from the largest, ties in the order torch's CPU argsort(descending=True) gives them
+    (which decides which of equally scored spans are masked): libstdc++'s std::sort (introsort) of (key, index)
+    pairs by key. Without ties, any sort gives that order."""
+    if len(np.unique(keys)) == len(keys):
+        return np.argsort(-keys, kind="stable")
+    pairs = [(float(key), i) for i, key in enumerate(keys)]
+    introsort(pairs)
+    return np.array([i for _, i in pairs], dtype=np.int64)
+
+
+def introsort(a: list, threshold: int = 16) -> None:
+    """libstdc++'s std::sort of `a` by its items' first element, descending, in place: median-of-three
+    quicksort down to runs of `threshold`, then one insertion sort (its heapsort fallback past the depth limit,
+    which median-of-three pivots do not reach on such short score rows, is a plain sort here)."""
+    def before(x, y) -> bool:
+        return x[0] > y[0]
+
+    def median_to_first(result: int, i: int, j: int, k: int) -> None:
+        if before(a[i], a[j]):
+            pick = j if before(a[j], a[k]) else k if before(a[i], a[k]) else i
+        else:
+            pick = i if before(a[i], a[k]) else k if before(a[j], a[k]) else j
+        a[result], a[pick] = a[pick], a[result]
+
+    def partition(first: int, last: int, pivot: int) -> int:
+        while True:
+            while before(a[first], a[pivot]):
+                first += 1
+            last -= 1
+            while before(a[pivot], a[last]):
+                last -= 1
+            if first >= last:
+                return first
+            a[first], a[last] = a[last], a[first]
+            first += 1
+
+    def loop(first: int, last: int, depth: int) -> None:
+        while last - first > threshold:
+            if depth == 0:
+                a[first:last] = sorted(a[first:last], key=lambda pair: -pair[0])
+                return
+            depth -= 1
+            median_to_first(first, first + 1, first + (last - first) // 2, last - 1)
+            cut = partition(first + 1, last, first)
+            loop(cut, last, depth)
+            last = cut
+
+    def linear_insert(last: int) -> None:
+        value = a[last]
+        while before(value, a[last - 1]):
+            a[last] = a[last - 1]
+            last -= 1
+        a[last] = value
+
+    def insertion_sort(first: int, last: int) -> None:
+        for i in range(first + 1, last):
+            if before(a[i], a[first]):
+                a[first + 1 : i + 1], a[first] = a[first:i], a[i]
+            else:
+                linear_insert(i)
+
+    n = len(a)
+    if n < 2:
+        return
+    loop(0, n, 2 * (n.bit_length() - 1))
+    insertion_sort(0, min(n, threshold))
+    for i in range(threshold, n):
+        linear_insert(i)
 
 
 def least_probable_spans(scores: np.ndarray, target: int, span_len: int) -> np.ndarray:
@@ -112,7 +219,7 @@ def least_probable_spans(scores: np.ndarray, target: int, span_len: int) -> np.n
     length = scores.shape[0]
     windows = np.lib.stride_tricks.sliding_window_view(scores, span_len)
     span_scores = windows.sum(axis=-1, dtype=np.float32)
-    order = np.argsort(-span_scores, kind="stable")
+    order = descending_order(span_scores)
     target = max(target, span_len)
     low, high = target // span_len, target - span_len + 1
     mid = round(0.5 * (low + high))
@@ -230,7 +337,7 @@ def generate_clip(lm: MaskedLM, context: Context, guided: bool, batch: int, fram
         if progress is not None:
             progress(done, total)
 
-    span_len = getattr(lm, "span_len", 1)
     for stage in range(K):
-        codes = generate_stage(lm, codes, context, guided, stage, prompt_frames, span_len, decoding, keys, on_pass)
+        codes = generate_stage(lm, codes, context, guided, stage, prompt_frames, lm.span_len, decoding, keys,
+                               on_pass)
     return mx.array(codes)

@@ -18,6 +18,7 @@ import numpy as np
 from .decoder import Context, DecoderConfig, MusicgenDecoder
 from .encodec import EncodecConfig, EncodecModel
 from .limits import FAMILIES
+from .magnet import MagnetConfig, MagnetDecoder
 from .melody import MelodyConfig, MelodyDecoder, chroma_rows, prefix_context
 from .t5 import T5Config, T5Encoder
 
@@ -35,7 +36,8 @@ class MusicGenConfig:
     max_length: int = 1500  # the checkpoint's generation window: frames by duration, positions by steps
     quantization: dict | None = None
     melody: MelodyConfig | None = None  # MusicGen-Melody's chroma conditioning
-    family: str = "musicgen"  # or "audiogen" (request.FAMILY_DEFAULTS)
+    family: str = "musicgen"  # or "audiogen": music or sound (request.MODEL_DEFAULTS)
+    magnet: MagnetConfig | None = None  # MAGNeT: masked decoding of a fixed clip (magnet.py)
     # audiocraft's models attend to the text's padding too (zero states, hence zero keys and values), where
     # transformers' mask it: the same only without padding (one text, or texts of one length)
     attend_text_padding: bool = False
@@ -57,7 +59,8 @@ class MusicGenConfig:
         family = "musicgen" if origin is None else origin["family"]
         if family not in FAMILIES:
             raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
-        return cls(text, decoder, audio, project, max_length, converted.get("quantization"), chroma, family,
+        magnet = None if origin is None or origin.get("magnet") is None else MagnetConfig(**origin["magnet"])
+        return cls(text, decoder, audio, project, max_length, converted.get("quantization"), chroma, family, magnet,
                    attend_text_padding=origin is not None)  # checked by the loader
 
     @property
@@ -86,7 +89,10 @@ class MusicGenModel(nn.Module):
         self.text_encoder = T5Encoder(config.text_encoder)
         if config.project_text:
             self.enc_to_dec_proj = nn.Linear(config.text_encoder.d_model, config.decoder.hidden_size)
-        self.decoder = (MusicgenDecoder if config.melody is None else MelodyDecoder)(config.decoder)
+        if config.magnet is not None:
+            self.decoder = MagnetDecoder(config.decoder, config.magnet)
+        else:
+            self.decoder = (MusicgenDecoder if config.melody is None else MelodyDecoder)(config.decoder)
         if config.melody is not None and config.melody.num_chroma != config.decoder.hidden_size:
             self.audio_enc_to_dec_proj = nn.Linear(config.melody.num_chroma, config.decoder.hidden_size)
         self.audio_encoder = EncodecModel(config.audio_encoder)

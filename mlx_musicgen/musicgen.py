@@ -21,6 +21,7 @@ from .decoder import Context, MusicgenDecoder
 from .encodec import EncodecModel
 from .generation import Progress, generate_frames
 from .longform import Window
+from .magnet import Decoding, generate_clip
 from .melody import window_features
 from .model import MusicGenConfig, MusicGenModel
 from .request import GenerationConfig, ModelShape, PromptInput, Request, prepare, trim_padding
@@ -132,8 +133,10 @@ class MusicGen:
         """What checking a request needs to know of this model."""
         config = self.config
         melody_rate = None if config.melody is None else config.melody.features.sampling_rate
+        magnet_frames = None if config.magnet is None else config.magnet.frames
         return ModelShape(self.sampling_rate, self.frame_rate, self.audio_channels, self.num_codebooks,
-                          self.window_frames, config.max_length, config.decoder.vocab_size, melody_rate, self.family)
+                          self.window_frames, config.max_length, config.decoder.vocab_size, melody_rate, self.family,
+                          magnet_frames)
 
     # ---- conditioning
 
@@ -187,6 +190,8 @@ class MusicGen:
                ) -> Iterator[mx.array]:
         """The codes (B, K, n) of a checked request, the prompt's first, as they are decoded: what generate,
         generate_stream and generate_tokens all share."""
+        if self.config.magnet is not None:
+            return iter([self.magnet_clip(request, config, progress)])
         # as the reference: no guidance without text or melody
         guided = (request.texts is not None or request.melody is not None) and config.guidance_scale > 1.0
         states, mask = self.conditioning(request.texts, request.num_samples, guided)
@@ -203,11 +208,27 @@ class MusicGen:
 
         return generate_frames(self.decoder, context, guided, request, config, progress)
 
+    def magnet_clip(self, request: Request, config: GenerationConfig, progress: Progress | None = None
+                    ) -> mx.array:
+        """A MAGNeT model's clip (B, K, n), the prompt's codes first, made whole by its passes (progress counts
+        them) and cut to the length asked for; guided (annealed from max_cfg to min_cfg) wherever there is text,
+        as audiocraft guides it."""
+        guided = request.texts is not None
+        states, mask = self.conditioning(request.texts, request.num_samples, guided)
+        decoding = Decoding(do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k,
+                            top_p=config.top_p, max_cfg=config.max_cfg, min_cfg=config.min_cfg,
+                            decoding_steps=tuple(config.decoding_steps), span_arrangement=config.span_arrangement,
+                            seed=config.seed)
+        codes = generate_clip(self.decoder, self.model.decoder_context(states, mask), guided, request.num_samples,
+                              self.config.magnet.frames, decoding, request.prompt_codes, progress)
+        return codes[..., : request.total_frames]
+
     def checked_request(self, config: GenerationConfig | None, settings: dict, texts, **inputs) -> tuple[
             Request, GenerationConfig]:
         """A checked request and its settings (`config` with keyword `settings` over it), before any work."""
         config = GenerationConfig.with_settings(config, settings)
-        return prepare(self.shape, self.encode_audio, config, texts, **inputs), config
+        request = prepare(self.shape, self.encode_audio, config, texts, **inputs)
+        return request, config.for_model(self.shape.kind, length=False)  # the model's sampling where not given
 
     def generate_tokens(
         self,

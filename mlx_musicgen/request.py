@@ -26,18 +26,27 @@ COMMAND_DURATION = 10.0  # seconds: the commands' (CLI, studio) default length o
 
 
 @dataclass(frozen=True)
-class FamilyDefaults:
-    """What a family's generations take when the request does not say (audiocraft's own, for AudioGen): the
-    API's duration (None: one window), the commands' (CLI, studio), and the long form's stride."""
+class ModelDefaults:
+    """What a kind of model's generations take where the request leaves the choice to the model: the API's
+    duration (None: one window, a MAGNeT model's clip), the commands' (CLI, studio; None: the same), the long
+    form's stride (None: no long form), and sampling."""
 
     duration: float | None
-    command_duration: float
-    extend_stride: float
+    command_duration: float | None
+    extend_stride: float | None
+    top_k: int
+    top_p: float
+    temperature: float
 
 
-FAMILY_DEFAULTS = {"musicgen": FamilyDefaults(None, COMMAND_DURATION, 18.0),  # audiocraft's stride
-                   "audiogen": FamilyDefaults(5.0, 5.0, 2.0)}  # audiocraft's AudioGen: all three
-assert set(FAMILY_DEFAULTS) == set(FAMILIES)
+MODEL_DEFAULTS = {
+    "musicgen": ModelDefaults(None, COMMAND_DURATION, 18.0, 250, 0.0, 1.0),  # transformers' sampling, audiocraft's stride
+    "audiogen": ModelDefaults(5.0, 5.0, 2.0, 250, 0.0, 1.0),  # audiocraft's AudioGen
+    "magnet": ModelDefaults(None, None, None, 0, 0.9, 3.0),  # audiocraft's MAGNeT: its clip, annealed sampling
+}
+MODEL_KINDS = tuple(MODEL_DEFAULTS)  # the families (limits.FAMILIES) and MAGNeT, whose decoding differs
+assert set(FAMILIES) <= set(MODEL_KINDS)
+MAGNET_STEPS = (20, 10, 10, 10)  # audiocraft's MAGNeT: passes per codebook
 
 
 def is_real(x) -> bool:
@@ -45,22 +54,43 @@ def is_real(x) -> bool:
 
 
 def check_sampling(
-    *, guidance_scale: float, top_k: int, top_p: float, temperature: float, vocab_size: int | None = None
+    *, guidance_scale: float, top_k: int | None, top_p: float | None, temperature: float | None,
+    vocab_size: int | None = None
 ) -> None:
-    """Reject sampling settings that cannot mean anything, with the valid range in the message.
-    Without `vocab_size` (before a model is loaded) top_k is checked against 0 only."""
-    if not (is_real(guidance_scale) and 0 <= guidance_scale <= MAX_GUIDANCE):
-        raise ValueError(f"guidance_scale must be between 0 and {MAX_GUIDANCE:g} (3 is typical; 1 or less: no "
-                         f"guidance), got {guidance_scale}.")
-    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
-        raise ValueError(f"top_k must be a whole number (0: off), got {top_k!r}.")
-    if top_k < 0 or (vocab_size is not None and top_k > vocab_size):
-        upper = f"the vocabulary size {vocab_size}" if vocab_size is not None else "the vocabulary size"
-        raise ValueError(f"top_k must be between 0 (off) and {upper}, got {top_k}.")
-    if not (is_real(top_p) and 0.0 <= top_p <= 1.0):
+    """Reject sampling settings that cannot mean anything, with the valid range in the message (None: the
+    model's default, not checked). Without `vocab_size` (before a model is loaded) top_k is checked against 0
+    only."""
+    check_guidance("guidance_scale", guidance_scale)
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)):
+            raise ValueError(f"top_k must be a whole number (0: off), got {top_k!r}.")
+        if top_k < 0 or (vocab_size is not None and top_k > vocab_size):
+            upper = f"the vocabulary size {vocab_size}" if vocab_size is not None else "the vocabulary size"
+            raise ValueError(f"top_k must be between 0 (off) and {upper}, got {top_k}.")
+    if top_p is not None and not (is_real(top_p) and 0.0 <= top_p <= 1.0):
         raise ValueError(f"top_p must be between 0 (off) and 1, got {top_p}.")
-    if not (is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
+    if temperature is not None and not (is_real(temperature) and math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
+
+
+def check_guidance(name: str, scale: float) -> None:
+    if not (is_real(scale) and 0 <= scale <= MAX_GUIDANCE):
+        raise ValueError(f"{name} must be between 0 and {MAX_GUIDANCE:g} (3 is typical; 1 or less: no "
+                         f"guidance), got {scale}.")
+
+
+def check_magnet(config) -> None:
+    """MAGNeT's settings: passes per codebook (whole numbers from 1 to 1000), the span arrangement, and the
+    guidance it anneals between."""
+    steps = config.decoding_steps
+    if steps is not None and not (isinstance(steps, (tuple, list)) and 0 < len(steps) <= 64 and all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 1 <= n <= 1000 for n in steps)):
+        raise ValueError(f"decoding_steps must be passes per codebook, each a whole number from 1 to 1000 (20,10,10,10 "
+                         f"is typical), got {steps!r}.")
+    if config.span_arrangement not in ("nonoverlap", "stride1"):
+        raise ValueError(f"span_arrangement must be nonoverlap or stride1, got {config.span_arrangement!r}.")
+    check_guidance("max_cfg", config.max_cfg)
+    check_guidance("min_cfg", config.min_cfg)
 
 
 def check_duration(duration: float) -> None:
@@ -213,13 +243,18 @@ class GenerationConfig:
     duration: float | None = setting(None, "seconds of audio in all, an audio prompt included")
     max_new_tokens: int | None = setting(None, "decoder steps, as transformers counts them (instead of duration)")
     do_sample: bool = setting(True, "sample (False: always take the most likely code)")
-    guidance_scale: float = setting(3.0, "classifier-free guidance (1 or less: none)")
-    top_k: int = setting(250, "sample from the k most likely codes (0: off)")
-    top_p: float = setting(0.0, "nucleus sampling threshold (0: off)")
-    temperature: float = setting(1.0, "sampling temperature (0: greedy)")
+    guidance_scale: float = setting(3.0, "classifier-free guidance (1 or less: none; MAGNeT anneals from "
+                                         "max_cfg to min_cfg instead)")
+    top_k: int | None = setting(None, "sample from the k most likely codes (0: off)")
+    top_p: float | None = setting(None, "nucleus sampling threshold (0: off)")
+    temperature: float | None = setting(None, "sampling temperature (0: greedy)")
     seed: int | None = setting(None, "the same seed gives the same music")
-    extend_stride: float | None = setting(None, "beyond the model's window, seconds each next window moves on "
-                                                "(default: the model's, 18 for MusicGen, 2 for AudioGen)")
+    extend_stride: float | None = setting(None, "beyond the model's window, seconds each next window moves on")
+    # MAGNeT's own (the model's defaults are audiocraft's)
+    decoding_steps: tuple[int, ...] | None = setting(None, "MAGNeT: passes per codebook")
+    span_arrangement: str = setting("nonoverlap", "MAGNeT: masking by non-overlapping spans, or stride1")
+    max_cfg: float = setting(10.0, "MAGNeT: guidance when all is masked, annealed to min_cfg")
+    min_cfg: float = setting(1.0, "MAGNeT: guidance when nothing is masked")
 
     @classmethod
     def with_settings(cls, config: GenerationConfig | None, settings: dict) -> GenerationConfig:
@@ -234,11 +269,15 @@ class GenerationConfig:
             settings = {**{name: None for name in lengths}, **settings}
         return dataclasses.replace(config or cls(), **settings)
 
-    def for_family(self, family: str, command: bool = False, length: bool = True) -> GenerationConfig:
-        """These settings with the family's defaults (FAMILY_DEFAULTS) where they leave a choice to the model:
-        the stride, and (`length`) the duration when no length is given (the commands' with `command`)."""
-        defaults = FAMILY_DEFAULTS[family]
-        changes = {"extend_stride": defaults.extend_stride} if self.extend_stride is None else {}
+    def for_model(self, kind: str, command: bool = False, length: bool = True) -> GenerationConfig:
+        """These settings with the defaults of the model's kind (MODEL_DEFAULTS: "musicgen", "audiogen" or
+        "magnet") where they leave the choice to the model: sampling, the stride, MAGNeT's passes, and
+        (`length`) the duration when no length is given (the commands' with `command`)."""
+        defaults = MODEL_DEFAULTS[kind]
+        changes = {name: getattr(defaults, name) for name in ("top_k", "top_p", "temperature", "extend_stride")
+                   if getattr(self, name) is None}
+        if self.decoding_steps is None and kind == "magnet":
+            changes["decoding_steps"] = MAGNET_STEPS
         if length and self.duration is None and self.max_new_tokens is None:
             changes["duration"] = defaults.command_duration if command else defaults.duration
         return dataclasses.replace(self, **changes)
@@ -248,6 +287,7 @@ class GenerationConfig:
         before a model loads is checked here, once, for the API, the CLI and the studio alike."""
         check_sampling(guidance_scale=self.guidance_scale, top_k=self.top_k, top_p=self.top_p,
                        temperature=self.temperature, vocab_size=vocab_size)
+        check_magnet(self)
         if self.duration is not None and self.max_new_tokens is not None:
             raise ValueError("Give duration or max_new_tokens, not both.")
         if self.duration is not None:
@@ -269,19 +309,19 @@ class Setting(NamedTuple):
     help: str
 
 
-def command_settings(family: str | None = "musicgen") -> dict[str, Setting]:
+def command_settings(kind: str | None = "musicgen") -> dict[str, Setting]:
     """The type, default and help of each setting the commands offer, from GenerationConfig's fields, the
-    duration and stride the family's (FAMILY_DEFAULTS; None: not yet known, left to the model)."""
+    defaults those of the model's kind (MODEL_DEFAULTS; None: not yet known, left to the model)."""
     fields = {f.name: f for f in dataclasses.fields(GenerationConfig)}
     hints = typing.get_type_hints(GenerationConfig)
-    defaults = None if family is None else FAMILY_DEFAULTS[family]
+    defaults = None if kind is None else MODEL_DEFAULTS[kind]
     settings = {}
     for name in COMMAND_SETTINGS:
-        kind = next(k for k in typing.get_args(hints[name]) or (hints[name],) if k is not type(None))
+        type_ = next(k for k in typing.get_args(hints[name]) or (hints[name],) if k is not type(None))
         default = fields[name].default
-        if defaults is not None and name in ("duration", "extend_stride"):
-            default = defaults.command_duration if name == "duration" else defaults.extend_stride
-        settings[name] = Setting(kind, default, fields[name].metadata["help"])
+        if defaults is not None and hasattr(defaults, name):
+            default = defaults.command_duration if name == "duration" else getattr(defaults, name)
+        settings[name] = Setting(type_, default, fields[name].metadata["help"])
     return settings
 
 
@@ -300,10 +340,16 @@ class ModelShape:
     vocab_size: int
     melody_rate: int | None = None
     family: str = "musicgen"
+    magnet_frames: int | None = None  # a MAGNeT model's clip (it makes that, whole, and no more)
 
     @property
     def window_seconds(self) -> float:
         return self.window_frames / self.frame_rate
+
+    @property
+    def kind(self) -> str:
+        """Which defaults its generations take (MODEL_DEFAULTS)."""
+        return "magnet" if self.magnet_frames is not None else self.family
 
 
 @dataclass
@@ -353,12 +399,12 @@ def prepare(
     A duration gives round(duration * frame_rate) frames in all, the prompt included; max_new_tokens counts
     decoder steps as the reference does (frames out = prompt frames + steps + 1 - codebooks per channel);
     `total_frames` (codes in, codes out) is a frame count. None of them: the family's duration (AudioGen's 5 s),
-    or one window of the checkpoint's max_length positions (MusicGen's).
+    or one window of the checkpoint's max_length positions (MusicGen's), or a MAGNeT model's clip.
 
     A melody (melody checkpoints only) is one for every item or one per item; without texts or prompts, a
     list of melodies makes one item each."""
     texts, num_samples = check_texts(texts, num_samples)
-    config = config.for_family(model.family, length=total_frames is None)
+    config = config.for_model(model.kind, length=total_frames is None)
     config.check(model.vocab_size)  # the model's own window is checked with the length (by_frames)
     check_one_length(config, total_frames)
     melodies = None if melody is None else model_melodies(model, melody, melody_sr)
@@ -371,7 +417,9 @@ def prepare(
         melodies = melodies_per_item(melodies, num_samples)
     prompt_frames = 0 if codes is None else codes.shape[-1]
     steps = None
-    if total_frames is None and config.duration is None:
+    if model.magnet_frames is not None:
+        windows = magnet_clip(model, config, total_frames, prompt_frames)
+    elif total_frames is None and config.duration is None:
         steps, windows = by_steps(model, config.max_new_tokens, prompt_frames)
     else:
         total = int(total_frames) if total_frames is not None else round(config.duration * model.frame_rate)
@@ -418,6 +466,29 @@ def prompted(model: ModelShape, encode_audio: AudioEncoder, texts: list[str] | N
             raise ValueError(f"{len(texts)} texts for {prompt_codes.shape[0]} prompts: give one text per prompt.")
         return prompt_codes.shape[0], np.asarray(prompt_codes), ()
     return num_samples, None, ()
+
+
+def magnet_clip(model: ModelShape, config: GenerationConfig, total_frames: int | None, prompt_frames: int
+                ) -> list[longform.Window]:
+    """A MAGNeT model's one window: its whole clip is made, and cut to a shorter length asked for; a longer one,
+    or a length in decoder steps, is refused."""
+    clip = model.magnet_frames
+    seconds = clip / model.frame_rate
+    if config.max_new_tokens is not None:
+        raise ValueError(f"a MAGNeT model makes a whole clip in passes, not steps: give a duration (at most "
+                         f"{seconds:g} s) instead of max_new_tokens.")
+    if config.decoding_steps is not None and len(config.decoding_steps) != model.num_codebooks:
+        raise ValueError(f"decoding_steps must give passes for each of the model's {model.num_codebooks} codebooks, "
+                         f"got {len(config.decoding_steps)} ({','.join(map(str, config.decoding_steps))}).")
+    total = clip if total_frames is None and config.duration is None else (
+        int(total_frames) if total_frames is not None else round(config.duration * model.frame_rate))
+    if total > clip:
+        raise ValueError(f"this MAGNeT model makes clips of {seconds:g} s, and not longer: ask for at most "
+                         f"{seconds:g} s.")
+    if total <= prompt_frames:
+        raise ValueError(f"the length asked for is not longer than the prompt ({prompt_frames / model.frame_rate:.2f} "
+                         f"s): ask for more.")
+    return [longform.Window(0, prompt_frames, total)]
 
 
 def by_steps(model: ModelShape, steps: int | None, prompt_frames: int) -> tuple[int, list[longform.Window]]:

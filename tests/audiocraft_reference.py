@@ -54,21 +54,47 @@ def xformers_stand_in():
     return stand_ins(("xformers", "xformers.ops"))
 
 
+def xformers_attention(q, k, v, attn_bias=None, p: float = 0.0):
+    """xformers.ops.memory_efficient_attention ((B, T, heads, D) in and out) by torch's attention: `attn_bias`
+    None, a LowerTriangularMask (the stand-in's: causal) or an additive tensor (MAGNeT's restricted context)."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    tensor = isinstance(attn_bias, torch.Tensor)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_bias if tensor else None, is_causal=attn_bias is not None and not tensor,
+        dropout_p=p)
+    return out.transpose(1, 2)
+
+
+@contextlib.contextmanager
+def xformers_backend():
+    """Within the block, audiocraft's attention takes its xformers path (as MAGNeT's loader sets it: its torch
+    path drops MAGNeT's restricted-context masks), run by xformers_attention."""
+    from audiocraft.modules import transformer
+
+    transformer.set_efficient_attention_backend("xformers")
+    try:
+        with xformers_stand_in():
+            yield
+    finally:
+        transformer.set_efficient_attention_backend("torch")
+
+
 def import_audiocraft() -> types.SimpleNamespace:
     """audiocraft's builders, loaders and OmegaConf, imported once with the stand-ins in place."""
     if "audiocraft.models.builders" not in sys.modules:
         with stand_ins():
             import audiocraft.models.builders  # noqa: F401
             import audiocraft.models.loaders  # noqa: F401
-        # transformer.py bound `from xformers import ops` to the stand-in; what it calls of it is torch's unbind
+        # transformer.py bound `from xformers import ops` to the stand-in; what it calls of it, torch does
         from audiocraft.modules import transformer
-        transformer.ops = types.SimpleNamespace(unbind=torch.unbind)
+        transformer.ops = types.SimpleNamespace(unbind=torch.unbind, memory_efficient_attention=xformers_attention)
     import audiocraft
-    from audiocraft.models import AudioGen, MusicGen, builders, encodec, loaders
+    from audiocraft.models import MAGNeT, AudioGen, MusicGen, builders, encodec, loaders
     from omegaconf import OmegaConf
 
     return types.SimpleNamespace(version=audiocraft.__version__, builders=builders, loaders=loaders,
-                                 OmegaConf=OmegaConf, MusicGen=MusicGen, AudioGen=AudioGen, encodec=encodec)
+                                 OmegaConf=OmegaConf, MusicGen=MusicGen, AudioGen=AudioGen, MAGNeT=MAGNeT,
+                                 encodec=encodec)
 
 
 def codec_config(sample_rate: int = 32000, ratios=(8, 5, 4, 2), n_q: int = 4, bins: int = 64, dimension: int = 16):
@@ -126,28 +152,36 @@ def export_pointer(path: Path, pretrained: str) -> Path:
 
 def lm_config(t5_name: str = "t5-base", dim: int = 32, heads: int = 2, layers: int = 2, n_q: int = 4,
               card: int = 64, duration: float = 30.0, solver: str = "musicgen", sample_rate: int = 32000,
-              channels: int = 1):
+              channels: int = 1, subcodes_context: int = 5):
     """A small LM's training config, laid out as audiocraft's config/model/lm/musicgen_lm.yaml with
     conditioner/text2music.yaml (delay pattern, T5 cross-attention, pre-norm, no biases), or AudioGen's
     (`solver` "audiogen"); stereo (`channels` 2) interleaves n_q codebooks L0, R0, L1, ... as
-    config/solver/musicgen/musicgen_base_32khz stereo configs do."""
+    config/solver/musicgen/musicgen_base_32khz stereo configs do; MAGNeT's (`solver` "magnet" or
+    "audio_magnet"): non-causal, parallel codebooks, spans of 3, `subcodes_context` frames for codebooks above
+    the first (config/solver/magnet)."""
     ac = import_audiocraft()
+    magnet = solver in ("magnet", "audio_magnet")
     return ac.OmegaConf.create({
-        "device": "cpu", "dtype": "float32", "lm_model": "transformer_lm", "solver": solver,
+        "device": "cpu", "dtype": "float32", "lm_model": "transformer_lm_magnet" if magnet else "transformer_lm",
+        "solver": solver, "masking": {"span_len": 3},
         "sample_rate": sample_rate, "channels": channels,
         "interleave_stereo_codebooks": {"use": channels == 2, "per_timestep": False},
         "dataset": {"segment_duration": duration},
-        "codebooks_pattern": {"modeling": "delay", "delay": {"delays": [k // channels for k in range(n_q)],
-                                                             "flatten_first": 0, "empty_initial": 0}},
+        "codebooks_pattern": {"modeling": "parallel", "parallel": {"empty_initial": -1}} if magnet else {
+            "modeling": "delay", "delay": {"delays": [k // channels for k in range(n_q)], "flatten_first": 0,
+                                           "empty_initial": 0}},
         "transformer_lm": {"dim": dim, "num_heads": heads, "num_layers": layers, "hidden_scale": 4, "n_q": n_q,
                            "card": card, "dropout": 0.0, "emb_lr": None, "activation": "gelu", "norm_first": True,
                            "bias_ff": False, "bias_attn": False, "bias_proj": False, "past_context": None,
-                           "causal": True, "custom": False, "memory_efficient": True,
+                           "causal": not magnet, "custom": False, "memory_efficient": True,
                            "attention_as_float32": False, "layer_scale": None, "positional_embedding": "sin",
                            "xpos": False, "checkpointing": "none", "weight_init": "gaussian",
                            "depthwise_init": "current", "zero_bias_init": True, "norm": "layer_norm",
                            "cross_attention": False, "qk_layer_norm": False, "qk_layer_norm_cross": False,
-                           "attention_dropout": None, "kv_repeat": 1, "two_step_cfg": False},
+                           "attention_dropout": None, "kv_repeat": 1, "two_step_cfg": False,
+                           # MAGNeT's (its loader sets the last three from the dataset, masking and codec)
+                           **({"subcodes_context": subcodes_context, "compression_model_framerate": 50,
+                               "segment_duration": 0, "span_len": -1} if magnet else {})},
         "classifier_free_guidance": {"training_dropout": 0.3, "inference_coef": 3.0},
         "attribute_dropout": {},
         "fuser": {"cross_attention_pos_emb": False, "cross_attention_pos_emb_scale": 1, "sum": [], "prepend": [],
@@ -195,15 +229,16 @@ class LocalT5:
         conditioners.T5Conditioner.MODELS_DIMS.update(self.saved[2])
 
 
-def random_lm(cfg, seed: int = 0) -> torch.nn.Module:
-    """audiocraft's LM built from `cfg` by its own builder (inside LocalT5), every weight drawn at random."""
+def random_lm(cfg, seed: int = 0, head_scale: float = 0.1) -> torch.nn.Module:
+    """audiocraft's LM built from `cfg` by its own builder (inside LocalT5), every weight drawn at random (normal,
+    of standard deviation 0.1; `head_scale` for the output heads)."""
     ac = import_audiocraft()
     torch.manual_seed(seed)
     model = ac.builders.get_lm_model(cfg).eval()
     with torch.no_grad():
-        for tensor in model.state_dict().values():
+        for name, tensor in model.state_dict().items():
             if tensor.is_floating_point():
-                tensor.copy_(torch.randn_like(tensor) * 0.1)
+                tensor.copy_(torch.randn_like(tensor) * (head_scale if name.startswith("linears.") else 0.1))
     return model
 
 

@@ -14,6 +14,7 @@ import mlx.core as mx
 
 from ..decoder import MusicgenDecoder
 from ..encodec import EncodecModel
+from ..magnet import MagnetDecoder
 from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
 from .threads import blas_threads_itself, choose_blas_team, parallel_streams, portable_requested
@@ -25,9 +26,12 @@ __all__ = ["optimize_for_cpu", "optimize_for_training", "warn_if_slow", "portabl
 
 def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> None:
     """Swap the decoder's and EnCodec's modules for their CPU forms, in place, and (with MKL) size MKL's thread
-    team by timing a few decoding steps (threads.choose_blas_team)."""
-    optimize_decoder(decoder)
+    team by timing a few decoding steps (threads.choose_blas_team). MAGNeT's decoder reads whole clips, products
+    of matrices that MLX's own layers run well: only its EnCodec is swapped."""
     optimize_encodec(audio_encoder)
+    if isinstance(decoder, MagnetDecoder):
+        return
+    optimize_decoder(decoder)
     if uses_blas(decoder):
         config = decoder.config
         choose_blas_team(timing_step(decoder), (type(decoder).__name__, config.hidden_size, config.ffn_dim,

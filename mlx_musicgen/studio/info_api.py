@@ -18,5 +18,5 @@ def info(jobs: Jobs, max_upload_bytes: MaxUploadBytes) -> dict:
     return {**jobs.model_info, "model": jobs.model_name, "version": __version__, "max_upload_bytes": max_upload_bytes,
             "max_queued": jobs.max_queued, "output": str(jobs.output),
             "defaults": {name: setting.default for name, setting in
-                         command_settings(jobs.model_info.get("family", "musicgen")).items()},
+                         command_settings(jobs.model_info.get("kind", "musicgen")).items()},
             "max_duration": MAX_DURATION, "max_guidance": MAX_GUIDANCE}

@@ -5,6 +5,7 @@ it, and a job is checked by GenerationConfig.check(), as generate.py checks its 
 
 from __future__ import annotations
 
+import dataclasses
 import reprlib
 import unicodedata
 from dataclasses import dataclass, field
@@ -46,9 +47,13 @@ JobForm = create_model(
 KNOWN = tuple(JobForm.model_fields)
 
 
-def command_config(family: str = "musicgen", **settings) -> GenerationConfig:
-    """A GenerationConfig with the commands' defaults for the model's family (duration, stride)."""
-    return GenerationConfig(**settings).for_family(family, command=True)
+def command_config(kind: str = "musicgen", window_seconds: float | None = None, **settings) -> GenerationConfig:
+    """A GenerationConfig with the commands' defaults for the model's kind (request.MODEL_DEFAULTS), the window
+    (`window_seconds`: a MAGNeT model's clip) where the kind's default length is one window."""
+    config = GenerationConfig(**settings).for_model(kind, command=True)
+    if config.duration is None and config.max_new_tokens is None:
+        config = dataclasses.replace(config, duration=window_seconds)
+    return config
 
 
 @dataclass
@@ -81,7 +86,8 @@ class JobSettings:
                 if not isinstance(value, str):
                     raise ValueError(f"{name} must be text, got {quoted(value)}.")
                 texts[name] = value
-        settings = cls(command_config((model_info or {}).get("family", "musicgen"), **numbers), **texts)
+        info = model_info or {}
+        settings = cls(command_config(info.get("kind", "musicgen"), info.get("window_seconds"), **numbers), **texts)
         settings.check(model_info)
         return settings
 
@@ -150,7 +156,7 @@ def check_frames(config: GenerationConfig, frame_rate: float) -> None:
     if config.duration is not None and round(config.duration * frame_rate) < 1:
         raise ValueError(f"duration {config.duration:g} s makes no audio (a frame is {1 / frame_rate:g} s): "
                          f"ask for at least {1 / frame_rate:g} s.")
-    if int(config.extend_stride * frame_rate) < 1:
+    if config.extend_stride is not None and int(config.extend_stride * frame_rate) < 1:
         raise ValueError(f"extend_stride {config.extend_stride:g} s is less than a frame: give at least "
                          f"{1 / frame_rate:g} s.")
 

@@ -1,0 +1,156 @@
+"""MAGNeT against audiocraft 1.3.0's own (models/lm_magnet.py, models/magnet.py): random-weight models built by
+audiocraft's builders (music and sound shaped, restricted and unrestricted attention), exported as its
+utils/export.py exports them, loaded by its load_lm_model_magnet on one side and MusicGen.from_pretrained on the
+other.
+
+Tolerances: teacher-forced logits with a given mask within 1e-4 (float32); codes token-exact with argmax decoding
+(use_sampling=False), guidance annealed from 10 to 1, both span arrangements; the schedule exactly."""
+
+import dataclasses
+import math
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import audiocraft_reference as acref
+from mlx_musicgen import MusicGen, magnet
+from test_audiocraft import TEXTS, t5_folder
+
+ATOL = 1e-4
+SECONDS = 2  # the clips: 100 frames at 50 Hz
+STEPS = (4, 3, 3, 3)  # passes per codebook (audiocraft's default is 20, 10, 10, 10)
+
+
+@dataclasses.dataclass
+class Built:
+    folder: Path
+    t5: Path
+    reference: object  # audiocraft's MAGNeT, loaded from the folder by its loaders
+
+
+def build(tiny, folder: Path, *, solver: str = "magnet", subcodes_context: int = 5, seed: int = 0) -> Built:
+    ac = acref.import_audiocraft()
+    t5 = t5_folder(tiny, folder.parent / f"{folder.name}-t5")
+    rate = 16000 if solver == "audio_magnet" else 32000
+    codec_cfg = acref.codec_config(sample_rate=rate, ratios=(8, 5, 4, 4) if rate == 32000 else (8, 5, 4, 2), bins=64)
+    t5_name = "t5-large" if solver == "audio_magnet" else "t5-base"
+    cfg = acref.lm_config(t5_name, solver=solver, sample_rate=rate, duration=SECONDS,
+                          subcodes_context=subcodes_context)
+    with acref.LocalT5(t5, tiny.reference.text_encoder.config.d_model, t5_name), acref.xformers_backend():
+        # heads wide enough that the tokens' probabilities spread: spans that score alike to float32 rounding
+        # would be ranked by that rounding
+        acref.export(folder / "state_dict.bin", acref.random_lm(cfg, seed=seed, head_scale=1.0).state_dict(), cfg)
+        lm = ac.loaders.load_lm_model_magnet(folder, compression_model_frame_rate=50)
+    acref.export(folder / "compression_state_dict.bin", acref.random_codec(codec_cfg, seed=seed).state_dict(),
+                 codec_cfg)
+    codec = ac.loaders.load_compression_model(folder)
+    return Built(folder, t5, ac.MAGNeT(name=folder.name, compression_model=codec, lm=lm))
+
+
+@pytest.fixture(scope="module")
+def music(tiny, tmp_path_factory):
+    return build(tiny, tmp_path_factory.mktemp("magnet") / "music")
+
+
+@pytest.fixture(scope="module")
+def sound_unrestricted(tiny, tmp_path_factory):
+    return build(tiny, tmp_path_factory.mktemp("magnet") / "sound", solver="audio_magnet", subcodes_context=-1,
+                 seed=1)
+
+
+def load(built: Built) -> MusicGen:
+    return MusicGen.from_pretrained(built.folder, text_encoder=built.t5)
+
+
+def reference_logits(built: Built, texts, codes: np.ndarray, stage: int) -> np.ndarray:
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    lm = built.reference.lm
+    attributes = [ConditioningAttributes(text={"description": text}) for text in texts]
+    with acref.xformers_backend():
+        condition_tensors = lm.condition_provider(lm.condition_provider.tokenize(attributes))
+        return lm(torch.from_numpy(codes), [], condition_tensors, stage=stage).numpy()
+
+
+@pytest.mark.parametrize("which", ["music", "sound_unrestricted"])
+@pytest.mark.parametrize("stage", [0, 2])
+def test_teacher_forced_logits_with_a_mask_match_audiocraft(which, stage, request):
+    built = request.getfixturevalue(which)
+    model = load(built)
+    assert model.config.magnet.frames == 100
+    rng = np.random.default_rng(stage)
+    codes = rng.integers(0, 64, size=(2, 4, 99))
+    codes[:, stage][rng.random((2, 99)) < 0.5] = 64  # this stage half masked
+    codes[:, stage + 1:] = 64  # later stages all masked
+    states, mask = model.encode_text(TEXTS)
+    ours = np.array(model.decoder(mx.array(codes), model.model.decoder_context(states, mask), stage))
+    np.testing.assert_allclose(ours, reference_logits(built, TEXTS, codes, stage), atol=ATOL, rtol=0)
+
+
+def generate_both(built: Built, span_arrangement: str, texts=TEXTS):
+    built.reference.set_generation_params(use_sampling=False, decoding_steps=list(STEPS),
+                                          span_arrangement=span_arrangement)
+    with acref.xformers_backend():
+        audio, tokens = built.reference.generate(texts, progress=False, return_tokens=True)
+    passes = []
+    ours, codes = load(built).generate(texts, do_sample=False, decoding_steps=STEPS,
+                                       span_arrangement=span_arrangement, return_tokens=True,
+                                       progress=lambda done, total: passes.append((done, total)))
+    assert passes[-1] == (sum(STEPS), sum(STEPS)) and len(passes) == sum(STEPS)
+    return (audio.numpy(), tokens.numpy()), (ours, codes)
+
+
+@pytest.mark.parametrize("which", ["music", "sound_unrestricted"])
+@pytest.mark.parametrize("span_arrangement", ["nonoverlap", "stride1"])
+def test_argmax_codes_are_audiocraft_s(which, span_arrangement, request):
+    """use_sampling=False with guidance annealed from 10 to 1: the same codes, pass by pass; 'nonoverlap' trims
+    the clip to whole spans (99 of 100 frames), as audiocraft does."""
+    (audio, tokens), (ours, codes) = generate_both(request.getfixturevalue(which), span_arrangement)
+    assert codes.shape == tokens.shape == (2, 4, 99 if span_arrangement == "nonoverlap" else 100)
+    np.testing.assert_array_equal(codes, tokens)
+    np.testing.assert_allclose(ours, audio, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10, 20, 60])
+def test_the_schedule_is_audiocraft_s(steps):
+    """The masked counts of every pass, computed as lm_magnet.py's _generate_stage computes them (float32)."""
+    np.testing.assert_array_equal(magnet.linspace(steps), torch.linspace(0, 1, steps).numpy())
+    ratios = torch.stack([torch.cos(t * math.pi * 0.5) for t in torch.linspace(0, 1, steps)]).numpy()
+    np.testing.assert_array_max_ulp(magnet.mask_ratios(steps), ratios, maxulp=1)  # torch's cosine: a step off
+    for candidates in list(range(1, 200)) + [333, 498, 500, 1498, 1500]:
+        expected = [max(int((torch.cos(t * math.pi * 0.5) * candidates).item()), 1)
+                    for t in torch.linspace(0, 1, steps)]
+        assert magnet.schedule(steps, candidates) == expected, (steps, candidates)
+
+
+def test_sampled_codes_differ_by_seed_and_repeat_with_one(music):
+    model = load(music)
+    settings = dict(decoding_steps=STEPS, duration=1.0)
+    first, again, other = (model.generate_tokens(TEXTS[:1], seed=seed, **settings) for seed in (1, 1, 2))
+    np.testing.assert_array_equal(first, again)
+    assert (first != other).mean() > 0.3
+    assert first.shape == (1, 4, 50)  # cut to the second asked for
+
+
+def test_lengths_beyond_the_clip_are_refused(music):
+    model = load(music)
+    with pytest.raises(ValueError, match="makes clips of 2 s, and not longer"):
+        model.generate_tokens(TEXTS, duration=3.0)
+    with pytest.raises(ValueError, match="not steps: give a duration"):
+        model.generate_tokens(TEXTS, max_new_tokens=10)
+    with pytest.raises(ValueError, match="passes for each of the model's 4 codebooks"):
+        model.generate_tokens(TEXTS, decoding_steps=(3, 3))
+
+
+def test_equal_span_scores_are_ordered_as_torch_orders_them():
+    """'stride1' masks the spans of highest score; among equal scores, torch's (unstable) CPU sort decides."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 600))
+        keys = rng.choice(np.array([0.25, 0.5, 1.0, -3e4, rng.random()], np.float32), size=n)
+        keys[rng.random(n) < 0.3] += rng.random(int((rng.random(n) < 0.3).sum()) or 1)[0]
+        expected = torch.argsort(torch.from_numpy(keys), descending=True).numpy()
+        np.testing.assert_array_equal(magnet.descending_order(keys), expected)
