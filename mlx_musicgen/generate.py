@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> None:
                                      checkpoint_format=args.checkpoint_format, text_encoder=args.text_encoder)
     # the family's length and stride where none was given; the seed is recorded, so that every clip can be made
     # again
-    config = config.for_model(model.shape.kind, command=True)
+    config = config.for_model(model.shape.kind, command=True, window_seconds=model.shape.window_seconds)
     config = dataclasses.replace(config, seed=config.seed if config.seed is not None else secrets.randbits(31))
     speaker = player(model.sampling_rate, model.audio_channels) if args.play else None
     for start in range(0, len(texts), args.batch_size):
@@ -136,7 +136,7 @@ def make_clips(model, args, config, batch, paths, speaker) -> list:
     """Generate one batch of clips as a stream: with --stream each chunk is appended to its file at once, with
     --play the first clip's chunks are played; the whole clips are returned for normalising and writing."""
     conditional = any(t is not None for t in batch)
-    bar, update = progress_bar(config.duration or model.shape.window_seconds, "generating", disable=args.quiet)
+    bar, update = progress_bar(config.duration, "generating", disable=args.quiet)
     writers = [ProgressiveWriter(p, model.sampling_rate, model.audio_channels, args.bits) for p in paths] \
         if args.stream else []
     pieces: list[list] = [[] for _ in batch]

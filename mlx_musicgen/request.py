@@ -269,10 +269,12 @@ class GenerationConfig:
             settings = {**{name: None for name in lengths}, **settings}
         return dataclasses.replace(config or cls(), **settings)
 
-    def for_model(self, kind: str, command: bool = False, length: bool = True) -> GenerationConfig:
+    def for_model(self, kind: str, command: bool = False, length: bool = True,
+                  window_seconds: float | None = None) -> GenerationConfig:
         """These settings with the defaults of the model's kind (MODEL_DEFAULTS: "musicgen", "audiogen" or
         "magnet") where they leave the choice to the model: sampling, the stride, MAGNeT's passes, and
-        (`length`) the duration when no length is given (the commands' with `command`)."""
+        (`length`) the duration when no length is given (the commands' with `command`, where a default of one
+        window is `window_seconds`, a MAGNeT model's clip)."""
         defaults = MODEL_DEFAULTS[kind]
         changes = {name: getattr(defaults, name) for name in ("top_k", "top_p", "temperature", "extend_stride")
                    if getattr(self, name) is None}
@@ -280,6 +282,8 @@ class GenerationConfig:
             changes["decoding_steps"] = MAGNET_STEPS
         if length and self.duration is None and self.max_new_tokens is None:
             changes["duration"] = defaults.command_duration if command else defaults.duration
+            if command and changes["duration"] is None:
+                changes["duration"] = window_seconds
         return dataclasses.replace(self, **changes)
 
     def check(self, vocab_size: int | None = None, window_seconds: float = WINDOW_SECONDS) -> None:

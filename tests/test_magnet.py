@@ -154,3 +154,53 @@ def test_equal_span_scores_are_ordered_as_torch_orders_them():
         keys[rng.random(n) < 0.3] += rng.random(int((rng.random(n) < 0.3).sum()) or 1)[0]
         expected = torch.argsort(torch.from_numpy(keys), descending=True).numpy()
         np.testing.assert_array_equal(magnet.descending_order(keys), expected)
+
+
+def test_generate_py_makes_the_clip_with_magnet_s_options(music, tmp_path):
+    """No --duration: the model's clip (2 s here); MAGNeT's options and defaults recorded with it."""
+    import json
+    import subprocess
+    import sys
+
+    import soundfile as sf
+
+    out = tmp_path / "clip.wav"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "generate.py"), "--model", str(music.folder),
+                             "--text-encoder", str(music.t5), "--text", "jazz", "--decoding-steps", "3,2,2,2",
+                             "--span-arrangement", "stride1", "--max-cfg", "5", "--seed", "3", "--output", str(out)],
+                            capture_output=True, text=True, cwd=root)
+    assert result.returncode == 0, result.stderr
+    audio, rate = sf.read(out)
+    assert rate == 32000 and audio.shape == (SECONDS * 32000,)
+    recorded = json.loads(out.with_suffix(".json").read_text())
+    assert (recorded["duration"], recorded["top_k"], recorded["top_p"], recorded["temperature"]) == (2.0, 0, 0.9, 3.0)
+    bad = subprocess.run([sys.executable, str(root / "generate.py"), "--model", str(music.folder), "--text-encoder",
+                          str(music.t5), "--duration", "5", "--output", str(tmp_path / "long.wav")],
+                         capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == (
+        "error: this MAGNeT model makes clips of 2 s, and not longer: ask for at most 2 s.")
+
+
+def test_the_studio_and_streaming_serve_magnet(music):
+    from mlx_musicgen.studio.jobs import describe
+    from mlx_musicgen.studio.settings import JobSettings
+
+    model = load(music)
+    info = describe(model)
+    settings = JobSettings.from_fields({"text": "jazz"}, info)
+    assert (settings.config.duration, settings.config.top_p, settings.config.temperature) == (2.0, 0.9, 3.0)
+    whole = model.generate(TEXTS, seed=4, decoding_steps=STEPS)
+    streamed = np.concatenate(list(model.generate_stream(TEXTS, seed=4, decoding_steps=STEPS, chunk_duration=0.5)),
+                              axis=-1)
+    np.testing.assert_allclose(streamed, whole, atol=1e-6, rtol=0)
+
+
+def test_conversion_round_trips(music, tmp_path):
+    from mlx_musicgen import convert
+
+    out = convert.convert(music.folder, tmp_path / "converted", text_encoder=music.t5)
+    converted, direct = MusicGen.from_pretrained(out), load(music)
+    assert converted.config.magnet == direct.config.magnet
+    settings = dict(do_sample=False, decoding_steps=STEPS)
+    np.testing.assert_array_equal(converted.generate_tokens(TEXTS, **settings), direct.generate_tokens(TEXTS, **settings))

@@ -5,7 +5,6 @@ it, and a job is checked by GenerationConfig.check(), as generate.py checks its 
 
 from __future__ import annotations
 
-import dataclasses
 import reprlib
 import unicodedata
 from dataclasses import dataclass, field
@@ -50,10 +49,7 @@ KNOWN = tuple(JobForm.model_fields)
 def command_config(kind: str = "musicgen", window_seconds: float | None = None, **settings) -> GenerationConfig:
     """A GenerationConfig with the commands' defaults for the model's kind (request.MODEL_DEFAULTS), the window
     (`window_seconds`: a MAGNeT model's clip) where the kind's default length is one window."""
-    config = GenerationConfig(**settings).for_model(kind, command=True)
-    if config.duration is None and config.max_new_tokens is None:
-        config = dataclasses.replace(config, duration=window_seconds)
-    return config
+    return GenerationConfig(**settings).for_model(kind, command=True, window_seconds=window_seconds)
 
 
 @dataclass

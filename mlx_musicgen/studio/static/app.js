@@ -245,7 +245,7 @@ async function start() {
   for (const [name, value] of Object.entries(info.defaults)) {
     if (value !== null && fields[name]) fields[name].value = value;
   }
-  fields.duration.max = info.max_duration;
+  fields.duration.max = info.kind === "magnet" ? info.window_seconds : info.max_duration;  // MAGNeT: its clip
   fields.guidance_scale.max = info.max_guidance;
   fields.top_k.max = info.vocab_size;
   $("#job-form").addEventListener("submit", submit);
