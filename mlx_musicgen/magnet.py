@@ -22,6 +22,7 @@ The schedule's numbers are float32, as torch computes them, so that the counts o
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 from dataclasses import dataclass
@@ -58,7 +59,12 @@ class MagnetConfig:
 class MagnetDecoder(MusicgenDecoder):
     """MusicGen's transformer read without a causal mask over a whole clip: the first codebook's stage attends to
     every frame, later stages only to the frames within subcodes_context of their own (audiocraft's
-    restricted_context_attn_mask); no KV cache (every pass reads the clip)."""
+    restricted_context_attn_mask); no KV cache (every pass reads the clip).
+
+    `products`: the context a pass is evaluated in; a CPU's form puts every core on its products
+    (cpu.optimize_for_cpu), which, unlike a decoding step's, are large enough to keep them all busy."""
+
+    products = staticmethod(contextlib.nullcontext)
 
     def __init__(self, config: DecoderConfig, magnet: MagnetConfig):
         super().__init__(config)
@@ -79,11 +85,14 @@ class MagnetDecoder(MusicgenDecoder):
 
     def __call__(self, codes: mx.array, context: Context, stage: int = 0) -> mx.array:
         """codes (B, K, T) of a whole clip (masked positions hold the mask token) -> logits (B, K, T, vocab)."""
-        x = self.add_positions(self.embed(codes), 0)
-        mask = self.stage_mask(stage, codes.shape[-1], x.dtype)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, context.text[i], None, mask)
-        return self.logits(x)
+        with self.products():
+            x = self.add_positions(self.embed(codes), 0)
+            mask = self.stage_mask(stage, codes.shape[-1], x.dtype)
+            for i, layer in enumerate(self.layers):
+                x = layer(x, context.text[i], None, mask)
+            logits = self.logits(x)
+            mx.eval(logits)
+        return logits
 
 
 class MaskedLM(Protocol):

@@ -61,8 +61,8 @@ def sound_unrestricted(tiny, tmp_path_factory):
                  seed=1)
 
 
-def load(built: Built) -> MusicGen:
-    return MusicGen.from_pretrained(built.folder, text_encoder=built.t5)
+def load(built: Built, portable: bool | None = None) -> MusicGen:
+    return MusicGen.from_pretrained(built.folder, text_encoder=built.t5, portable=portable)
 
 
 def reference_logits(built: Built, texts, codes: np.ndarray, stage: int) -> np.ndarray:
@@ -77,9 +77,10 @@ def reference_logits(built: Built, texts, codes: np.ndarray, stage: int) -> np.n
 
 @pytest.mark.parametrize("which", ["music", "sound_unrestricted"])
 @pytest.mark.parametrize("stage", [0, 2])
-def test_teacher_forced_logits_with_a_mask_match_audiocraft(which, stage, request):
+@pytest.mark.parametrize("portable", [True, False], ids=["portable", "cpu-forms"])
+def test_teacher_forced_logits_with_a_mask_match_audiocraft(which, stage, portable, request):
     built = request.getfixturevalue(which)
-    model = load(built)
+    model = load(built, portable)
     assert model.config.magnet.frames == 100
     rng = np.random.default_rng(stage)
     codes = rng.integers(0, 64, size=(2, 4, 99))

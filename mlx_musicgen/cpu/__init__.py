@@ -17,7 +17,7 @@ from ..encodec import EncodecModel
 from ..magnet import MagnetDecoder
 from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
-from .threads import blas_threads_itself, choose_blas_team, parallel_streams, portable_requested
+from .threads import blas_threads_itself, choose_blas_team, every_core_for_blas, parallel_streams, portable_requested
 from .training import optimize_for_training
 
 __all__ = ["optimize_for_cpu", "optimize_for_training", "warn_if_slow", "portable_requested", "blas_threads_itself",
@@ -26,10 +26,12 @@ __all__ = ["optimize_for_cpu", "optimize_for_training", "warn_if_slow", "portabl
 
 def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> None:
     """Swap the decoder's and EnCodec's modules for their CPU forms, in place, and (with MKL) size MKL's thread
-    team by timing a few decoding steps (threads.choose_blas_team). MAGNeT's decoder reads whole clips, products
-    of matrices that MLX's own layers run well: only its EnCodec is swapped."""
+    team by timing a few decoding steps (threads.choose_blas_team). MAGNeT's decoder reads whole clips, as
+    training does: it takes training's forms of attention and GELU, and every core for its products."""
     optimize_encodec(audio_encoder)
-    if isinstance(decoder, MagnetDecoder):
+    if isinstance(decoder, MagnetDecoder):  # whole clips: training's forms of attention and GELU, every core
+        optimize_for_training(decoder)
+        decoder.products = every_core_for_blas
         return
     optimize_decoder(decoder)
     if uses_blas(decoder):
