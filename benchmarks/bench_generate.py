@@ -6,6 +6,7 @@
     python benchmarks/bench_generate.py --dtype float16 --skip-reference               # or -q 8: + logits drift
 
     python benchmarks/bench_generate.py --tokens 300 --runs 5 --shared 1              # spread, and a busy machine
+    python benchmarks/bench_generate.py --magnet --runs 1        # MAGNeT vs audiocraft's and our MusicGen, 10 s
 
 Builds (once, cached under --cache-dir by shape) a random-weight Hub-layout checkpoint with tests/fixtures.py
 and converts it (float32, plus the --dtype / -q variant). Then the reference and ours each run --runs times,
@@ -343,6 +344,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fixture_key(shape) -> str:
+    """The cache key of a shape's random checkpoint: the shape and the code that builds it."""
+    return hashlib.sha1((repr(shape) + Path(fixtures.__file__).read_text()).encode()).hexdigest()[:10]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # see shown_options
     p.add_argument("--shape", choices=SHAPES, default="small", help="random-weight model shape")
@@ -368,7 +374,16 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="write every number here")
     p.add_argument("--markdown", type=Path, default=None,
                    help="write the run as a Markdown section here (the machine, the bandwidth, the date, the table)")
+    p.add_argument("--magnet", action="store_true",
+                   help="MAGNeT here against audiocraft's on torch and our MusicGen, for --duration s (default 10; "
+                        "see benchmarks/magnet_bench.py)")
+    p.add_argument("--decoding-steps", default="20,10,10,10", help="MAGNeT's passes per codebook (with --magnet)")
     args = p.parse_args()
+    if args.magnet:
+        import magnet_bench
+
+        magnet_bench.run(args, sys.modules[__name__])
+        return
 
     shape = SHAPES[args.shape]
     first_frame_steps = shape.num_codebooks // shape.audio_channels
@@ -383,7 +398,7 @@ def main() -> None:
     if any(not item.partition("=")[0] or "=" not in item for item in args.env):
         p.error("--env takes NAME=VALUE")
     variant = args.dtype + (f"-q{args.q_bits}g{args.q_group_size}" if args.q_bits else "")
-    key = hashlib.sha1((repr(shape) + Path(fixtures.__file__).read_text()).encode()).hexdigest()[:10]
+    key = fixture_key(shape)
     variants = {("float32", "float32", None), (variant, args.dtype, args.q_bits)}
     print(f"[bench] checkpoint and conversions in {args.cache_dir / f'{args.shape}-{key}'}", file=sys.stderr)
     folders = child("prepare", {"root": str(args.cache_dir / f"{args.shape}-{key}"), "shape": args.shape,
@@ -438,7 +453,11 @@ def main() -> None:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:  # bench_generate.py --child KIND CONFIG_JSON OUT_PATH, from child()
         kind, config, out_path = sys.argv[2:]
-        result = {"prepare": prepare, "reference": reference, "ours": ours}[kind](json.loads(config))
+        import magnet_bench
+
+        result = {"prepare": prepare, "reference": reference, "ours": ours, "magnet_prepare": magnet_bench.prepare,
+                  "magnet_reference": magnet_bench.reference, "magnet_ours": magnet_bench.ours,
+                  "musicgen_clip": magnet_bench.musicgen}[kind](json.loads(config))
         Path(out_path).write_text(json.dumps(result))
     else:
         main()

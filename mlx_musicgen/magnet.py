@@ -32,7 +32,7 @@ import mlx.core as mx
 import numpy as np
 
 from .decoder import Context, DecoderConfig, MusicgenDecoder
-from .sampling import apply_guidance, check_tokens, sample
+from .sampling import NONFINITE, apply_guidance, check_tokens, sample
 
 DONT_REMASK = -1e4  # the score of a kept token or span (the prompt's; and what the last pass did not mask)
 SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
@@ -267,10 +267,24 @@ def draw(logits: mx.array, decoding: Decoding, temperature: float, key: mx.array
     their probabilities at that temperature (B, T), as audiocraft scores them."""
     logits = logits.astype(mx.float32) / max(temperature, 1e-2)
     probs = mx.softmax(logits, axis=-1)
-    tokens = sample(logits, do_sample=decoding.do_sample, top_k=0 if decoding.top_p > 0 else decoding.top_k,
-                    top_p=decoding.top_p, key=key)
+    if decoding.do_sample and decoding.top_p > 0:
+        tokens = top_p_draw(logits, probs, decoding.top_p, key)
+    else:
+        tokens = sample(logits, do_sample=decoding.do_sample, top_k=decoding.top_k, key=key)
     check_tokens(tokens)
     return tokens, mx.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+
+
+def top_p_draw(logits: mx.array, probs: mx.array, p: float, key: mx.array) -> mx.array:
+    """A draw from the most likely tokens whose probabilities before each sum to at most p (audiocraft's
+    sample_top_p), made in sorted order: one sort of the vocabulary a position, not two."""
+    order = mx.argsort(-logits, axis=-1)
+    sorted_probs = mx.take_along_axis(probs, order, axis=-1)
+    kept = mx.cumsum(sorted_probs, axis=-1) - sorted_probs <= p
+    sorted_logits = mx.where(kept, mx.take_along_axis(logits, order, axis=-1), -mx.inf)
+    picked = mx.random.categorical(sorted_logits, axis=-1, key=key)
+    tokens = mx.take_along_axis(order, picked[..., None], axis=-1)[..., 0].astype(mx.int32)
+    return mx.where(mx.isfinite(logits).all(axis=-1), tokens, NONFINITE)  # reported by check_tokens
 
 
 def generate_stage(lm: MaskedLM, codes: np.ndarray, context: Context, guided: bool, stage: int, prompt_frames: int,

@@ -97,7 +97,8 @@ def import_audiocraft() -> types.SimpleNamespace:
                                  encodec=encodec)
 
 
-def codec_config(sample_rate: int = 32000, ratios=(8, 5, 4, 2), n_q: int = 4, bins: int = 64, dimension: int = 16):
+def codec_config(sample_rate: int = 32000, ratios=(8, 5, 4, 2), n_q: int = 4, bins: int = 64, dimension: int = 16,
+                 n_filters: int = 4):
     """A small SEANet EnCodec's training config, laid out as audiocraft's config/model/encodec/default.yaml, its
     `${...}` references left as export.py writes them (unresolved)."""
     ac = import_audiocraft()
@@ -106,7 +107,7 @@ def codec_config(sample_rate: int = 32000, ratios=(8, 5, 4, 2), n_q: int = 4, bi
         "compression_model": "encodec",
         "encodec": {"autoencoder": "seanet", "quantizer": "rvq", "sample_rate": "${sample_rate}",
                     "channels": "${channels}", "causal": False, "renormalize": False},
-        "seanet": {"dimension": dimension, "channels": "${channels}", "causal": "${encodec.causal}", "n_filters": 4,
+        "seanet": {"dimension": dimension, "channels": "${channels}", "causal": "${encodec.causal}", "n_filters": n_filters,
                    "n_residual_layers": 1,
                    "ratios": list(ratios), "activation": "ELU", "activation_params": {"alpha": 1.0},
                    "norm": "weight_norm", "norm_params": {}, "kernel_size": 7, "residual_kernel_size": 3,

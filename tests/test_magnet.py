@@ -205,3 +205,16 @@ def test_conversion_round_trips(music, tmp_path):
     assert converted.config.magnet == direct.config.magnet
     settings = dict(do_sample=False, decoding_steps=STEPS)
     np.testing.assert_array_equal(converted.generate_tokens(TEXTS, **settings), direct.generate_tokens(TEXTS, **settings))
+
+
+def test_top_p_draws_from_audiocraft_s_nucleus():
+    """audiocraft's sample_top_p: the most likely tokens whose probabilities before each sum to at most p, drawn
+    in proportion (here tokens 0 and 1 of 0.5, 0.3, 0.15, 0.05 with p 0.7: 5/8 and 3/8)."""
+    logits = mx.array(np.log(np.array([[[0.5, 0.3, 0.15, 0.05]]], np.float32)))
+    decoding = magnet.Decoding(temperature=1.0, top_p=0.7)
+    tokens = np.array([magnet.draw(logits, decoding, 1.0, key)[0].item()
+                       for key in mx.random.split(mx.random.key(1), 2000)])
+    counts = np.bincount(tokens, minlength=4) / len(tokens)
+    assert counts[2] == counts[3] == 0 and abs(counts[0] - 0.625) < 0.04
+    with pytest.raises(FloatingPointError):
+        magnet.draw(mx.full((1, 1, 4), mx.nan), decoding, 1.0, mx.random.key(0))
