@@ -206,8 +206,9 @@ def markdown(report: dict) -> str:
     if ratios["ours_vs_audiocraft"] is not None:
         lines.append(f"MAGNeT here runs at {ratios['ours_vs_audiocraft']:.2f}x audiocraft's speed (its seconds / ours).")
     sooner = ratios["sooner"]
-    lines.append(f"For the same {cfg['seconds']:g} s, MAGNeT's clip arrives {sooner:.2f}x "
-                 + ("sooner than MusicGen's" if sooner >= 1 else f"later than MusicGen's ({1 / sooner:.2f}x the time)")
+    lines.append(f"For the same {cfg['seconds']:g} s, MAGNeT's clip arrives "
+                 + (f"{sooner:.2f}x sooner than MusicGen's" if sooner >= 1 else
+                    f"later than MusicGen's, in {1 / sooner:.2f}x its time")
                  + " here: MAGNeT's passes are arithmetic over the whole clip, MusicGen's steps read the weights "
                    "once per frame, so the answer depends on the device's compute against its bandwidth.")
     return "\n".join(lines) + "\n"

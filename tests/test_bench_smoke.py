@@ -116,3 +116,18 @@ def test_step_bytes_matches_the_config(float32_report, q8_report):
             assert got == {**want, "per_step": want["layers"] + want["norm"] + want["heads"] + want["embeddings"]}
     stdout = run("step_bytes.py", folders["float32"], "--rows", 2, "--bandwidth", 10)
     assert "per_step" in stdout and "ms/step" in stdout
+
+
+def test_bench_magnet_reports_the_three_sides(cache, tmp_path):
+    """--magnet: audiocraft's MAGNeT, ours and our MusicGen for the same second, with their passes and ratios."""
+    out, section = tmp_path / "magnet.json", tmp_path / "magnet.md"
+    stdout = run("bench_generate.py", "--magnet", "--shape", "tiny", "--duration", 1, "--decoding-steps", "1,1,1,1",
+                 "--runs", 1, "--cache-dir", cache, "--bandwidth-mb", 32, "--json", out, "--markdown", section)
+    report = json.loads(out.read_text())
+    sides = report["sides"]
+    assert set(sides) == {"reference", "ours", "musicgen"} and report["config"]["frames"] == 1000
+    assert sides["reference"]["passes"] == sides["ours"]["passes"] == 4 and sides["musicgen"]["passes"] > 100
+    for side in sides.values():
+        assert all(positive(side[key]) for key in ("seconds", "s_per_pass", "frames_per_s"))
+    assert positive(report["ratios"]["ours_vs_audiocraft"]) and positive(report["ratios"]["sooner"])
+    assert "MAGNeT here" in stdout and "MAGNeT's clip arrives" in section.read_text()
