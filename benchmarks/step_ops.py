@@ -47,7 +47,7 @@ def count(folder: str, portable: bool, compiled: bool) -> dict[str, int]:
     context = musicgen.model.decoder_context(states, mask, guided=True)
     decoder = musicgen.decoder
     cache = decoder.make_cache(2, 64 + context.length)
-    sampler = generation.make_sampler(GenerationConfig(top_k=250))
+    sampler = generation.make_sampler(GenerationConfig().for_model("musicgen"))
     step, op_by_op = (generation.decoding_step(decoder, context, 3.0, sampler, cache, compiled=compiled)
                       for compiled in (True, False))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import warnings
@@ -10,6 +11,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from .limits import SPAN_ARRANGEMENTS
 from .loading import CHECKPOINT_FORMATS, CheckpointError
 from .model import DTYPES
 from .request import COMMAND_SETTINGS, MODEL_KINDS, GenerationConfig, command_settings
@@ -61,6 +63,7 @@ def run_main(main: Callable[[], None], debug: bool) -> None:
 
 
 KIND_NAMES = {"audiogen": "AudioGen", "magnet": "MAGNeT"}  # the kinds whose defaults differ from MusicGen's
+GENERATION_FIELDS = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -74,11 +77,12 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                             help=setting.help + shown_defaults(name, defaults))
     parser.add_argument("--greedy", action="store_true", help="always take the most likely code")
     parser.add_argument("--decoding-steps", type=passes, help="MAGNeT: passes per codebook (default 20,10,10,10)")
-    parser.add_argument("--span-arrangement", choices=["nonoverlap", "stride1"], default="nonoverlap",
+    parser.add_argument("--span-arrangement", choices=SPAN_ARRANGEMENTS, default=GENERATION_FIELDS["span_arrangement"],
                         help="MAGNeT: mask non-overlapping spans (default) or overlapping ones (stride1)")
-    parser.add_argument("--max-cfg", type=float, default=10.0,
+    parser.add_argument("--max-cfg", type=float, default=GENERATION_FIELDS["max_cfg"],
                         help="MAGNeT: guidance when all is masked, annealed to --min-cfg (default 10)")
-    parser.add_argument("--min-cfg", type=float, default=1.0, help="MAGNeT: guidance at the end (default 1)")
+    parser.add_argument("--min-cfg", type=float, default=GENERATION_FIELDS["min_cfg"],
+                        help="MAGNeT: guidance at the end (default 1)")
 
 
 def shown_defaults(name: str, defaults: dict) -> str:

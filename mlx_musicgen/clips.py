@@ -15,6 +15,7 @@ from .request import GenerationConfig
 from .version import __version__
 
 RECORDED = ("duration", "seed", "do_sample", "guidance_scale", "top_k", "top_p", "temperature", "extend_stride")
+MAGNET_RECORDED = ("decoding_steps", "span_arrangement", "max_cfg", "min_cfg")  # where the model is MAGNeT
 
 
 def sidecar_path(path: Path) -> Path:
@@ -35,7 +36,8 @@ def check_clip_output(path: str | Path, *, overwrite: bool, bits: str = "16") ->
 def clip_settings(*, model: str, adapter: str | None, config: GenerationConfig, batch: list, audio_prompt, melody,
                   normalize: str, sampling_rate: int) -> dict:
     """What a clip's sidecar records beside its text and batch index: everything that remakes it."""
-    settings = {name: getattr(config, name) for name in RECORDED}
+    names = RECORDED + (MAGNET_RECORDED if config.decoding_steps is not None else ())
+    settings = {name: getattr(config, name) for name in names}
     return {"model": model, "adapter": adapter, "duration": settings.pop("duration"), "seed": settings.pop("seed"),
             "batch": batch, "audio_prompt": audio_prompt, "melody": melody, **settings, "normalize": normalize,
             "sampling_rate": sampling_rate, "mlx_musicgen": __version__}

@@ -204,7 +204,8 @@ class EncodecResnetBlock(nn.Module):
             nn.ELU(),
             EncodecConv1d(hidden, dim, kernel_size=1, pad_mode=config.pad_mode),
         ]
-        self.shortcut = EncodecConv1d(dim, dim, kernel_size=1, pad_mode=config.pad_mode) if config.use_conv_shortcut else None
+        self.shortcut = EncodecConv1d(dim, dim, kernel_size=1, pad_mode=config.pad_mode) \
+            if config.use_conv_shortcut else None
 
     def __call__(self, x: mx.array) -> mx.array:
         h = x
@@ -267,7 +268,8 @@ class EncodecDecoder(nn.Module):
             dim //= 2
             for j in range(config.num_residual_layers):
                 layers.append(EncodecResnetBlock(config, dim, config.dilation_growth_rate**j))
-        layers += [nn.ELU(), EncodecConv1d(dim, config.audio_channels, config.last_kernel_size, pad_mode=config.pad_mode)]
+        layers += [nn.ELU(),
+                   EncodecConv1d(dim, config.audio_channels, config.last_kernel_size, pad_mode=config.pad_mode)]
         self.layers = layers
 
     @property

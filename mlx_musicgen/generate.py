@@ -1,4 +1,5 @@
-"""Generate music (MusicGen) or sound (AudioGen) from text on MLX (the `mlx_musicgen.generate` command; generate.py runs it too).
+"""Generate music (MusicGen, MAGNeT) or sound (AudioGen) from text on MLX (the `mlx_musicgen.generate` command;
+generate.py runs it too).
 
     mlx_musicgen.generate --text "80s pop track with bassy drums and synth" --duration 8 --output out.wav
     mlx_musicgen.generate --text "lofi" --text "epic strings" --output clips/take.wav     # take-1.wav, take-2.wav
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .audio import NORMALIZATIONS, ProgressiveWriter, check_prompt, read_audio
-from .cli import add_checkpoint_options, add_dtype_option, add_generation_options, generation_config, player, progress_bar, run_main
+from .cli import (add_checkpoint_options, add_dtype_option, add_generation_options, generation_config, player,
+                  progress_bar, run_main)
 from .clips import check_clip_output, clip_settings, write_clip
 from .lora import read_adapter_config
 from .model import DTYPES

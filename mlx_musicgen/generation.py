@@ -39,7 +39,11 @@ class DelayedLM(Protocol):
 
 
 def make_sampler(config: GenerationConfig) -> Sampler:
-    """The next-token rule of `config`: temperature, top-k, top-p and a draw, or argmax when greedy."""
+    """The next-token rule of `config` (resolved: GenerationConfig.for_model): temperature, top-k, top-p and a
+    draw, or argmax when greedy."""
+    if None in (config.top_k, config.top_p, config.temperature):
+        raise ValueError("the sampling settings are the model's to fill in: resolve them with "
+                         "GenerationConfig.for_model first.")
 
     def sampler(logits: mx.array, key: mx.array) -> mx.array:
         return sample(logits, do_sample=config.do_sample, temperature=config.temperature, top_k=config.top_k,

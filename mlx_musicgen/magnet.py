@@ -35,8 +35,7 @@ from .decoder import Context, DecoderConfig, MusicgenDecoder
 from .sampling import NONFINITE, apply_guidance, check_tokens, sample
 
 DONT_REMASK = -1e4  # the score of a kept token or span (the prompt's; and what the last pass did not mask)
-SPAN_ARRANGEMENTS = ("nonoverlap", "stride1")
-Progress = Callable[[int, int], None]  # (passes done, passes in all)
+PassProgress = Callable[[int, int], None]  # (passes done, passes in all)
 
 
 @dataclass(frozen=True)
@@ -162,63 +161,82 @@ def descending_order(keys: np.ndarray) -> np.ndarray:
 
 
 def introsort(a: list, threshold: int = 16) -> None:
-    """libstdc++'s std::sort of `a` by its items' first element, descending, in place: median-of-three
-    quicksort down to runs of `threshold`, then one insertion sort (its heapsort fallback past the depth limit,
-    which median-of-three pivots do not reach on such short score rows, is a plain sort here)."""
-    def before(x, y) -> bool:
-        return x[0] > y[0]
-
-    def median_to_first(result: int, i: int, j: int, k: int) -> None:
-        if before(a[i], a[j]):
-            pick = j if before(a[j], a[k]) else k if before(a[i], a[k]) else i
-        else:
-            pick = i if before(a[i], a[k]) else k if before(a[j], a[k]) else j
-        a[result], a[pick] = a[pick], a[result]
-
-    def partition(first: int, last: int, pivot: int) -> int:
-        while True:
-            while before(a[first], a[pivot]):
-                first += 1
-            last -= 1
-            while before(a[pivot], a[last]):
-                last -= 1
-            if first >= last:
-                return first
-            a[first], a[last] = a[last], a[first]
-            first += 1
-
+    """libstdc++'s std::sort of `a` by `before` (descending keys), in place: median-of-three quicksort down to
+    runs of `threshold` (pivot_cut), then one insertion sort."""
     def loop(first: int, last: int, depth: int) -> None:
         while last - first > threshold:
-            if depth == 0:
-                a[first:last] = sorted(a[first:last], key=lambda pair: -pair[0])
+            cut = pivot_cut(a, first, last, depth)
+            if cut is None:
                 return
             depth -= 1
-            median_to_first(first, first + 1, first + (last - first) // 2, last - 1)
-            cut = partition(first + 1, last, first)
             loop(cut, last, depth)
             last = cut
-
-    def linear_insert(last: int) -> None:
-        value = a[last]
-        while before(value, a[last - 1]):
-            a[last] = a[last - 1]
-            last -= 1
-        a[last] = value
-
-    def insertion_sort(first: int, last: int) -> None:
-        for i in range(first + 1, last):
-            if before(a[i], a[first]):
-                a[first + 1 : i + 1], a[first] = a[first:i], a[i]
-            else:
-                linear_insert(i)
 
     n = len(a)
     if n < 2:
         return
-    loop(0, n, 2 * (n.bit_length() - 1))
-    insertion_sort(0, min(n, threshold))
+    loop(0, n, depth_limit(n))
+    insertion_sort(a, 0, min(n, threshold))
     for i in range(threshold, n):
-        linear_insert(i)
+        linear_insert(a, i)
+
+
+def depth_limit(n: int) -> int:
+    """libstdc++'s bound on quicksort's depth: 2 floor(log2 n)."""
+    return 2 * (n.bit_length() - 1)
+
+
+def pivot_cut(a: list, first: int, last: int, depth: int) -> int | None:
+    """One step of libstdc++'s introsort and introselect on a[first:last]: the median of three moved to the
+    front and the rest partitioned around it; returns the cut. At the depth limit (which median-of-three pivots
+    do not reach on such short score rows) the range is sorted outright instead (libstdc++ heapsorts it), and
+    None is returned."""
+    if depth == 0:
+        a[first:last] = sorted(a[first:last], key=lambda pair: -pair[0])
+        return None
+    median_to_first(a, first, first + 1, first + (last - first) // 2, last - 1)
+    return partition(a, first + 1, last, first)
+
+
+def median_to_first(a: list, result: int, i: int, j: int, k: int) -> None:
+    """libstdc++'s __move_median_to_first: the median of a[i], a[j], a[k] swapped into a[result]."""
+    if before(a[i], a[j]):
+        pick = j if before(a[j], a[k]) else k if before(a[i], a[k]) else i
+    else:
+        pick = i if before(a[i], a[k]) else k if before(a[j], a[k]) else j
+    a[result], a[pick] = a[pick], a[result]
+
+
+def partition(a: list, first: int, last: int, pivot: int) -> int:
+    """libstdc++'s __unguarded_partition of a[first:last] around a[pivot]."""
+    while True:
+        while before(a[first], a[pivot]):
+            first += 1
+        last -= 1
+        while before(a[pivot], a[last]):
+            last -= 1
+        if first >= last:
+            return first
+        a[first], a[last] = a[last], a[first]
+        first += 1
+
+
+def linear_insert(a: list, last: int) -> None:
+    """libstdc++'s __unguarded_linear_insert: a[last] moved down past the items it goes before."""
+    value = a[last]
+    while before(value, a[last - 1]):
+        a[last] = a[last - 1]
+        last -= 1
+    a[last] = value
+
+
+def insertion_sort(a: list, first: int, last: int) -> None:
+    """libstdc++'s __insertion_sort of a[first:last]."""
+    for i in range(first + 1, last):
+        if before(a[i], a[first]):
+            a[first + 1 : i + 1], a[first] = a[first:i], a[i]
+        else:
+            linear_insert(a, i)
 
 
 def least_probable_spans(scores: np.ndarray, target: int, span_len: int) -> np.ndarray:
@@ -247,30 +265,33 @@ def least_probable_spans(scores: np.ndarray, target: int, span_len: int) -> np.n
 
 @dataclass(frozen=True)
 class Decoding:
-    """How the passes decode: sampling (or argmax), its temperature (annealed within each stage), top-k / top-p
-    (top-p first: when it is on, top-k is not used, as in audiocraft), guidance from max_cfg to min_cfg, passes
-    per codebook, and the span arrangement."""
+    """How the passes decode (a resolved GenerationConfig's settings: request.MODEL_DEFAULTS holds audiocraft's):
+    sampling (or argmax), its temperature (annealed within each stage), top-k / top-p (top-p first: when it is
+    on, top-k is not used, as in audiocraft), guidance from max_cfg to min_cfg, passes per codebook, and the span
+    arrangement."""
 
-    do_sample: bool = True
-    temperature: float = 3.0
-    top_k: int = 0
-    top_p: float = 0.9
-    max_cfg: float = 10.0
-    min_cfg: float = 1.0
-    decoding_steps: tuple[int, ...] = (20, 10, 10, 10)
-    span_arrangement: str = "nonoverlap"
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    max_cfg: float
+    min_cfg: float
+    decoding_steps: tuple[int, ...]
+    span_arrangement: str
     seed: int | None = None
 
 
 def draw(logits: mx.array, decoding: Decoding, temperature: float, key: mx.array) -> tuple[mx.array, mx.array]:
     """A stage's logits (B, T, vocab) -> the tokens (B, T) drawn at `temperature` (argmax when not sampling) and
     their probabilities at that temperature (B, T), as audiocraft scores them."""
-    logits = logits.astype(mx.float32) / max(temperature, 1e-2)
+    raw = logits.astype(mx.float32)
+    logits = raw / max(temperature, 1e-2)
     probs = mx.softmax(logits, axis=-1)
     if decoding.do_sample and decoding.top_p > 0:
         tokens = top_p_draw(logits, probs, decoding.top_p, key)
-    else:
-        tokens = sample(logits, do_sample=decoding.do_sample, top_k=decoding.top_k, key=key)
+    else:  # argmax of the logits as they come, as audiocraft's (dividing first could round two into a tie)
+        tokens = sample(logits if decoding.do_sample else raw, do_sample=decoding.do_sample, top_k=decoding.top_k,
+                        key=key)
     check_tokens(tokens)
     return tokens, mx.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
 
@@ -288,11 +309,11 @@ def top_p_draw(logits: mx.array, probs: mx.array, p: float, key: mx.array) -> mx
 
 
 def generate_stage(lm: MaskedLM, codes: np.ndarray, context: Context, guided: bool, stage: int, prompt_frames: int,
-                   span_len: int, decoding: Decoding, keys: list, on_pass: Callable[[], None]) -> np.ndarray:
+                   decoding: Decoding, keys: list, on_pass: Callable[[], None]) -> np.ndarray:
     """Codebook `stage` of `codes` (B, K, T), host int32, made by decoding.decoding_steps[stage] passes; returns
     the codes (trimmed to whole spans where masking is by spans, as audiocraft trims them)."""
     B, K, T = codes.shape
-    mask_id = lm.pad_token_id
+    mask_id, span_len = lm.pad_token_id, lm.span_len
     by_spans = span_len > 1 and decoding.span_arrangement == "nonoverlap"
     overlapping = span_len > 1 and decoding.span_arrangement == "stride1"
     if by_spans:
@@ -313,19 +334,19 @@ def generate_stage(lm: MaskedLM, codes: np.ndarray, context: Context, guided: bo
         if overlapping:
             mask = np.stack([least_probable_spans(scores[b], count, span_len) for b in range(B)])
         else:
-            chosen = np.argsort(-scores, axis=-1, kind="stable")[:, :count]
             chosen_mask = np.zeros(scores.shape, bool)
-            np.put_along_axis(chosen_mask, chosen, True, axis=-1)
+            for b in range(B):
+                chosen_mask[b, torch_topk(scores[b], count)] = True
             mask = np.repeat(chosen_mask, span_len, axis=-1) if by_spans else chosen_mask
         stage_codes[mask] = mask_id
         stage_codes[:, :prompt_frames] = prompt
         codes[:, stage] = stage_codes
         batch = mx.array(np.concatenate([codes, codes]) if guided else codes)
-        logits = lm(batch, context, stage)
+        logits = lm(batch, context, stage)[:, stage]
         if guided:
             logits = apply_guidance(logits, guidance_coefficient(ratio, decoding.max_cfg, decoding.min_cfg))
         temperature = decoding.temperature * ((steps - 1 - i) / steps)
-        tokens, probs = draw(logits[:, stage], decoding, temperature, keys.pop(0))
+        tokens, probs = draw(logits, decoding, temperature, keys.pop(0))
         tokens, probs = np.array(tokens), np.array(probs)
         masked = stage_codes == mask_id
         stage_codes = np.where(masked, tokens, stage_codes).astype(np.int32)
@@ -341,7 +362,7 @@ def generate_stage(lm: MaskedLM, codes: np.ndarray, context: Context, guided: bo
 
 
 def generate_clip(lm: MaskedLM, context: Context, guided: bool, batch: int, frames: int, decoding: Decoding,
-                  prompt: np.ndarray | None = None, progress: Progress | None = None) -> mx.array:
+                  prompt: np.ndarray | None = None, progress: PassProgress | None = None) -> mx.array:
     """A whole clip of `frames` frames (B, K, T) by MAGNeT's passes, codebook by codebook, continuing `prompt`
     (B, K, P) codes if given; T is trimmed to whole spans under 'nonoverlap' masking (audiocraft's 10 s: 498)."""
     K = lm.num_codebooks
@@ -361,6 +382,68 @@ def generate_clip(lm: MaskedLM, context: Context, guided: bool, batch: int, fram
             progress(done, total)
 
     for stage in range(K):
-        codes = generate_stage(lm, codes, context, guided, stage, prompt_frames, lm.span_len, decoding, keys,
-                               on_pass)
+        codes = generate_stage(lm, codes, context, guided, stage, prompt_frames, decoding, keys, on_pass)
     return mx.array(codes)
+
+
+def torch_topk(keys: np.ndarray, k: int) -> np.ndarray:
+    """The indices of the k largest of `keys` (1-D) that torch's CPU topk picks, ties included (which decides
+    which of equally scored spans are masked): libstdc++'s partial_sort (k * 64 <= n) or nth_element of
+    (key, index) pairs by key. Without ties at the k-th key, any selection gives that set."""
+    order = np.argsort(-keys, kind="stable")
+    if k >= len(keys) or keys[order[k - 1]] != keys[order[k]]:
+        return order[:k]
+    pairs = [(float(key), i) for i, key in enumerate(keys)]
+    (heap_select if k * 64 <= len(pairs) else nth_element)(pairs, k)
+    return np.array([i for _, i in pairs[:k]], dtype=np.int64)
+
+
+def before(x: tuple, y: tuple) -> bool:
+    """torch's comparison for the largest: x's key above y's."""
+    return x[0] > y[0]
+
+
+def nth_element(a: list, k: int) -> None:
+    """libstdc++'s std::nth_element(a, a + k - 1, end) by `before`: introselect (pivot_cut), then an insertion
+    sort of the last few."""
+    first, last, nth = 0, len(a), k - 1
+    depth = depth_limit(len(a))
+    while last - first > 3:
+        cut = pivot_cut(a, first, last, depth)
+        if cut is None:
+            return
+        depth -= 1
+        if cut <= nth:
+            first = cut
+        else:
+            last = cut
+    insertion_sort(a, first, last)
+
+
+def heap_select(a: list, k: int) -> None:
+    """The first k of libstdc++'s std::partial_sort(a, a + k, end) by `before` (their set; its final sort of
+    them is left out): make_heap of the first k, then each later item that beats the heap's top replaces it."""
+    for parent in range((k - 2) // 2, -1, -1):
+        adjust_heap(a, parent, k, a[parent])
+    for i in range(k, len(a)):
+        if before(a[i], a[0]):
+            value, a[i] = a[i], a[0]
+            adjust_heap(a, 0, k, value)
+
+
+def adjust_heap(a: list, hole: int, length: int, value: tuple) -> None:
+    """libstdc++'s __adjust_heap then __push_heap: sift the hole down to a leaf, then `value` up."""
+    top, child = hole, hole
+    while child < (length - 1) // 2:
+        child = 2 * (child + 1)
+        if before(a[child], a[child - 1]):
+            child -= 1
+        a[hole], hole = a[child], child
+    if length % 2 == 0 and child == (length - 2) // 2:
+        child = 2 * (child + 1)
+        a[hole], hole = a[child - 1], child - 1
+    parent = (hole - 1) // 2
+    while hole > top and before(a[parent], value):
+        a[hole], hole = a[parent], parent
+        parent = (hole - 1) // 2
+    a[hole] = value

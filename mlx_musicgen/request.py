@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import audio, delay, longform
-from .limits import FAMILIES, MAX_DURATION, MAX_GUIDANCE, WINDOW_SECONDS
+from .limits import FAMILIES, MAX_DURATION, MAX_GUIDANCE, SPAN_ARRANGEMENTS, WINDOW_SECONDS
 
 PromptInput = str | Path | np.ndarray  # an audio file, or samples
 COMMAND_DURATION = 10.0  # seconds: the commands' (CLI, studio) default length of music; the API's is one window
@@ -40,7 +40,8 @@ class ModelDefaults:
 
 
 MODEL_DEFAULTS = {
-    "musicgen": ModelDefaults(None, COMMAND_DURATION, 18.0, 250, 0.0, 1.0),  # transformers' sampling, audiocraft's stride
+    # transformers' sampling, audiocraft's stride
+    "musicgen": ModelDefaults(None, COMMAND_DURATION, 18.0, 250, 0.0, 1.0),
     "audiogen": ModelDefaults(5.0, 5.0, 2.0, 250, 0.0, 1.0),  # audiocraft's AudioGen
     "magnet": ModelDefaults(None, None, None, 0, 0.9, 3.0),  # audiocraft's MAGNeT: its clip, annealed sampling
 }
@@ -73,9 +74,9 @@ def check_sampling(
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature}.")
 
 
-def check_guidance(name: str, scale: float) -> None:
+def check_guidance(name: str, scale: float, typical: float = 3) -> None:
     if not (is_real(scale) and 0 <= scale <= MAX_GUIDANCE):
-        raise ValueError(f"{name} must be between 0 and {MAX_GUIDANCE:g} (3 is typical; 1 or less: no "
+        raise ValueError(f"{name} must be between 0 and {MAX_GUIDANCE:g} ({typical:g} is typical; 1 or less: no "
                          f"guidance), got {scale}.")
 
 
@@ -87,10 +88,10 @@ def check_magnet(config) -> None:
             isinstance(n, (int, np.integer)) and not isinstance(n, bool) and 1 <= n <= 1000 for n in steps)):
         raise ValueError(f"decoding_steps must be passes per codebook, each a whole number from 1 to 1000 (20,10,10,10 "
                          f"is typical), got {steps!r}.")
-    if config.span_arrangement not in ("nonoverlap", "stride1"):
-        raise ValueError(f"span_arrangement must be nonoverlap or stride1, got {config.span_arrangement!r}.")
-    check_guidance("max_cfg", config.max_cfg)
-    check_guidance("min_cfg", config.min_cfg)
+    if config.span_arrangement not in SPAN_ARRANGEMENTS:
+        raise ValueError(f"span_arrangement must be {' or '.join(SPAN_ARRANGEMENTS)}, got {config.span_arrangement!r}.")
+    check_guidance("max_cfg", config.max_cfg, typical=10)
+    check_guidance("min_cfg", config.min_cfg, typical=1)
 
 
 def check_duration(duration: float) -> None:

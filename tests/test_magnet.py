@@ -146,15 +146,20 @@ def test_lengths_beyond_the_clip_are_refused(music):
         model.generate_tokens(TEXTS, decoding_steps=(3, 3))
 
 
-def test_equal_span_scores_are_ordered_as_torch_orders_them():
-    """'stride1' masks the spans of highest score; among equal scores, torch's (unstable) CPU sort decides."""
+def test_equal_span_scores_are_picked_as_torch_picks_them():
+    """Spans of highest score are masked; among equal scores (late passes, whose low temperature rounds many
+    a top probability to 1), torch's unstable CPU sort ('stride1') and topk ('nonoverlap') decide."""
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        n = int(rng.integers(1, 600))
-        keys = rng.choice(np.array([0.25, 0.5, 1.0, -3e4, rng.random()], np.float32), size=n)
-        keys[rng.random(n) < 0.3] += rng.random(int((rng.random(n) < 0.3).sum()) or 1)[0]
+    for _ in range(300):
+        n = int(rng.integers(2, 600))
+        keys = rng.choice(np.array([0.0, 0.25, 0.5, -1e4, rng.random()], np.float32), size=n)
+        some = rng.random(n) < 0.3
+        keys[some] = rng.random(int(some.sum())).astype(np.float32)
         expected = torch.argsort(torch.from_numpy(keys), descending=True).numpy()
         np.testing.assert_array_equal(magnet.descending_order(keys), expected)
+        for k in (1, int(rng.integers(1, n + 1)), max(1, n // 64)):  # topk's two paths: k * 64 <= n, or not
+            picked = set(torch.from_numpy(keys).topk(k).indices.tolist())
+            assert set(magnet.torch_topk(keys, k).tolist()) == picked, (n, k)
 
 
 def test_generate_py_makes_the_clip_with_magnet_s_options(music, tmp_path):
@@ -211,10 +216,25 @@ def test_top_p_draws_from_audiocraft_s_nucleus():
     """audiocraft's sample_top_p: the most likely tokens whose probabilities before each sum to at most p, drawn
     in proportion (here tokens 0 and 1 of 0.5, 0.3, 0.15, 0.05 with p 0.7: 5/8 and 3/8)."""
     logits = mx.array(np.log(np.array([[[0.5, 0.3, 0.15, 0.05]]], np.float32)))
-    decoding = magnet.Decoding(temperature=1.0, top_p=0.7)
+    decoding = magnet.Decoding(do_sample=True, temperature=1.0, top_k=0, top_p=0.7, max_cfg=10.0, min_cfg=1.0,
+                               decoding_steps=STEPS, span_arrangement="nonoverlap")
     tokens = np.array([magnet.draw(logits, decoding, 1.0, key)[0].item()
                        for key in mx.random.split(mx.random.key(1), 2000)])
     counts = np.bincount(tokens, minlength=4) / len(tokens)
     assert counts[2] == counts[3] == 0 and abs(counts[0] - 0.625) < 0.04
     with pytest.raises(FloatingPointError):
         magnet.draw(mx.full((1, 1, 4), mx.nan), decoding, 1.0, mx.random.key(0))
+
+
+def test_an_audio_prompt_is_continued_as_audiocraft_continues_it(music):
+    """generate_continuation: the prompt's codes kept, the rest of the clip made around them (argmax)."""
+    prompt = np.random.default_rng(6).standard_normal((2, 1, 16000)).astype(np.float32) * 0.3  # 0.5 s: 25 frames
+    music.reference.set_generation_params(use_sampling=False, decoding_steps=list(STEPS))
+    with acref.xformers_backend():
+        audio, tokens = music.reference.generate_continuation(torch.from_numpy(prompt), 32000, TEXTS,
+                                                              progress=False, return_tokens=True)
+    ours, codes = load(music).generate(TEXTS, audio_prompt=prompt, audio_prompt_sr=32000, do_sample=False,
+                                       decoding_steps=STEPS, return_tokens=True)
+    assert codes.shape == tokens.shape
+    np.testing.assert_array_equal(codes, tokens.numpy())
+    np.testing.assert_allclose(ours, audio.numpy(), atol=ATOL, rtol=0)

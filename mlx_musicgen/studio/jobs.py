@@ -306,7 +306,8 @@ def upload_users(jobs, takes: TakeStore, store: QueueStore) -> set:
 def describe(model) -> dict:
     """What the API and the checks need to know of the loaded model."""
     melody = model.config.melody
-    return {"family": model.family, "kind": model.shape.kind, "sampling_rate": model.sampling_rate, "channels": model.audio_channels,
+    return {"family": model.family, "kind": model.shape.kind, "sampling_rate": model.sampling_rate,
+            "channels": model.audio_channels,
             "melody": melody is not None, "vocab_size": model.config.decoder.vocab_size,
             "window_seconds": model.shape.window_seconds, "frame_rate": model.frame_rate,
             # the seconds of a melody one window follows (audiocraft's chunk_length: 30)

@@ -9,6 +9,7 @@ OUTPUT/.studio/rejected/, with a line on stderr saying why; links are moved, nev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -22,9 +23,12 @@ from pathlib import Path
 
 from .. import atomic
 from ..cli import one_line
-from ..request import is_real
+from ..request import GenerationConfig, is_real
 from .job import Job
 from .settings import GENERATION, UPLOADS, JobSettings, parse_number
+
+# settings whose null means "the model's own" (a MAGNeT job's stride): kept null in a spec
+MODEL_CHOSEN = {f.name for f in dataclasses.fields(GenerationConfig) if f.default is None}
 
 STATE_FOLDER = ".studio"
 JOB_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex: what new_job_id makes and the API accepts
@@ -167,7 +171,7 @@ class QueueStore:
             raise ValueError(f"its settings must be an object, got {shown(values)}")
         values = dict(values)
         for name, value in values.items():
-            if name in GENERATION and (value is not None or GENERATION[name].default is not None):
+            if name in GENERATION and (value is not None or name not in MODEL_CHOSEN):
                 if isinstance(value, str):
                     raise ValueError(f"{name} must be a number, got {shown(value)}")
                 values[name] = parse_number(name, value, GENERATION[name].kind)
