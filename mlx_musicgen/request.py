@@ -487,13 +487,19 @@ def magnet_clip(model: ModelShape, config: GenerationConfig, total_frames: int |
                          f"got {len(config.decoding_steps)} ({','.join(map(str, config.decoding_steps))}).")
     total = clip if total_frames is None and config.duration is None else (
         int(total_frames) if total_frames is not None else round(config.duration * model.frame_rate))
-    if total > clip:
-        raise ValueError(f"this MAGNeT model makes clips of {seconds:g} s, and not longer: ask for at most "
-                         f"{seconds:g} s.")
+    check_clip_length(total, clip, model.frame_rate)
     if total <= prompt_frames:
         raise ValueError(f"the length asked for is not longer than the prompt ({prompt_frames / model.frame_rate:.2f} "
                          f"s): ask for more.")
     return [longform.Window(0, prompt_frames, total)]
+
+
+def check_clip_length(frames: int, clip: int, frame_rate: float) -> None:
+    """A MAGNeT model makes its clip of `clip` frames and no more: a longer request is refused."""
+    if frames > clip:
+        seconds = clip / frame_rate
+        raise ValueError(f"this MAGNeT model makes clips of {seconds:g} s, and not longer: ask for at most "
+                         f"{seconds:g} s.")
 
 
 def by_steps(model: ModelShape, steps: int | None, prompt_frames: int) -> tuple[int, list[longform.Window]]:

@@ -238,3 +238,28 @@ def test_an_audio_prompt_is_continued_as_audiocraft_continues_it(music):
     assert codes.shape == tokens.shape
     np.testing.assert_array_equal(codes, tokens.numpy())
     np.testing.assert_allclose(ours, audio.numpy(), atol=ATOL, rtol=0)
+
+
+def test_the_studio_serves_a_magnet_model(music, tmp_path):
+    """A studio process with a MAGNeT model: its info offers the clip and MAGNeT's sampling, a job with only a
+    text makes the whole clip with them, and a longer one is refused at submit."""
+    import io
+
+    import soundfile as sf
+    from studio import Studio
+
+    studio = Studio(music.folder, tmp_path / "takes", "--text-encoder", str(music.t5))
+    try:
+        info = studio.client.get("/api/info").json()
+        assert info["kind"] == "magnet" and info["defaults"]["duration"] == SECONDS
+        assert (info["defaults"]["top_p"], info["defaults"]["temperature"]) == (0.9, 3.0)
+        job = studio.wait(studio.client.post("/api/jobs", json={"text": "jazz", "seed": 2}).json()["id"])
+        assert job["status"] == "done", job
+        settings = studio.client.get(f"/api/takes/{job['take']}").json()
+        assert (settings["duration"], settings["top_k"], settings["decoding_steps"]) == (SECONDS, 0, [20, 10, 10, 10])
+        audio, rate = sf.read(io.BytesIO(studio.client.get(f"/api/takes/{job['take']}/audio").content))
+        assert rate == 32000 and audio.shape[0] == 99 * 640  # the clip, in whole spans
+        refused = studio.client.post("/api/jobs", json={"text": "jazz", "duration": 3})
+        assert refused.status_code == 422 and "clips of 2 s" in refused.json()["detail"]
+    finally:
+        studio.stop()

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import ConfigDict, Field, create_model
 
-from ..request import COMMAND_SETTINGS, GenerationConfig, command_settings, is_real
+from ..request import COMMAND_SETTINGS, GenerationConfig, check_clip_length, command_settings, is_real
 from .takes import FORMATS
 
 UPLOADS = ("audio_prompt", "melody")
@@ -112,6 +112,10 @@ class JobSettings:
         if model_info is not None:
             self.config.check(model_info["vocab_size"], model_info["window_seconds"])
             check_frames(self.config, model_info["frame_rate"])
+            if model_info.get("kind") == "magnet" and self.config.duration is not None:  # at submit, not at run
+                rate = model_info["frame_rate"]
+                check_clip_length(round(self.config.duration * rate), round(model_info["window_seconds"] * rate),
+                                  rate)
 
 
 def check_text(text: str) -> None:
