@@ -93,7 +93,8 @@ def convert(
 
 
 def fuse(adapter_path: str | Path, mlx_path: str | Path | None = None, model_id: str | None = None,
-         overwrite: bool = False, *, hf_path: str | Path | None = None) -> list[Path]:
+         overwrite: bool = False, *, hf_path: str | Path | None = None, checkpoint_format: str = "auto",
+         text_encoder: str | Path | None = None) -> list[Path]:
     """The base model (`model_id`, default the one the adapters record) with the adapters (or the full fine-tune)
     of `adapter_path` merged in, written as a converted folder (`mlx_path`), as a folder in the Hub's transformers
     layout (`hf_path`, see write_transformers_folder), or both; returns the folders written."""
@@ -111,7 +112,8 @@ def fuse(adapter_path: str | Path, mlx_path: str | Path | None = None, model_id:
         raise ValueError(f"--mlx-path and --hf-path are the same folder {outs[0]}: give two folders.")
     for out in outs:
         check_destination(out, overwrite)
-    model, raw, folder = loading.build_model(loading.resolve(model_id))
+    model, raw, folder = loading.build_model(loading.resolve(model_id, checkpoint_format),
+                                             checkpoint_format=checkpoint_format, text_encoder=text_encoder)
     if hf_path is not None:
         check_exportable(raw, folder)  # before the work of fusing
     lora.load_adapters(model, adapter_path, model_name=model_id)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import lora
+from . import cli, lora
 from .dataset import load_examples, split
 from .training import CHECKPOINT, TrainConfig, Trainer, checkpoint_state
 
@@ -67,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-path", help="with --fuse: a folder in the Hub's transformers layout to write (float32), "
                                      "for MusicgenForConditionalGeneration.from_pretrained")
     p.add_argument("--overwrite", action="store_true", help="with --fuse: replace a non-empty --mlx-path/--hf-path")
+    cli.add_checkpoint_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -118,13 +119,13 @@ def run_fuse(args: argparse.Namespace, out: Path) -> None:
     if not args.mlx_path and not args.hf_path:
         raise ValueError("--fuse writes a converted folder (--mlx-path), a transformers folder (--hf-path) or "
                          "both: give one.")
-    for folder in fuse(out, args.mlx_path, args.model, args.overwrite, hf_path=args.hf_path):
+    for folder in fuse(out, args.mlx_path, args.model, args.overwrite, hf_path=args.hf_path,
+                       checkpoint_format=args.checkpoint_format, text_encoder=args.text_encoder):
         print(f"wrote {folder}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> None:
     from . import _linux
-    from .cli import Bar
     from .musicgen import MusicGen
 
     out = Path(args.adapter_path).expanduser()
@@ -143,7 +144,11 @@ def run(args: argparse.Namespace) -> None:
         raise FileExistsError(f"{out} already holds adapters: --resume to continue them, or choose another "
                               f"--adapter-path.")
     _linux.use_all_cores_for_blas()  # training's products are large: every core helps (generation keeps one free)
-    musicgen = MusicGen.from_pretrained(args.model, portable=True)  # the CPU forms are for generation
+    musicgen = MusicGen.from_pretrained(args.model, portable=True, checkpoint_format=args.checkpoint_format,
+                                        text_encoder=args.text_encoder)  # the CPU forms are for generation
+    if musicgen.config.magnet is not None:
+        raise ValueError(f"{args.model} is a MAGNeT model, which trains with masked spans, not the step-by-step "
+                         f"loss finetune.py optimises: fine-tune a MusicGen or AudioGen model instead.")
     mx.random.seed(args.seed)
     examples = load_examples(musicgen, Path(args.data), args.caption, log=lambda m: print(m, file=sys.stderr))
     train, val = split(examples, config.val_fraction, config.seed)
@@ -157,7 +162,7 @@ def run(args: argparse.Namespace) -> None:
         trainer.resume()
     elif start_from is not None:
         print(f"training the adapters of {start_from} further, from step 0, into {out}", file=sys.stderr)
-    with Bar(total=config.iters, initial=trainer.step, desc="training", unit="step", disable=args.quiet,
+    with cli.Bar(total=config.iters, initial=trainer.step, desc="training", unit="step", disable=args.quiet,
              dynamic_ncols=True) as bar:
 
         def progress(step: int, entry: dict) -> None:
@@ -172,10 +177,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .cli import run_main
 
     args = parse_args(argv)
-    run_main(lambda: run(args), args.debug)
+    cli.run_main(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

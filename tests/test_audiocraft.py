@@ -425,3 +425,23 @@ def test_a_codec_pointer_names_a_hub_encodec_only(music, tmp_path, pointer, mess
 def test_text_encoder_is_for_audiocraft_checkpoints_only(tiny, music):
     with pytest.raises(CheckpointError, match="--text-encoder is for audiocraft checkpoints"):
         MusicGen.from_pretrained(tiny.folder, text_encoder=music.t5)
+
+
+def test_an_audiocraft_model_fine_tunes_and_fuses(music, tmp_path):
+    """finetune.py on audiocraft's files with --text-encoder, then --fuse into a converted folder that loads alone."""
+    data = tmp_path / "data"
+    data.mkdir()
+    t = np.arange(int(1.2 * 32000)) / 32000
+    for i in range(2):
+        sf.write(data / f"clip{i}.wav", (0.3 * np.sin(2 * np.pi * (200 + 150 * i) * t)).astype(np.float32), 32000)
+    out, fused = tmp_path / "adapters", tmp_path / "fused"
+    common = ["--model", str(music.folder), "--text-encoder", str(music.t5), "--adapter-path", str(out), "--quiet"]
+    trained = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *common, "--data", str(data), "--caption",
+                              "a tone", "--iters", "2", "--val-fraction", "0", "--lora-rank", "4"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert trained.returncode == 0, trained.stderr
+    merged = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *common, "--fuse", "--mlx-path", str(fused)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert merged.returncode == 0, merged.stderr
+    model = MusicGen.from_pretrained(fused)
+    assert model.config.attend_text_padding and model.window_frames == 1500

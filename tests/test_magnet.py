@@ -263,3 +263,15 @@ def test_the_studio_serves_a_magnet_model(music, tmp_path):
         assert refused.status_code == 422 and "clips of 2 s" in refused.json()["detail"]
     finally:
         studio.stop()
+
+
+def test_finetune_py_refuses_a_magnet_model(music, tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "finetune.py"), "--model", str(music.folder), "--text-encoder",
+                             str(music.t5), "--data", str(tmp_path), "--adapter-path", str(tmp_path / "out")],
+                            capture_output=True, text=True, cwd=root)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "is a MAGNeT model" in result.stderr
