@@ -23,7 +23,7 @@ import mlx_musicgen  # noqa: F401  (first: loads an optimized BLAS before mlx on
 import mlx.core as mx
 
 from mlx_musicgen import MusicGen, delay, generation
-from mlx_musicgen.request import GenerationConfig
+from mlx_musicgen.settings import GenerationConfig
 
 TEXT = "80s pop track with bassy drums and synth"
 

@@ -8,7 +8,7 @@ _linux.keep_freed_memory()
 
 from .model import MusicGenConfig  # noqa: E402
 from .musicgen import MusicGen  # noqa: E402
-from .request import GenerationConfig  # noqa: E402
+from .settings import GenerationConfig  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = ["MusicGen", "MusicGenConfig", "GenerationConfig", "__version__"]

@@ -12,9 +12,10 @@ from typing import Callable
 from tqdm import tqdm
 
 from .limits import SPAN_ARRANGEMENTS
-from .loading import CHECKPOINT_FORMATS, CheckpointError
+from .checkpoint_files import CheckpointError
+from .hub import CHECKPOINT_FORMATS
 from .model import DTYPES
-from .request import COMMAND_SETTINGS, MODEL_KINDS, GenerationConfig, command_settings
+from .settings import COMMAND_SETTINGS, MODEL_KINDS, GenerationConfig, command_settings
 
 # CheckpointError is a ValueError; OSError covers missing, existing, unwritable files; FloatingPointError is
 # NaN/inf in the model's output (sampling.NonFiniteLogitsError, audio.write_audio).
@@ -68,7 +69,7 @@ GENERATION_FIELDS = {f.name: f.default for f in dataclasses.fields(GenerationCon
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """--duration, --seed, --guidance-scale, --top-k, --top-p, --temperature, --extend-stride and --greedy, made
-    from GenerationConfig's fields (request.command_settings): their types, help and each kind of model's
+    from GenerationConfig's fields (settings.command_settings): their types, help and each kind of model's
     defaults (filled in once the model loads); and MAGNeT's --decoding-steps, --span-arrangement, --max-cfg and
     --min-cfg."""
     defaults = {kind: command_settings(kind) for kind in MODEL_KINDS}

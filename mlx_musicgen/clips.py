@@ -11,7 +11,7 @@ import numpy as np
 
 from . import atomic
 from .audio import check_output, normalize, write_audio
-from .request import GenerationConfig
+from .settings import GenerationConfig
 from .version import __version__
 
 RECORDED = ("duration", "seed", "do_sample", "guidance_scale", "top_k", "top_p", "temperature", "extend_stride")

@@ -17,7 +17,8 @@ import numpy as np
 
 from . import delay, longform
 from .decoder import SPAN, Context, KVCache
-from .request import GenerationConfig, Request
+from .request import Request
+from .settings import GenerationConfig
 from .sampling import apply_guidance, check_tokens, sample
 
 Progress = Callable[[int, int], None]  # called with (frames done, frames in all), the prompt's not counted

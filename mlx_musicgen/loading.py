@@ -1,4 +1,5 @@
-"""Loading a model: resolve (Hub id or folder) -> config -> model -> sanitize -> quantize -> strict load.
+"""Loading a model: resolve (Hub id or folder: hub) -> config -> model -> sanitize -> quantize -> strict load, the
+files read by checkpoint_files (or audiocraft's by audiocraft).
 
 Every file the model needs must be there and every parameter filled by a tensor of its shape; what is wrong
 is named in a one-line CheckpointError that says what to do.
@@ -7,68 +8,26 @@ is named in a one-line CheckpointError that says what to do.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import pickle
 import types
 import typing
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 from mlx.utils import tree_flatten
 
-from . import audiocraft, torch_bin
-from .limits import MAX_DURATION
+from . import audiocraft
+from .checkpoint_files import (MAX_SIZE, CheckpointError, as_mlx, load_hf_weights, load_safetensors, read_json,
+                               read_settings)
 from .encodec import EncodecConfig
+from .hub import hub_folder, model_folder, resolve
+from .limits import MAX_DURATION
 from .model import AUDIOCRAFT_KEY, CONVERTED_KEY, MusicGenConfig, MusicGenModel
 
 FORMAT_VERSION = 2  # of converted folders; bump when the layout of weights or config changes (2: portable layout)
 SUPPORTED_MODEL_TYPES = ("musicgen", "musicgen_melody")
 
 # What a download needs: configs, tokenizer and weights (the .bin only where a repo has no safetensors).
-HUB_PATTERNS = ["*.json", "*.safetensors", "spiece.model", "tokenizer*"]
-CHECKPOINT_FORMATS = ("auto", "transformers", "audiocraft")  # auto: transformers' where a repo has both
 TOKENIZER_MODELS = ("spiece.model", "tokenizer.json")  # either holds the vocabulary
-
-MAX_SIZE = 2**31 - 1  # the largest dimension MLX arrays take
-MAX_HEADER = 100 * 2**20  # safetensors' own limit on its JSON header
-SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
-                        "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with a message that says what to do."""
-
-
-def resolve(path_or_id: str | Path, checkpoint_format: str = "auto") -> Path:
-    """A local folder as it is; otherwise a Hub repo id, downloaded (or found in the cache when offline) in
-    `checkpoint_format` (see download)."""
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_FORMATS)}, got "
-                         f"{checkpoint_format!r}.")
-    path = Path(path_or_id).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path} is a file; give the folder that holds config.json (or audiocraft's "
-                                  f"{audiocraft.LM_FILE}).")
-        return path
-    if str(path_or_id).startswith((".", "/", "~")) or str(path_or_id).count("/") != 1:
-        raise CheckpointError(
-            f"{path_or_id} is neither an existing folder nor a Hub id like facebook/musicgen-small."
-        )
-    return download(str(path_or_id), checkpoint_format)
-
-
-def download(repo_id: str, checkpoint_format: str = "auto") -> Path:
-    """A model's Hub snapshot: configs, tokenizer and safetensors (the .bin only where a repo has none) in
-    transformers' layout; where the repo has none (or `checkpoint_format` is "audiocraft"), audiocraft's two
-    files."""
-    if checkpoint_format != "audiocraft":
-        folder = hub_folder(repo_id, "model")
-        if (folder / "config.json").is_file() or checkpoint_format == "transformers":
-            return folder
-    return snapshot(repo_id, [audiocraft.LM_FILE, audiocraft.CODEC_FILE])
 
 
 def checkpoint_format_of(folder: Path, checkpoint_format: str = "auto") -> str:
@@ -81,48 +40,6 @@ def checkpoint_format_of(folder: Path, checkpoint_format: str = "auto") -> str:
                                   f"--checkpoint-format audiocraft to load its transformers files.")
         return "audiocraft"
     return "transformers"
-
-
-def snapshot(repo_id: str, patterns: list[str], what: str = "model") -> Path:
-    """The files of a Hub repo that match `patterns`, downloaded (or found in the cache when offline), with
-    one-line CheckpointErrors that say what to do; `what` the repo holds names it in them (a model, an
-    adapter)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    named = repo_id if what == "model" else f"the {what} {repo_id}"
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except RepositoryNotFoundError:
-        raise CheckpointError(
-            f"No {what} {repo_id!r} on the Hugging Face Hub (or it is private: log in with `hf auth login`)."
-        ) from None
-    except LocalEntryNotFoundError:
-        raise CheckpointError(
-            f"{named} is not in the local Hugging Face cache and the Hub cannot be reached (offline?): "
-            f"download it once with `hf download {repo_id}` while online, or pass a local folder."
-        ) from None
-    except HFValidationError:
-        raise CheckpointError(
-            f"{repo_id!r} is neither an existing folder nor a valid Hub id like facebook/musicgen-small."
-        ) from None
-    except (HfHubHTTPError, OSError) as e:  # other HTTP errors, network failures, a full disk
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"could not download {named} ({first_line}): check the connection, or pass a local folder."
-        ) from None
-
-
-def read_json(file: Path):
-    try:
-        return json.loads(file.read_text())
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, numbers or nesting beyond parsing
-        raise CheckpointError(f"{file} is not valid JSON ({e}); download or convert the model again.") from None
 
 
 def read_config(folder: Path) -> dict:
@@ -155,14 +72,6 @@ def read_config(folder: Path) -> dict:
 
 def is_converted(config: dict) -> bool:
     return CONVERTED_KEY in config
-
-
-def read_settings(file: Path) -> dict:
-    """A JSON file that must hold a table of settings."""
-    config = read_json(file)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{file} is not a table of settings; download or convert the model again.")
-    return config
 
 
 def read_generation_config(folder: Path) -> dict:
@@ -208,98 +117,6 @@ def read_preprocessor_config(folder: Path, raw: dict) -> dict | None:
         raise CheckpointError(f"{file}: its \"{section}\" is not a table of settings; download or save the "
                               f"model again.")
     return settings[section]
-
-
-def check_safetensors_header(file: Path) -> None:
-    """A safetensors file's header, read before any tensor and checked against the file: a header length past
-    the end, offsets outside the data or overlapping, sizes that are not dtype x shape are refused as corrupt,
-    so that nothing trusts a header that lies."""
-
-    def corrupt(why: str) -> CheckpointError:
-        return CheckpointError(f"{file} is truncated or corrupt ({why}); download or convert it again.")
-
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise corrupt(f"{size} bytes, shorter than a safetensors header")
-        length = int.from_bytes(prefix, "little")
-        if length > min(MAX_HEADER, size - 8):
-            raise corrupt(f"its header claims {length} bytes, the file holds {size - 8}")
-        try:
-            header = json.loads(f.read(length))
-        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, numbers or nesting beyond parsing
-            raise corrupt(f"its header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise corrupt("its header is not a table of tensors")
-    data, spans = size - 8 - length, []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, offsets = (info.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(
-            info, dict) else (None, None, None)
-        if (not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEMSIZE or not isinstance(shape, list) or not isinstance(offsets, list)
-                or not all(isinstance(n, int) and 0 <= n <= MAX_SIZE for n in shape)
-                or len(offsets) != 2 or not all(isinstance(n, int) for n in offsets)):
-            raise corrupt(f"tensor {name!r} has a broken entry")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data or end - begin != math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]:
-            raise corrupt(f"tensor {name!r} claims bytes {begin}..{end} for {dtype}{shape} in {data} bytes of data")
-        spans.append((begin, end))
-    spans.sort()
-    if any(end > next_begin for (_, end), (next_begin, _) in zip(spans, spans[1:])):
-        raise corrupt("tensors overlap")
-
-
-def load_safetensors(file: Path) -> dict[str, mx.array]:
-    """The tensors of a safetensors file, its header checked first (check_safetensors_header), loaded lazily:
-    no tensor is read before it is used."""
-    if not file.is_file():
-        raise CheckpointError(f"{file} is missing: download or convert the model again.")
-    check_safetensors_header(file)
-    try:
-        return mx.load(str(file))
-    except Exception as e:  # mlx reports truncation and bad headers as plain runtime errors
-        raise CheckpointError(f"{file} is truncated or corrupt ({e}); download or convert it again.") from None
-
-
-def load_hf_weights(folder: Path) -> dict[str, mx.array]:
-    """All tensors of a Hub-layout checkpoint: one safetensors file, or shards with an index; or, where it has
-    none, its torch .bin files (read without torch and without running anything from them: torch_bin)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index} is not a valid shard index; download the model again.") from None
-        weights = {}
-        for shard in shards:
-            weights.update(load_safetensors(folder / shard))
-        return weights
-    if (folder / "model.safetensors").is_file():
-        return load_safetensors(folder / "model.safetensors")
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if bins:
-        weights = {}
-        for file in bins:
-            weights.update(load_torch_bin(file))
-        return weights
-    raise CheckpointError(f"{folder} has no model.safetensors (or shards, or pytorch_model.bin).")
-
-
-def load_torch_bin(file: Path) -> dict[str, mx.array]:
-    """The state dict in a torch .bin file, every tensor float32 (as torch's `.float()` made them before)."""
-    try:
-        state = torch_bin.read_state_dict(file)
-    except (ValueError, pickle.UnpicklingError) as error:
-        raise CheckpointError(str(error)) from None
-    return as_mlx(state)
-
-
-def as_mlx(state: dict[str, np.ndarray]) -> dict[str, mx.array]:
-    """numpy tensors (torch_bin's) as MLX arrays, every one float32 (as torch's `.float()` made them before),
-    taken out of `state` one by one, so that each numpy copy is freed as its MLX one is made."""
-    return {name: mx.array(np.asarray(state.pop(name)).astype(np.float32, copy=False)) for name in list(state)}
 
 
 def check_tokenizer_files(folder: Path) -> None:
@@ -480,21 +297,6 @@ def read_audiocraft(folder: Path, text_encoder: str | Path | None = None) -> tup
     generation = {"max_length": window}
     # a T5 fine-tuned with the LM comes with it, and takes the place of the Hub's
     return raw, generation, {**t5_weights, **as_mlx(lm.weights), **codec_weights}, t5
-
-
-def model_folder(path_or_id: str | Path, what: str) -> Path:
-    """A folder as it is, or a Hub repo's configs, tokenizer and weights (see snapshot); `what` it is names it in
-    messages."""
-    path = Path(path_or_id).expanduser()
-    return path if path.is_dir() else hub_folder(str(path_or_id), what)
-
-
-def hub_folder(repo_id: str, what: str) -> Path:
-    """A Hub repo's configs, tokenizer and safetensors (its .bin only where it has none), see snapshot."""
-    folder = snapshot(repo_id, HUB_PATTERNS, what)
-    if not list(folder.glob("*.safetensors")):
-        folder = snapshot(repo_id, HUB_PATTERNS + ["pytorch_model*.bin"], what)
-    return folder
 
 
 def required(file: Path, what: str) -> Path:

@@ -26,7 +26,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from . import atomic, peft
-from .loading import CheckpointError, load_safetensors, mismatches, read_json, snapshot
+from .checkpoint_files import CheckpointError, load_safetensors, read_json
+from .hub import snapshot
+from .loading import mismatches
 
 # What the known transformers + PEFT recipe adapts: the decoder's attention and feed-forward projections, the
 # per-codebook heads, and the projections of the text (and melody) into the decoder.

@@ -265,7 +265,7 @@ def least_probable_spans(scores: np.ndarray, target: int, span_len: int) -> np.n
 
 @dataclass(frozen=True)
 class Decoding:
-    """How the passes decode (a resolved GenerationConfig's settings: request.MODEL_DEFAULTS holds audiocraft's):
+    """How the passes decode (a resolved GenerationConfig's settings: settings.MODEL_DEFAULTS holds audiocraft's):
     sampling (or argmax), its temperature (annealed within each stage), top-k / top-p (top-p first: when it is
     on, top-k is not used, as in audiocraft), guidance from max_cfg to min_cfg, passes per codebook, and the span
     arrangement."""

@@ -36,7 +36,7 @@ class MusicGenConfig:
     max_length: int = 1500  # the checkpoint's generation window: frames by duration, positions by steps
     quantization: dict | None = None
     melody: MelodyConfig | None = None  # MusicGen-Melody's chroma conditioning
-    family: str = "musicgen"  # or "audiogen": music or sound (request.MODEL_DEFAULTS)
+    family: str = "musicgen"  # or "audiogen": music or sound (settings.MODEL_DEFAULTS)
     magnet: MagnetConfig | None = None  # MAGNeT: masked decoding of a fixed clip (magnet.py)
     # audiocraft's models attend to the text's padding too (zero states, hence zero keys and values), where
     # transformers' mask it: the same only without padding (one text, or texts of one length)

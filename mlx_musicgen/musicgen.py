@@ -24,8 +24,9 @@ from .longform import Window
 from .magnet import Decoding, generate_clip
 from .melody import window_features
 from .model import MusicGenConfig, MusicGenModel
-from .request import GenerationConfig, ModelShape, PromptInput, Request, prepare, trim_padding
+from .request import ModelShape, PromptInput, Request, prepare, trim_padding
 from .sampling import check_tokens
+from .settings import GenerationConfig
 from .streaming import decode_stream, regroup
 from .t5 import T5Encoder
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from .loading import CheckpointError, load_safetensors, read_json
+from .checkpoint_files import CheckpointError, load_safetensors, read_json
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."  # PeftModel's path to the model it wraps

@@ -344,7 +344,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from OUT/checkpoint: the weights, the optimizer's state, the step and the records so far."""
-        from .loading import CheckpointError
+        from .checkpoint_files import CheckpointError
 
         path = self.out / CHECKPOINT
         state = checkpoint_state(self.out)

@@ -126,11 +126,16 @@ def random_codec(cfg, seed: int = 0) -> torch.nn.Module:
     """audiocraft's EnCodec built from `cfg` by its own builder, every parameter and codebook drawn at random."""
     ac = import_audiocraft()
     torch.manual_seed(seed)
-    model = ac.builders.get_compression_model(cfg).eval()
+    return randomized(ac.builders.get_compression_model(cfg).eval(),
+                      lambda name: 0.5 if "codebook" in name or "embed" in name else 0.1)
+
+
+def randomized(model: torch.nn.Module, scale) -> torch.nn.Module:
+    """`model` with every floating-point tensor drawn from a normal of standard deviation scale(its name)."""
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             if tensor.is_floating_point():
-                tensor.copy_(torch.randn_like(tensor) * (0.5 if "codebook" in name or "embed" in name else 0.1))
+                tensor.copy_(torch.randn_like(tensor) * scale(name))
     return model
 
 
@@ -235,12 +240,8 @@ def random_lm(cfg, seed: int = 0, head_scale: float = 0.1) -> torch.nn.Module:
     of standard deviation 0.1; `head_scale` for the output heads)."""
     ac = import_audiocraft()
     torch.manual_seed(seed)
-    model = ac.builders.get_lm_model(cfg).eval()
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn_like(tensor) * (head_scale if name.startswith("linears.") else 0.1))
-    return model
+    return randomized(ac.builders.get_lm_model(cfg).eval(),
+                      lambda name: head_scale if name.startswith("linears.") else 0.1)
 
 
 @contextlib.contextmanager

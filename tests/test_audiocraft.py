@@ -21,7 +21,7 @@ import torch
 import audiocraft_reference as acref
 from mlx_musicgen import MusicGen, convert
 from mlx_musicgen.loading import CheckpointError
-from mlx_musicgen.request import command_settings
+from mlx_musicgen.settings import command_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4

@@ -34,7 +34,7 @@ from slow import runner, slow_steps
 from mlx_musicgen.audio import write_audio
 from mlx_musicgen.loading import CheckpointError
 from mlx_musicgen.limits import MAX_DURATION
-from mlx_musicgen.request import check_sampling
+from mlx_musicgen.settings import check_sampling
 from mlx_musicgen.sampling import NonFiniteLogitsError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mlx_musicgen.request import COMMAND_SETTINGS, command_settings
+from mlx_musicgen.settings import COMMAND_SETTINGS, command_settings
 from studio import Studio
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

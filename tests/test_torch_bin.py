@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mlx_musicgen import torch_bin
-from mlx_musicgen.loading import CheckpointError, load_torch_bin
+from mlx_musicgen.checkpoint_files import CheckpointError, load_torch_bin
 
 
 def saved(tmp_path: Path, obj, name: str = "state.bin") -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..limits import MAX_DURATION, MAX_GUIDANCE
-from ..request import command_settings
+from ..settings import command_settings
 from ..version import __version__
 from .deps import Jobs, MaxUploadBytes
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import atomic
 from ..cli import one_line
-from ..request import GenerationConfig, is_real
+from ..settings import GenerationConfig, is_real
 from .job import Job
 from .settings import GENERATION, UPLOADS, JobSettings, parse_number
 

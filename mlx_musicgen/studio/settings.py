@@ -13,7 +13,8 @@ from typing import Literal
 import numpy as np
 from pydantic import ConfigDict, Field, create_model
 
-from ..request import COMMAND_SETTINGS, GenerationConfig, check_clip_length, command_settings, is_real
+from ..request import check_clip_length
+from ..settings import COMMAND_SETTINGS, GenerationConfig, command_settings, is_real
 from .takes import FORMATS
 
 UPLOADS = ("audio_prompt", "melody")
@@ -47,7 +48,7 @@ KNOWN = tuple(JobForm.model_fields)
 
 
 def command_config(kind: str = "musicgen", window_seconds: float | None = None, **settings) -> GenerationConfig:
-    """A GenerationConfig with the commands' defaults for the model's kind (request.MODEL_DEFAULTS), the window
+    """A GenerationConfig with the commands' defaults for the model's kind (settings.MODEL_DEFAULTS), the window
     (`window_seconds`: a MAGNeT model's clip) where the kind's default length is one window."""
     return GenerationConfig(**settings).for_model(kind, command=True, window_seconds=window_seconds)
 

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
 from ..cli import one_line
-from ..request import COMMAND_SETTINGS
+from ..settings import COMMAND_SETTINGS
 from .deps import Jobs, accepted, error
 from .job import QueueFull
 from .jobs import JobQueue
