@@ -29,7 +29,7 @@ def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> N
     team by timing a few decoding steps (threads.choose_blas_team). MAGNeT's decoder reads whole clips, as
     training does: it takes training's forms of attention and GELU, and every core for its products."""
     optimize_encodec(audio_encoder)
-    if isinstance(decoder, MagnetDecoder):  # whole clips: training's forms of attention and GELU, every core
+    if isinstance(decoder, MagnetDecoder):
         optimize_for_training(decoder)
         decoder.products = every_core_for_blas
         return
