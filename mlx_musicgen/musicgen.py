@@ -182,7 +182,7 @@ class MusicGen:
 
         Decoded a stretch of DECODE_FRAMES at a time, so memory does not grow with the duration."""
         codes = mx.array(codes)
-        stretches = (codes[:, :, i : i + DECODE_FRAMES] for i in range(0, codes.shape[-1], DECODE_FRAMES))
+        stretches = [codes[:, :, i : i + DECODE_FRAMES] for i in range(0, codes.shape[-1], DECODE_FRAMES)]
         return np.concatenate(list(self.decode_stream(stretches)), axis=-1)
 
     # ---- generation

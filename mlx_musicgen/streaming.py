@@ -10,7 +10,7 @@ flat however long the stream. Whatever form the model's modules have (portable o
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -35,11 +35,13 @@ class StreamingDecoder:
         self.features_start = 0
         self.audio_done = 0  # frames turned into audio
 
-    def push(self, codes: mx.array) -> mx.array:
-        """codes (batch, codebooks, n) -> the (batch, channels, samples) audio that is now final (maybe none)."""
+    def push(self, codes: mx.array, last: bool = False) -> mx.array:
+        """codes (batch, codebooks, n) -> the (batch, channels, samples) audio that is now final (maybe none);
+        `last`: these are the stream's last codes, so all the rest of the audio (as push, then flush, would give,
+        in one pass through the upsampling stack instead of two)."""
         embeddings = self.quantizer.decode(codes)  # (batch, n, dim)
         self.embeddings = embeddings if self.embeddings is None else mx.concatenate([self.embeddings, embeddings], 1)
-        return self.advance(final=False)
+        return self.advance(final=last)
 
     def flush(self) -> mx.array:
         """The rest of the audio, once the last codes have been pushed."""
@@ -102,16 +104,18 @@ def regroup(frames: Iterable[mx.array], size: int) -> Iterator[mx.array]:
 def decode_stream(model: EncodecModel, channels: int, codes: Iterable[mx.array | np.ndarray]) -> Iterator[np.ndarray]:
     """Codes arriving a stretch (batch, codebooks, n) at a time -> the audio (batch, channels, samples) that each
     makes final; the audio joined is the whole decode, sample-exact at the seams. Stereo codebooks are
-    interleaved L0, R0, L1, ... and each channel decoded apart."""
+    interleaved L0, R0, L1, ... and each channel decoded apart. When `codes` is a sequence (a list: all of them
+    known), its last stretch is decoded to the end at once."""
     decoders = [StreamingDecoder(model) for _ in range(channels)]
 
     def joined(pieces: list[mx.array]) -> np.ndarray:
         return np.array(mx.concatenate(pieces, axis=1).astype(mx.float32))
 
-    for stretch in codes:
+    last = len(codes) - 1 if isinstance(codes, Sequence) else None
+    for i, stretch in enumerate(codes):
         check_tokens(stretch)  # NaN/inf logits are reported, not decoded into noise
         stretch = mx.array(stretch)
-        audio = joined([d.push(stretch[:, c::channels]) for c, d in enumerate(decoders)])
+        audio = joined([d.push(stretch[:, c::channels], i == last) for c, d in enumerate(decoders)])
         if audio.shape[-1]:
             yield audio
     audio = joined([d.flush() for d in decoders])

@@ -51,6 +51,21 @@ def test_streaming_decoder_matches_one_shot_decode_at_every_seam(codec, sizes):
         np.testing.assert_allclose(streamed[..., window], full[..., window], atol=TOLERANCE * np.abs(full).max())
 
 
+@pytest.mark.parametrize("sizes", [[60], [13, 47]])
+def test_last_push_decodes_to_the_end(codec, sizes):
+    """push(codes, last=True) gives at once what push then flush give: all the rest, with nothing left to flush."""
+    codes = mx.array(np.random.default_rng(3).integers(0, 2048, size=(2, 4, sum(sizes))))
+    full = np.array(codec.decode(codes))
+    decoder = StreamingDecoder(codec)
+    pieces = [np.array(decoder.push(codes[:, :, : sizes[0]], last=len(sizes) == 1))]
+    if len(sizes) > 1:
+        pieces.append(np.array(decoder.push(codes[:, :, sizes[0] :], last=True)))
+    assert decoder.flush().shape[-1] == 0
+    streamed = np.concatenate(pieces, axis=-1)
+    assert streamed.shape == full.shape
+    assert reference.relative_error(streamed, full) < TOLERANCE
+
+
 def test_stream_joined_equals_generate(model):
     kwargs = dict(max_new_tokens=40, do_sample=False)
     expected = model.generate(["80s pop track"], **kwargs)

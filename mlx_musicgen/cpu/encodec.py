@@ -4,10 +4,9 @@ interface and the same outputs (up to float32 reordering) that run faster on a C
   matmul over all kernel taps plus, where needed, a sum of shifted slices, and a transposed one is the equivalent
   stride-1 convolution over frames of `stride` samples (its weight re-laid at swap time; nothing is saved so).
 - The convolution stacks around the LSTMs run on overlapping chunks of frames (exact, see run_in_chunks); where
-  the BLAS does not thread itself (OpenBLAS), chunks alternate between two streams and the LSTMs split their
-  recurrent product over two streams.
-- exp, in ELU and the LSTM's gates, is fused polynomial arithmetic (MLX's CPU exp is scalar and slow), and an
-  LSTM step is four compiled functions.
+  the BLAS does not thread itself (OpenBLAS), chunks alternate between two streams.
+- exp, in ELU, is fused polynomial arithmetic (MLX's CPU exp is scalar and slow).
+- An LSTM's recurrence, a thousand small steps a second of audio, runs in numpy (NumpyLSTM).
 """
 
 from __future__ import annotations
@@ -17,15 +16,15 @@ from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from ..encodec import EncodecConfig, EncodecDecoder, EncodecEncoder, EncodecModel, context_frames
-from .threads import blas_threads_itself, every_core_for_blas, parallel_streams
+from .threads import every_core_for_blas, parallel_streams
 
 CHUNK_FRAMES = 50  # 1 s at 50 Hz: the largest buffers stay at a few MB
 
 
-# exp, for ELU and the LSTM's gates. MLX's CPU exp is scalar code calling libm, so exp is
-# built from plain arithmetic, which MLX compiles into vectorised loops: expm1(u) for u >= 0 as Taylor at
+# exp, for ELU. MLX's CPU exp is scalar code calling libm, so exp is built from plain arithmetic, which MLX compiles into vectorised loops: expm1(u) for u >= 0 as Taylor at
 # v = u / 8, doubled three times by expm1(2v) = expm1(v) * (expm1(v) + 2). That keeps its accuracy relative to
 # tiny values, needs no exponent bits, and overflows to inf cleanly far out; exp(-u) and the rest follow from it.
 # MLX fuses at most 11 dependent ops into one kernel, so each function is two compiled halves: the Taylor part
@@ -134,53 +133,18 @@ class FrameConvTranspose1d(nn.Module):
         return frames.reshape(batch, (length + 1) * self.stride, self.out_channels)
 
 
-# One LSTM step as four compiled functions: fewer tasks for MLX's CPU scheduler, whose per-task cost is what counts
-# for a step's small arrays.
-@mx.compile
-def gates_reduced(gates_x: mx.array, gates_h: mx.array, gate_scale: mx.array) -> mx.array:
-    return expm1_reduced(mx.abs((gates_x + gates_h) * gate_scale), 1.0)
+class NumpyLSTM(nn.Module):
+    """nn.LSTM (with bias, batched input) whose recurrence runs in numpy; the same parameters.
 
+    Each step multiplies one row per item by the whole recurrent weight (16 MB for EnCodec 32 kHz), which stays
+    in the CPU's cache from step to step. numpy's BLAS (OpenBLAS, threaded) does that product 3-4x faster than
+    MKL's through MLX, and a step's dozen small element-wise ops cost microseconds in numpy against tens of
+    microseconds each as MLX tasks (docs/performance.md). The input's share of the gates, one large product for
+    all steps, stays in MLX."""
 
-@mx.compile
-def gates_sigmoid(gates_x: mx.array, gates_h: mx.array, gate_scale: mx.array, d: mx.array) -> mx.array:
-    """sigmoid(z) = step(z) - sign(z) / (2 + expm1(|z|)), for z = (gates_x + gates_h) * gate_scale."""
-    sign = mx.sign((gates_x + gates_h) * gate_scale)
-    return (sign + 1.0) * 0.5 - sign / (2.0 + expm1_doubled(d))
-
-
-@mx.compile
-def cell_update(gates: mx.array, cell: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-    """torch's update (gates i, f, g, o), with tanh(g) = 2 * sigmoid(2g) - 1: gate_scale is 2 for g, so one
-    sigmoid covers all gates. Returns the new cell, o, and the Taylor part of tanh(cell)."""
-    i, f, g, o = mx.split(gates, 4, axis=-1)
-    cell = f * cell + i * (2.0 * g - 1.0)
-    return cell, o, expm1_reduced(mx.abs(cell), 2.0)
-
-
-@mx.compile
-def hidden_state(o: mx.array, cell: mx.array, d: mx.array) -> mx.array:
-    return o * (mx.sign(cell) * (1.0 - 2.0 / (2.0 + expm1_doubled(d))))  # tanh(c) = sign(c) * (1 - 2 / (e**2|c| + 1))
-
-
-def lstm_cell(
-    gates_x: mx.array, gates_h: mx.array, cell: mx.array, gate_scale: mx.array
-) -> tuple[mx.array, mx.array]:
-    """(h, c) after one step, from the input's and the hidden state's shares of the gates."""
-    gates = gates_sigmoid(gates_x, gates_h, gate_scale, gates_reduced(gates_x, gates_h, gate_scale))
-    cell, o, d = cell_update(gates, cell)
-    return hidden_state(o, cell, d), cell
-
-
-class CompiledLSTM(nn.Module):
-    """nn.LSTM (with bias, batched input), its step compiled and its gates' exp polynomial; the same parameters.
-
-    `split`: compute the recurrent product as two halves on two streams (the default where the BLAS does not
-    thread itself)."""
-
-    def __init__(self, layer: nn.LSTM, split: bool | None = None):
+    def __init__(self, layer: nn.LSTM):
         super().__init__()
         self.Wx, self.Wh, self.bias = layer.Wx, layer.Wh, layer.bias
-        self.split = not blas_threads_itself() if split is None else split
 
     def __call__(
         self, x: mx.array, hidden: mx.array | None = None, cell: mx.array | None = None
@@ -188,36 +152,23 @@ class CompiledLSTM(nn.Module):
         """x (batch, time, dim) from (hidden, cell) (batch, dim), zeros if None -> h and c at every step."""
         batch, length, _ = x.shape
         dim = self.Wh.shape[1]
-        gates_x = mx.addmm(self.bias, x, self.Wx.T)  # the input's share of the gates, all steps at once
-        recurrent = self.split_recurrent_product() if self.split else lambda h: h @ self.Wh.T
-        gate_scale = mx.concatenate([mx.ones(2 * dim), mx.full(dim, 2.0), mx.ones(dim)])
-        h = mx.zeros((batch, dim)) if hidden is None else hidden
-        c = mx.zeros((batch, dim)) if cell is None else cell
-        hs, cs = [], []
-        for t in range(length):
-            h, c = lstm_cell(gates_x[:, t], recurrent(h), c, gate_scale)
-            hs.append(h)
-            cs.append(c)
-        return mx.stack(hs, axis=1), mx.stack(cs, axis=1)
-
-    def split_recurrent_product(self) -> Callable[[mx.array], mx.array]:
-        """h -> h @ Wh.T as two halves on two streams, each a batch of products of 1/16 of Wh's rows.
-
-        The product reads all of Wh for a single row of h. OpenBLAS runs products this small on one core
-        without repacking the weight, so the two halves run in parallel on two cores.
-        """
-        dim = self.Wh.shape[1]
-        blocks = math.gcd(16, 4 * dim)
-        halves = self.Wh.reshape(2, blocks // 2, -1, dim).transpose(0, 1, 3, 2)
-
-        def product(h: mx.array) -> mx.array:
-            gates = []
-            for stream, weight in zip(parallel_streams(), halves):
-                with mx.stream(stream):
-                    gates.append((h @ weight).transpose(1, 0, 2).reshape(h.shape[0], -1))
-            return mx.concatenate(gates, axis=-1)
-
-        return product
+        gates_x = np.asarray(mx.addmm(self.bias, x, self.Wx.T).astype(mx.float32))  # all steps at once
+        recurrent = np.asarray(self.Wh.astype(mx.float32)).T  # a view: (dim, 4 * dim)
+        h = np.zeros((batch, dim), np.float32) if hidden is None else np.array(hidden, np.float32)
+        c = np.zeros((batch, dim), np.float32) if cell is None else np.array(cell, np.float32)
+        hs, cs = np.empty((batch, length, dim), np.float32), np.empty((batch, length, dim), np.float32)
+        gates = np.empty((batch, 4 * dim), np.float32)
+        i, f, g, o = (slice(k * dim, (k + 1) * dim) for k in range(4))  # torch's order of the gates
+        with np.errstate(over="ignore"):  # exp(-z) overflows to inf for z < -88: the sigmoid is then 0, exactly
+            for t in range(length):
+                np.matmul(h, recurrent, out=gates)
+                gates += gates_x[:, t]
+                cell_input = np.tanh(gates[:, g])
+                np.reciprocal(np.exp(np.negative(gates, out=gates), out=gates) + 1.0, out=gates)  # sigmoid
+                c = gates[:, f] * c + gates[:, i] * cell_input
+                h = gates[:, o] * np.tanh(c)
+                hs[:, t], cs[:, t] = h, c
+        return mx.array(hs, dtype=x.dtype), mx.array(cs, dtype=x.dtype)
 
 
 def run_in_chunks(
@@ -285,7 +236,7 @@ CPU_FORMS: dict[type, Callable[[nn.Module], nn.Module]] = {
     nn.Conv1d: MatmulConv1d,
     nn.ConvTranspose1d: FrameConvTranspose1d,
     nn.ELU: lambda _: PolynomialELU(),
-    nn.LSTM: CompiledLSTM,
+    nn.LSTM: NumpyLSTM,
 }
 
 
