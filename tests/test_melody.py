@@ -164,7 +164,8 @@ def test_sampling_and_streaming_with_a_melody(model):
     np.testing.assert_array_equal(audio, again)
     streamed = np.concatenate(list(model.generate_stream(["lofi", "techno kick"], chunk_duration=0.01, **settings)),
                               axis=-1)
-    np.testing.assert_array_equal(streamed, audio)
+    # The same codes; a whole decode takes its last stretch to the end in one pass: float32 reordering only.
+    np.testing.assert_allclose(streamed, audio, atol=1e-6, rtol=0)
     other = model.generate(["lofi", "techno kick"], **{**settings, "melody": melodies()[::-1]})
     assert not np.array_equal(other, audio)
 

@@ -6,7 +6,7 @@ interface and the same outputs (up to float32 reordering) that run faster on a C
 - The convolution stacks around the LSTMs run on overlapping chunks of frames (exact, see run_in_chunks); where
   the BLAS does not thread itself (OpenBLAS), chunks alternate between two streams.
 - exp, in ELU, is fused polynomial arithmetic (MLX's CPU exp is scalar and slow).
-- An LSTM's recurrence, a thousand small steps a second of audio, runs in numpy (NumpyLSTM).
+- An LSTM's recurrence, 50 small steps a second of audio a layer, runs in numpy (NumpyLSTM).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from .threads import every_core_for_blas, parallel_streams
 CHUNK_FRAMES = 50  # 1 s at 50 Hz: the largest buffers stay at a few MB
 
 
-# exp, for ELU. MLX's CPU exp is scalar code calling libm, so exp is built from plain arithmetic, which MLX compiles into vectorised loops: expm1(u) for u >= 0 as Taylor at
-# v = u / 8, doubled three times by expm1(2v) = expm1(v) * (expm1(v) + 2). That keeps its accuracy relative to
-# tiny values, needs no exponent bits, and overflows to inf cleanly far out; exp(-u) and the rest follow from it.
+# exp, for ELU. MLX's CPU exp is scalar code calling libm, so exp is built from plain arithmetic, which MLX
+# compiles into vectorised loops: expm1(u) for u >= 0 as Taylor at v = u / 8, doubled three times by
+# expm1(2v) = expm1(v) * (expm1(v) + 2). That keeps its accuracy relative to tiny values, needs no exponent bits,
+# and overflows to inf cleanly far out; exp(-u) and the rest follow from it.
 # MLX fuses at most 11 dependent ops into one kernel, so each function is two compiled halves: the Taylor part
 # (*_reduced) and the doublings with what follows, ~10 ops deep each.
 EXPM1_DOUBLINGS = 3
@@ -137,8 +138,8 @@ class NumpyLSTM(nn.Module):
     """nn.LSTM (with bias, batched input) whose recurrence runs in numpy; the same parameters.
 
     Each step multiplies one row per item by the whole recurrent weight (16 MB for EnCodec 32 kHz), which stays
-    in the CPU's cache from step to step. numpy's BLAS (OpenBLAS, threaded) does that product 3-4x faster than
-    MKL's through MLX, and a step's dozen small element-wise ops cost microseconds in numpy against tens of
+    in the CPU's cache from step to step. numpy's own BLAS (OpenBLAS, on every core unless OPENBLAS_NUM_THREADS
+    says otherwise) does that product 3-4x faster than MKL's through MLX, and a step's dozen small element-wise ops cost microseconds in numpy against tens of
     microseconds each as MLX tasks (docs/performance.md). The input's share of the gates, one large product for
     all steps, stays in MLX."""
 
@@ -154,8 +155,8 @@ class NumpyLSTM(nn.Module):
         dim = self.Wh.shape[1]
         gates_x = np.asarray(mx.addmm(self.bias, x, self.Wx.T).astype(mx.float32))  # all steps at once
         recurrent = np.asarray(self.Wh.astype(mx.float32)).T  # a view: (dim, 4 * dim)
-        h = np.zeros((batch, dim), np.float32) if hidden is None else np.array(hidden, np.float32)
-        c = np.zeros((batch, dim), np.float32) if cell is None else np.array(cell, np.float32)
+        h = np.zeros((batch, dim), np.float32) if hidden is None else np.array(hidden.astype(mx.float32))
+        c = np.zeros((batch, dim), np.float32) if cell is None else np.array(cell.astype(mx.float32))
         hs, cs = np.empty((batch, length, dim), np.float32), np.empty((batch, length, dim), np.float32)
         gates = np.empty((batch, 4 * dim), np.float32)
         i, f, g, o = (slice(k * dim, (k + 1) * dim) for k in range(4))  # torch's order of the gates
@@ -224,7 +225,7 @@ class ChunkedDecoder(Chunked, EncodecDecoder):
     def upsample(self, x: mx.array) -> mx.array:
         activation, upsample, *rest = self.layers[2:]
         num_frames = x.shape[1]
-        mx.eval(x)  # the LSTM before, on the decoding team (a second thread does not help its 1-row products)
+        mx.eval(x)  # the LSTM before: its input's product measured slower on every core (docs/performance.md)
         with every_core_for_blas():
             x = upsample(activation(x))
             y = run_in_chunks(rest, x, num_frames, upsample.stride, self.hop_length, self.context, self.chunk_frames)

@@ -28,7 +28,7 @@ LOG2E = 1.4426950408889634
 LN2_HIGH, LN2_LOW = 0.693359375, -2.12194440e-4  # ln 2 in two parts: n * LN2_HIGH is exact for |n| < 2**15
 ROUND = 12582912.0  # 1.5 * 2**23: x + ROUND - ROUND rounds x to an integer, in float32
 EXP_P = (5.0000001201e-1, 1.6666665459e-1, 4.1665795894e-2, 8.3334519073e-3, 1.3981999507e-3, 1.9875691500e-4)
-# (Not cpu.encodec's expm1: its Taylor series with doublings is built for gates and ELU near 0, and loses
+# (Not cpu.encodec's expm1: its Taylor series with doublings is built for ELU near 0, and loses
 # accuracy far from it; a softmax needs e^z to within float32's rounding down to z = -87.)
 LOWEST = -88.0  # below float32's smallest normal number (e^-87.34); from here on 2^n is 0 or 2^-126
 
