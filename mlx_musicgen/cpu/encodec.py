@@ -139,9 +139,9 @@ class NumpyLSTM(nn.Module):
 
     Each step multiplies one row per item by the whole recurrent weight (16 MB for EnCodec 32 kHz), which stays
     in the CPU's cache from step to step. numpy's own BLAS (OpenBLAS, on every core unless OPENBLAS_NUM_THREADS
-    says otherwise) does that product 3-4x faster than MKL's through MLX, and a step's dozen small element-wise ops cost microseconds in numpy against tens of
-    microseconds each as MLX tasks (docs/performance.md). The input's share of the gates, one large product for
-    all steps, stays in MLX."""
+    says otherwise) does that product 3-4x faster than MKL's through MLX, and a step's dozen small element-wise
+    ops cost microseconds in numpy against tens of microseconds each as MLX tasks (docs/performance.md). The
+    input's share of the gates, one large product for all steps, stays in MLX."""
 
     def __init__(self, layer: nn.LSTM):
         super().__init__()
