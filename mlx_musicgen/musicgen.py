@@ -19,7 +19,7 @@ import numpy as np
 from . import cpu, loading, lora
 from .decoder import Context, MusicgenDecoder
 from .encodec import EncodecModel
-from .generation import Progress, generate_frames
+from .generation import DelayedLM, Progress, generate_frames
 from .longform import Window
 from .magnet import Decoding, generate_clip
 from .melody import window_features
@@ -54,9 +54,10 @@ def tokenize(tokenizer, texts: list[str]) -> tuple[mx.array, mx.array]:
 class MusicGen:
     """A MusicGen checkpoint ready to make music: its model, tokenizer and config."""
 
-    def __init__(self, model: MusicGenModel, tokenizer=None):
+    def __init__(self, model: MusicGenModel, tokenizer=None, lm: DelayedLM | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        self.lm = model.decoder if lm is None else lm  # what the step loop decodes with (cpu.optimize_for_cpu)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, dtype: mx.Dtype | None = None,
@@ -78,12 +79,13 @@ class MusicGen:
             lora.load_adapters(model, adapter, model_name=path_or_id)
             lora.fuse_lora(model)
         portable = cpu.portable_requested() if portable is None else portable
+        lm = None
         if mx.default_device() == mx.cpu:
             cpu.warn_if_slow(model.decoder, model.config.quantization)
             if not portable:
-                cpu.optimize_for_cpu(model.decoder, model.audio_encoder)
+                lm = cpu.optimize_for_cpu(model.decoder, model.audio_encoder)
         mx.eval(model.parameters())
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, lm)
 
     # ---- the parts and what they make
 
@@ -207,7 +209,7 @@ class MusicGen:
                                      self.shape.window_seconds)
             return self.model.decoder_context(states, mask, chroma, guided)
 
-        return generate_frames(self.decoder, context, guided, request, config, progress)
+        return generate_frames(self.lm, context, guided, request, config, progress)
 
     def magnet_clip(self, request: Request, config: GenerationConfig, progress: Progress | None = None
                     ) -> mx.array:

@@ -9,6 +9,7 @@ import torch
 
 from mlx_musicgen import MusicGen
 from mlx_musicgen.cpu.decoder import CompiledDecoderLayer, SplitDecoderLayer, optimize_decoder
+from mlx_musicgen.cpu.numpy_decoder import NumpyCache, NumpyDecoder
 from mlx_musicgen.decoder import DecoderLayer
 from mlx_musicgen.sampling import apply_guidance
 
@@ -161,3 +162,24 @@ def test_position_table_is_the_references_to_float32_rounding(width):
     assert (np.abs(reference_frequencies.numpy() - true_frequencies.numpy()) <= np.spacing(frequencies)).all()
     moved = (positions * reference_frequencies[None, :] - angles).abs().numpy()  # float32 angles, both
     np.testing.assert_array_less(np.abs(ours - reference), np.concatenate([moved] * 2, axis=1) + 2**-23)
+
+
+@pytest.mark.parametrize("text_len, folded", [(5, True), (40, False)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_numpy_steps_match_reference(tiny, text_len, folded, batch):
+    """The numpy step (cpu.numpy_decoder) over a prefill of 3 then steps of 1, each text form, 1 or 2 rows: the
+    reference's teacher-forced logits."""
+    loaded = MusicGen.from_pretrained(tiny.folder, portable=True)
+    optimize_decoder(loaded.decoder, split=False)
+    lm = NumpyDecoder(loaded.decoder)
+    codes, states, mask = random_inputs(seed=4, batch=2, frames=8, text_len=text_len)
+    mask[1], states[1] = 0, 0  # guidance's layout
+    codes, states, mask = codes[:batch], states[:batch], mask[:batch]
+    context = loaded.decoder.text_context(mx.array(states), mx.array(mask))
+    assert context.text[0].folded == folded
+    cache = lm.make_cache(batch, 8)
+    assert all(isinstance(c, NumpyCache) for c in cache)
+    logits = [lm(mx.array(codes[:, :, :3]), context, cache)]
+    logits += [lm(mx.array(codes[:, :, t : t + 1]), context, cache) for t in range(3, 8)]
+    actual = np.concatenate([np.array(x) for x in logits], axis=2)
+    np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)

@@ -7,18 +7,27 @@ import pytest
 import reference
 from mlx_musicgen import GenerationConfig, MusicGen
 from mlx_musicgen.cpu import optimize_for_cpu
+from mlx_musicgen.cpu.numpy_decoder import NumpyDecoder
 
 AUDIO_RTOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["device", "portable"])
+@pytest.fixture(scope="module", params=["device", "numpy", "portable"])
 def model(tiny, request):
-    """The model as from_pretrained makes it for this device (on a CPU: its fast CPU forms), and the portable
-    model that Metal and CUDA run (MLX_MUSICGEN_PORTABLE=1)."""
+    """The model as from_pretrained makes it for this device (on a CPU: its fast CPU forms, decoding with the
+    compiled decoder here), the same decoding with the CPU's numpy step (cpu.numpy_decoder, which from_pretrained
+    takes where it is faster), and the portable model that Metal and CUDA run (MLX_MUSICGEN_PORTABLE=1)."""
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "portable":
             patch.setenv("MLX_MUSICGEN_PORTABLE", "1")
-        return MusicGen.from_pretrained(tiny.folder)
+        loaded = MusicGen.from_pretrained(tiny.folder)
+    if request.param == "numpy":
+        if not NumpyDecoder.supports(loaded.decoder):
+            pytest.skip("the numpy step is the CPU's: compiled float32 layers")
+        loaded.lm = NumpyDecoder(loaded.decoder)
+    else:
+        loaded.lm = loaded.decoder  # not whichever form timing chose
+    return loaded
 
 
 def test_greedy_guided_padded_batch_matches_reference(model, tiny):
@@ -106,6 +115,7 @@ def test_the_compiled_step_is_the_step_op_by_op(checkpoint, portable, request, m
 
     ckpt = request.getfixturevalue(checkpoint)
     musicgen = MusicGen.from_pretrained(ckpt.folder, portable=portable)
+    musicgen.lm = musicgen.decoder  # the compiled step (not the numpy step timing may choose)
     K = musicgen.num_codebooks
     prompt = np.random.default_rng(0).integers(0, 2048, (1, K, 5))
     extra = {"melody": np.sin(np.arange(32000) / 9).astype(np.float32)} if checkpoint == "tiny_melody" else {}
@@ -115,3 +125,17 @@ def test_the_compiled_step_is_the_step_op_by_op(checkpoint, portable, request, m
     monkeypatch.setattr(generation, "decoding_step", partial(generation.decoding_step, compiled=False))
     np.testing.assert_array_equal(compiled, musicgen.generate_tokens(["calm piano"], **settings))
     np.testing.assert_array_equal(prompted, musicgen.generate_tokens(["calm piano"], prompt_codes=prompt, **settings))
+
+
+def test_the_numpy_step_continues_a_prompt_as_the_compiled_step(tiny):
+    """A prompt's first step of many positions runs the compiled decoder, whose keys and values the numpy steps
+    go on from: greedy codes, every one, as the compiled step's, across two spans of its cache."""
+    from mlx_musicgen import decoder
+
+    musicgen = MusicGen.from_pretrained(tiny.folder)
+    prompt = np.random.default_rng(1).integers(0, 2048, (1, 4, 7))
+    settings = dict(max_new_tokens=decoder.SPAN + 20, do_sample=False, guidance_scale=3.0, prompt_codes=prompt)
+    musicgen.lm = NumpyDecoder(musicgen.decoder)
+    by_numpy = musicgen.generate_tokens(["calm piano"], **settings)
+    musicgen.lm = musicgen.decoder
+    np.testing.assert_array_equal(by_numpy, musicgen.generate_tokens(["calm piano"], **settings))

@@ -87,6 +87,31 @@ def test_the_mkl_team_for_decoding_is_chosen_by_measurement(monkeypatch):
     assert threads.choose_blas_team(lambda: steps.append(team[0]), ("other",)) is None and len(steps) == 6
 
 
+def test_the_numpy_steps_team_follows_the_step_times():
+    """Each team is timed once, in order; then the fastest lately runs, and every 4th step tries another: a team
+    slowed by a busy core is left after one slow step, and taken again once its probes are fast."""
+    from mlx_musicgen.cpu.threads import TeamByTiming
+
+    team = TeamByTiming([2, 1], probe_every=4, weight=0.5)
+    seconds = {2: 0.10, 1: 0.15}  # what a step takes with each team, now
+    chosen = []
+
+    def steps(count):
+        for _ in range(count):
+            chosen.append(team.next_team())
+            team.record(chosen[-1], seconds[chosen[-1]])
+
+    steps(8)
+    assert chosen == [2, 1, 2, 2, 1, 2, 2, 2]  # both timed, then 2; the probe at step 4 tries 1
+    seconds[2] = 0.40  # a core taken by another program: two threads wait on each other
+    steps(4)
+    assert chosen[-4:] == [1, 2, 1, 1]  # the probe, 2's slow step (its average 0.25 s), and 2 is left
+    seconds[2] = 0.10  # the core is free again
+    steps(8)
+    assert chosen[-8:] == [2, 1, 1, 1, 2, 2, 2, 2]  # two fast probes bring 2's average under 1's
+    assert TeamByTiming([1]).next_team() == 1
+
+
 def test_encodec_runs_its_products_on_every_core(monkeypatch):
     """cpu.threads.every_core_for_blas: MKL's team on every usable core inside, the decoding team restored
     after (also after an error), and nothing changed where the user chose the team."""

@@ -1,6 +1,7 @@
 """The CPU's fast paths, beside the portable model: `optimize_for_cpu(decoder, audio_encoder)` swaps modules of a
-loaded model for ones with the same interface and the same outputs that run faster on a CPU (see
-docs/performance.md); `optimize_for_training(model)` does the same for training (training.Trainer).
+loaded model for ones with the same interface and the same outputs that run faster on a CPU, and returns what the
+step loop should decode with (see docs/performance.md); `optimize_for_training(model)` does the same for training
+(training.Trainer).
 
 MusicGen.from_pretrained calls optimize_for_cpu when MLX's default device is the CPU, unless MLX_MUSICGEN_PORTABLE=1.
 Nothing here changes the saved format: weights are re-laid in memory at load.
@@ -13,10 +14,12 @@ import warnings
 import mlx.core as mx
 
 from ..decoder import MusicgenDecoder
+from ..generation import DelayedLM
 from ..encodec import EncodecModel
 from ..magnet import MagnetDecoder
 from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
+from .numpy_decoder import fastest_lm
 from .threads import blas_threads_itself, choose_blas_team, every_core_for_blas, parallel_streams, portable_requested
 from .training import optimize_for_training
 
@@ -24,20 +27,23 @@ __all__ = ["optimize_for_cpu", "optimize_for_training", "warn_if_slow", "portabl
            "parallel_streams"]
 
 
-def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> None:
-    """Swap the decoder's and EnCodec's modules for their CPU forms, in place, and (with MKL) size MKL's thread
-    team by timing a few decoding steps (threads.choose_blas_team). MAGNeT's decoder reads whole clips, as
-    training does: it takes training's forms of attention and GELU, and every core for its products."""
+def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> DelayedLM:
+    """Swap the decoder's and EnCodec's modules for their CPU forms, in place; with MKL, size MKL's thread team by
+    timing a few decoding steps (threads.choose_blas_team), and return the faster of the compiled decoder and its
+    numpy form (numpy_decoder.fastest_lm) for the step loop, else the decoder. MAGNeT's decoder reads whole clips,
+    as training does: it takes training's forms of attention and GELU, and every core for its products."""
     optimize_encodec(audio_encoder)
     if isinstance(decoder, MagnetDecoder):
         optimize_for_training(decoder)
         decoder.products = every_core_for_blas
-        return
+        return decoder
     optimize_decoder(decoder)
-    if uses_blas(decoder):
-        config = decoder.config
-        choose_blas_team(timing_step(decoder), (type(decoder).__name__, config.hidden_size, config.ffn_dim,
-                                                config.num_hidden_layers, config.num_codebooks))
+    if not uses_blas(decoder):
+        return decoder
+    config = decoder.config
+    choose_blas_team(timing_step(decoder), (type(decoder).__name__, config.hidden_size, config.ffn_dim,
+                                            config.num_hidden_layers, config.num_codebooks))
+    return fastest_lm(decoder)
 
 
 def warn_if_slow(decoder: MusicgenDecoder, quantization: dict | None) -> None:

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 import mlx.core as mx
+from threadpoolctl import ThreadpoolController
 
 from .. import _linux
 
@@ -100,3 +101,46 @@ def every_core_for_blas() -> Iterator[None]:
             yield
         finally:
             _linux.set_blas_threads(team)
+
+
+class TeamByTiming:
+    """A BLAS thread team for a loop of like steps, chosen while the loop runs: each step takes the team whose
+    steps have been fastest lately (an average of its step times that weighs the newest by `weight`), and every
+    `probe_every` steps one step takes the next other team, so that a team slowed by another program on a core
+    is left within a few steps and taken again once the core is free (docs/performance.md). Teams not yet timed
+    go first, in the order given."""
+
+    def __init__(self, teams: list[int], probe_every: int = 16, weight: float = 0.5):
+        self.teams, self.probe_every, self.weight = teams, probe_every, weight
+        self.seconds: dict[int, float] = {}
+        self.steps = 0
+        self.probes = 0
+
+    def next_team(self) -> int:
+        untimed = [team for team in self.teams if team not in self.seconds]
+        if untimed:
+            return untimed[0]
+        best = min(self.teams, key=self.seconds.__getitem__)
+        if self.steps % self.probe_every or len(self.teams) == 1:
+            return best
+        others = [team for team in self.teams if team != best]
+        return others[self.steps // self.probe_every % len(others)]
+
+    def record(self, team: int, seconds: float) -> None:
+        """A step of `team` took `seconds`."""
+        self.steps += 1
+        last = self.seconds.get(team)
+        self.seconds[team] = seconds if last is None else self.weight * seconds + (1 - self.weight) * last
+
+
+def numpy_blas_team() -> tuple[list[int], Callable[[int], object]] | None:
+    """The teams to choose from for numpy's own OpenBLAS (every usable core, one less, one) and a context
+    manager factory that runs the products inside on n threads; None where numpy's BLAS is not an OpenBLAS
+    (Accelerate, MKL) or the user set its team (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)."""
+    if any(name in os.environ for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
+        return None
+    controller = ThreadpoolController().select(internal_api="openblas")
+    if not controller.lib_controllers:
+        return None
+    cores = _linux.usable_cores()
+    return sorted({cores, max(1, cores - 1), 1}, reverse=True), lambda threads: controller.limit(limits=threads)
