@@ -190,7 +190,8 @@ def ours(cfg: dict) -> dict:
     blas = getattr(getattr(mlx_musicgen, "_linux", None), "LOADED", None)
     result.update(load_s=load_s, device=str(mx.default_device()),
                   framework=f"mlx {mx.__version__}" + (f" + {blas}" if blas else "")
-                  + (" (portable)" if cpu.portable_requested() else ""))
+                  + (" (portable)" if cpu.portable_requested() else "")
+                  + (" (numpy step)" if type(model.lm).__name__ == "NumpyDecoder" else ""))
     if cfg["drift_from"]:
         from step_bytes import logits_drift
 

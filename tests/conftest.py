@@ -1,4 +1,5 @@
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fixtures  # noqa: E402
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+# The CPU's decoding step, chosen by timing at load (cpu.numpy_decoder.fastest_lm), is pinned: a test may not
+# depend on timing. The numpy step has tests of its own.
+os.environ["MLX_MUSICGEN_STEP"] = "compiled"
 
 
 @dataclass

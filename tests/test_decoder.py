@@ -9,6 +9,7 @@ import torch
 
 from mlx_musicgen import MusicGen
 from mlx_musicgen.cpu.decoder import CompiledDecoderLayer, SplitDecoderLayer, optimize_decoder
+from mlx_musicgen.cpu import numpy_decoder
 from mlx_musicgen.cpu.numpy_decoder import NumpyCache, NumpyDecoder
 from mlx_musicgen.decoder import DecoderLayer
 from mlx_musicgen.sampling import apply_guidance
@@ -166,12 +167,17 @@ def test_position_table_is_the_references_to_float32_rounding(width):
 
 @pytest.mark.parametrize("text_len, folded", [(5, True), (40, False)])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_numpy_steps_match_reference(tiny, text_len, folded, batch):
-    """The numpy step (cpu.numpy_decoder) over a prefill of 3 then steps of 1, each text form, 1 or 2 rows: the
-    reference's teacher-forced logits."""
+@pytest.mark.parametrize("chunk_bytes", [numpy_decoder.CHUNK_BYTES, 1024])
+def test_numpy_steps_match_reference(tiny, text_len, folded, batch, chunk_bytes, monkeypatch):
+    """The numpy step (cpu.numpy_decoder) over a prefill of 3 then steps of 1, each text form, 1 or 2 rows, its
+    products in one block a weight or several (1 KB: 4 rows of 64 inputs): the reference's teacher-forced
+    logits."""
+    monkeypatch.setattr(numpy_decoder, "CHUNK_BYTES", chunk_bytes)
     loaded = MusicGen.from_pretrained(tiny.folder, portable=True)
     optimize_decoder(loaded.decoder, split=False)
     lm = NumpyDecoder(loaded.decoder)
+    if chunk_bytes == 1024:
+        assert len(lm.layers[0].fc1.blocks) > 1 and len(lm.layers[0].q.blocks) == 16  # q: 4 rows of 64 a block
     codes, states, mask = random_inputs(seed=4, batch=2, frames=8, text_len=text_len)
     mask[1], states[1] = 0, 0  # guidance's layout
     codes, states, mask = codes[:batch], states[:batch], mask[:batch]

@@ -7,7 +7,8 @@ import pytest
 import reference
 from mlx_musicgen import GenerationConfig, MusicGen
 from mlx_musicgen.cpu import optimize_for_cpu
-from mlx_musicgen.cpu.numpy_decoder import NumpyDecoder
+from mlx_musicgen.cpu.decoder import optimize_decoder
+from mlx_musicgen.cpu.numpy_decoder import NumpyCache, NumpyDecoder
 
 AUDIO_RTOL = 1e-4
 
@@ -127,15 +128,76 @@ def test_the_compiled_step_is_the_step_op_by_op(checkpoint, portable, request, m
     np.testing.assert_array_equal(prompted, musicgen.generate_tokens(["calm piano"], prompt_codes=prompt, **settings))
 
 
+def numpy_form(checkpoint) -> MusicGen:
+    """A checkpoint with the CPU's compiled layers, decoding with the numpy step (whatever this machine's BLAS)."""
+    musicgen = MusicGen.from_pretrained(checkpoint.folder, portable=True)
+    optimize_decoder(musicgen.decoder, split=False)
+    musicgen.lm = NumpyDecoder(musicgen.decoder)
+    assert isinstance(musicgen.lm.make_cache(2, 4)[0], NumpyCache)  # guidance's 2 rows: numpy steps
+    return musicgen
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny", "tiny_stereo"])
+def test_the_numpy_step_matches_reference_with_text(checkpoint, request):
+    """One text with guidance (2 rows: every step after the first in numpy), mono and stereo: greedy codes
+    token-exact, audio within 1e-4 relative."""
+    ckpt = request.getfixturevalue(checkpoint)
+    texts = ["80s pop track with bassy drums and synth"]
+    ref_audio, ref_codes = reference.generate(ckpt.reference, ckpt.processor, texts, do_sample=False,
+                                              guidance_scale=3.0, max_new_tokens=24)
+    audio, codes = numpy_form(ckpt).generate(texts, max_new_tokens=24, do_sample=False, guidance_scale=3.0,
+                                             return_tokens=True)
+    np.testing.assert_array_equal(codes, ref_codes)
+    assert reference.relative_error(audio, ref_audio) < AUDIO_RTOL
+
+
 def test_the_numpy_step_continues_a_prompt_as_the_compiled_step(tiny):
     """A prompt's first step of many positions runs the compiled decoder, whose keys and values the numpy steps
     go on from: greedy codes, every one, as the compiled step's, across two spans of its cache."""
     from mlx_musicgen import decoder
 
-    musicgen = MusicGen.from_pretrained(tiny.folder)
+    musicgen = numpy_form(tiny)
     prompt = np.random.default_rng(1).integers(0, 2048, (1, 4, 7))
     settings = dict(max_new_tokens=decoder.SPAN + 20, do_sample=False, guidance_scale=3.0, prompt_codes=prompt)
-    musicgen.lm = NumpyDecoder(musicgen.decoder)
     by_numpy = musicgen.generate_tokens(["calm piano"], **settings)
     musicgen.lm = musicgen.decoder
     np.testing.assert_array_equal(by_numpy, musicgen.generate_tokens(["calm piano"], **settings))
+
+
+def test_the_numpy_step_follows_new_weights(tiny):
+    """Weights replaced after load (here: every one scaled) are the numpy step's too, as the compiled step's."""
+    from mlx.utils import tree_map
+
+    musicgen = numpy_form(tiny)
+    decoder = musicgen.decoder
+    decoder.update(tree_map(lambda w: w * 1.5, decoder.parameters()))
+    by_numpy = musicgen.generate_tokens(["calm piano"], max_new_tokens=12, do_sample=False)
+    musicgen.lm = decoder
+    np.testing.assert_array_equal(by_numpy, musicgen.generate_tokens(["calm piano"], max_new_tokens=12,
+                                                                     do_sample=False))
+
+
+def test_the_decoding_step_is_timed_once_or_chosen(tiny, monkeypatch):
+    """From timing (once per process and decoder shape) the numpy step where it is faster by more than 5%, or as
+    MLX_MUSICGEN_STEP says; another value is refused in one line."""
+    from mlx_musicgen.cpu import numpy_decoder
+
+    decoder = numpy_form(tiny).decoder
+    seconds = {"NumpyDecoder": 0.090, "MusicgenDecoder": 0.100}
+    timed = []
+    monkeypatch.setattr(numpy_decoder, "step_seconds",
+                        lambda lm, *args, **kwargs: timed.append(type(lm).__name__) or seconds[type(lm).__name__])
+    monkeypatch.setattr(numpy_decoder, "_chosen", {})
+    monkeypatch.delenv("MLX_MUSICGEN_STEP", raising=False)
+    assert isinstance(numpy_decoder.fastest_lm(decoder), NumpyDecoder) and len(timed) == 2
+    seconds["NumpyDecoder"] = 0.097  # 3%: noise; but the shape was timed already
+    assert isinstance(numpy_decoder.fastest_lm(decoder), NumpyDecoder) and len(timed) == 2
+    monkeypatch.setattr(numpy_decoder, "_chosen", {})
+    assert numpy_decoder.fastest_lm(decoder) is decoder and len(timed) == 4
+    monkeypatch.setenv("MLX_MUSICGEN_STEP", "numpy")
+    assert isinstance(numpy_decoder.fastest_lm(decoder), NumpyDecoder)
+    monkeypatch.setenv("MLX_MUSICGEN_STEP", "compiled")
+    assert numpy_decoder.fastest_lm(decoder) is decoder and len(timed) == 4
+    monkeypatch.setenv("MLX_MUSICGEN_STEP", "fast")
+    with pytest.raises(ValueError, match="MLX_MUSICGEN_STEP='fast' is not one of numpy, compiled"):
+        numpy_decoder.fastest_lm(decoder)

@@ -1,5 +1,6 @@
 """A decoding step in numpy, on views of the compiled decoder's weights (NumpyDecoder): on CPUs where numpy's
-OpenBLAS streams the weights faster than MKL does through MLX, chosen by timing (cpu.choose_step).
+OpenBLAS streams the weights faster than MKL does through MLX, chosen by timing at load (fastest_lm) unless
+MLX_MUSICGEN_STEP=numpy|compiled chooses.
 
 A step of guidance's two rows multiplies each row by every weight of the decoder. For one row, OpenBLAS's
 matrix-vector product streams a weight from memory near the copy bandwidth; for two rows its matrix product
@@ -14,20 +15,24 @@ and values are then copied into the numpy cache; every later step of one positio
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import threading
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .. import delay
 from ..decoder import Context, KVCache, MusicgenDecoder, TextKV
 from ..generation import DelayedLM, decoding_step
 from .decoder import ERF_P, ERF_Q, CompiledDecoderLayer, TransposedLinear, polynomial
-from .threads import TeamByTiming, numpy_blas_team
+from .threads import TeamByTiming, numpy_blas_teams
 
 CHUNK_BYTES = 4 << 20  # a block of a weight that the cache holds for the next row's product (docs/performance.md)
+STEP_CHOICES = ("numpy", "compiled")  # MLX_MUSICGEN_STEP
 MAX_ROWS = 2  # guidance's two rows: more rows read the weights from the cache more times than a matrix product
 
 
@@ -41,7 +46,7 @@ def gelu(x: np.ndarray) -> np.ndarray:
 ACTIVATIONS = {"gelu": gelu, "relu": lambda x: np.maximum(x, 0)}
 
 
-class Weight:
+class RowwiseLinear:
     """A bias-free linear layer's weight as a numpy view, held as stored, (out, in), or transposed, (in, out) (a
     cpu.decoder.TransposedLinear), multiplied row by row in blocks of CHUNK_BYTES: each block is read from memory
     by the first row's matrix-vector product and from the cache by the others'."""
@@ -68,6 +73,7 @@ class Weight:
 
 
 def layer_norm(x: np.ndarray, norm: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """x (B, D) normalised over D, eps 1e-5 (nn.LayerNorm's), then scaled and shifted by norm's (weight, bias)."""
     # np.add.reduce, not ndarray.mean: the same sums without mean's Python wrapper (a step calls this 73 times)
     scale = np.float32(1 / x.shape[-1])
     centered = x - np.add.reduce(x, axis=-1, keepdims=True) * scale
@@ -82,6 +88,7 @@ def softmax(scores: np.ndarray) -> np.ndarray:
 
 
 def norm_of(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+    """An nn.LayerNorm's (weight, bias), as numpy views."""
     return np.asarray(module.weight), np.asarray(module.bias)
 
 
@@ -94,9 +101,13 @@ class NumpyCache:
         self.values = np.zeros_like(self.keys)
         self.offset = 0
 
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[2]
+    def append(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Write the newest position's keys and values (B, heads, head_dim); return every position's so far."""
+        position = self.offset
+        if position >= self.keys.shape[2]:
+            raise ValueError(f"KV cache holds {self.keys.shape[2]} positions; asked for {position + 1}.")
+        self.keys[:, :, position], self.values[:, :, position] = keys, values
+        return self.keys[:, :, : position + 1], self.values[:, :, : position + 1]
 
 
 class NumpyLayer:
@@ -107,16 +118,15 @@ class NumpyLayer:
         self.heads, self.scale = sa.heads, np.float32(sa.scale)
         self.self_norm, self.cross_norm = norm_of(layer.self_attn_layer_norm), norm_of(layer.encoder_attn_layer_norm)
         self.final_norm = norm_of(layer.final_layer_norm)
-        self.q, self.k, self.v, self.out = (Weight(p) for p in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj))
-        self.cross_q, self.cross_out = Weight(ca.q_proj), Weight(ca.out_proj)
-        self.fc1, self.fc2 = Weight(layer.fc1), Weight(layer.fc2)
+        self.q, self.k, self.v, self.out = (RowwiseLinear(p) for p in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj))
+        self.cross_q, self.cross_out = RowwiseLinear(ca.q_proj), RowwiseLinear(ca.out_proj)
+        self.fc1, self.fc2 = RowwiseLinear(layer.fc1), RowwiseLinear(layer.fc2)
         self.activation = ACTIVATIONS[layer.activation]
 
     def self_attention(self, h: np.ndarray, cache: NumpyCache) -> np.ndarray:
-        B, position = h.shape[0], cache.offset
+        B = h.shape[0]
         q, k, v = (proj(h).reshape(B, self.heads, -1) for proj in (self.q, self.k, self.v))
-        cache.keys[:, :, position], cache.values[:, :, position] = k, v
-        keys, values = cache.keys[:, :, : position + 1], cache.values[:, :, : position + 1]
+        keys, values = cache.append(k, v)
         weights = softmax((keys @ q[..., None])[..., 0] * self.scale)  # (B, heads, positions)
         return self.out((weights[:, :, None] @ values).reshape(B, -1))
 
@@ -147,17 +157,20 @@ class NumpyLayer:
 
 class NumpyDecoder:
     """A compiled MusicgenDecoder (cpu.decoder.optimize_decoder) whose steps of one position run in numpy: the step
-    loop's DelayedLM. Its caches are numpy's for up to MAX_ROWS rows; with more, it is the compiled decoder."""
+    loop's DelayedLM. Its caches are numpy's for up to MAX_ROWS rows; with more, it is the compiled decoder. The
+    team of numpy's OpenBLAS follows the step times (threads.TeamByTiming); one step at a time runs in a process
+    (the team is process-wide)."""
 
     def __init__(self, decoder: MusicgenDecoder):
         self.decoder = decoder
+        self.held = [array for _, array in tree_flatten(decoder.parameters())]  # what the views below are of
         self.layers = [NumpyLayer(layer) for layer in decoder.layers]
         self.embeddings = [np.asarray(embed.weight) for embed in decoder.embed_tokens]
         self.final_norm = norm_of(decoder.layer_norm)
-        self.heads = [Weight(head) for head in decoder.lm_heads]
+        self.heads = [RowwiseLinear(head) for head in decoder.lm_heads]
         self.positions: np.ndarray | None = None  # the position table, from make_cache
-        blas = numpy_blas_team()
-        self.team, self.threads = (None, None) if blas is None else (TeamByTiming(blas[0]), blas[1])
+        teams = numpy_blas_teams()
+        self.team, self.limit_threads = (None, None) if teams is None else (TeamByTiming(teams.sizes), teams.limit)
 
     @staticmethod
     def supports(decoder: MusicgenDecoder) -> bool:
@@ -166,15 +179,28 @@ class NumpyDecoder:
         layers = decoder.layers
         return (type(decoder) is MusicgenDecoder and decoder.dtype == mx.float32
                 and all(type(layer) is CompiledDecoderLayer and "encoder_attn" in layer for layer in layers)
-                and all(type(p) in (nn.Linear, TransposedLinear) for p in projections(decoder))
+                and all(type(p) in (nn.Linear, TransposedLinear) and "bias" not in p for p in projections(decoder))
                 and all(layer.activation in ACTIVATIONS for layer in layers))
 
     num_codebooks = property(lambda self: self.decoder.num_codebooks)
     audio_channels = property(lambda self: self.decoder.audio_channels)
     pad_token_id = property(lambda self: self.decoder.pad_token_id)
 
+    def current(self) -> bool:
+        """Whether the decoder still holds the weights this form views (not replaced since: adapters merged,
+        weights loaded, a dtype changed); if not, the views are made again where the decoder is still
+        supported."""
+        now = [array for _, array in tree_flatten(self.decoder.parameters())]
+        if len(now) == len(self.held) and all(a is b for a, b in zip(now, self.held)):
+            return True
+        if not self.supports(self.decoder):
+            return False
+        self.__init__(self.decoder)
+        return True
+
     def make_cache(self, batch: int, max_length: int) -> list:
-        if batch > MAX_ROWS:
+        """numpy caches (NumpyCache) for up to MAX_ROWS rows of a current decoder; else the compiled decoder's."""
+        if batch > MAX_ROWS or not self.current():
             return self.decoder.make_cache(batch, max_length)
         self.positions = np.asarray(self.decoder.position_table(max_length, mx.float32))
         sa = self.decoder.layers[0].self_attn
@@ -188,13 +214,15 @@ class NumpyDecoder:
         if codes.shape[-1] > 1 or cache[0].offset == 0:
             return self.first_step(codes, context, cache)
         codes = np.asarray(codes)[:, :, 0]  # (B, K): waits for the last step's sampling
-        if self.team is None:
-            return mx.array(self.step(codes, context, cache))
-        threads = self.team.next_team()
-        with self.threads(threads):
-            start = time.perf_counter()
-            logits = self.step(codes, context, cache)
-        self.team.record(threads, time.perf_counter() - start)
+        # NaN or inf logits are the sampler's to report (sampling.NONFINITE), as in MLX: no warnings here
+        with _step_lock, np.errstate(over="ignore", invalid="ignore"):
+            if self.team is None:
+                return mx.array(self.step(codes, context, cache))
+            threads = self.team.next_team()
+            with self.limit_threads(threads):
+                start = time.perf_counter()
+                logits = self.step(codes, context, cache)
+            self.team.record(threads, time.perf_counter() - start)
         return mx.array(logits)
 
     def step(self, codes: np.ndarray, context: Context, cache: list[NumpyCache]) -> np.ndarray:
@@ -209,7 +237,8 @@ class NumpyDecoder:
         return np.stack([head(x) for head in self.heads], axis=1)[:, :, None]
 
     def first_step(self, codes: mx.array, context: Context, cache: list[NumpyCache]) -> mx.array:
-        """The compiled decoder over a window's first positions; their keys and values into the numpy cache."""
+        """codes (B, K, T), a window's first positions -> logits (B, K, T, vocab) by the compiled decoder, whose
+        keys and values go into the numpy cache."""
         if cache[0].offset:
             raise ValueError("the numpy decoder takes many positions on a window's first step only")
         compiled_cache = self.decoder.make_cache(codes.shape[0], codes.shape[-1])
@@ -220,6 +249,9 @@ class NumpyDecoder:
             target.values[:, :, : source.offset] = np.asarray(source.state["values"])
             target.offset = source.offset
         return logits
+
+
+_step_lock = threading.Lock()
 
 
 def projections(decoder: MusicgenDecoder) -> list[nn.Module]:
@@ -233,7 +265,7 @@ def projections(decoder: MusicgenDecoder) -> list[nn.Module]:
 
 def step_seconds(lm: DelayedLM, context: Context, steps: int, skip: int) -> float:
     """The median time of guidance's decoding steps (generation.decoding_step, greedy) after the first `skip`."""
-    cache = lm.make_cache(2, steps + 1)
+    cache = lm.make_cache(2, steps)
     step = decoding_step(lm, context, 3.0, lambda logits, key: mx.argmax(logits, axis=-1).astype(mx.int32), cache)
     codes = mx.full((1, lm.num_codebooks, 1), lm.pad_token_id, dtype=mx.int32)
     forced, key, seconds = mx.full((1, lm.num_codebooks), delay.UNSET, dtype=mx.int32), mx.random.key(0), []
@@ -246,14 +278,35 @@ def step_seconds(lm: DelayedLM, context: Context, steps: int, skip: int) -> floa
     return statistics.median(seconds[skip:])
 
 
-def fastest_lm(decoder: MusicgenDecoder, steps: int = 8, margin: float = 0.05) -> DelayedLM:
-    """The compiled decoder, or its numpy form where that supports it and ran guidance's steps faster here by
-    more than `margin`, timed over a few steps of a short text (the numpy form's first steps try each thread
-    team: they are not counted)."""
-    if not NumpyDecoder.supports(decoder):
+def requested_step() -> str | None:
+    """MLX_MUSICGEN_STEP: "numpy" or "compiled" (unset or empty: chosen by timing)."""
+    choice = os.environ.get("MLX_MUSICGEN_STEP", "")
+    if choice not in ("", *STEP_CHOICES):
+        raise ValueError(f"MLX_MUSICGEN_STEP={choice!r} is not one of {', '.join(STEP_CHOICES)}: set one, or unset it "
+                         f"to choose by timing")
+    return choice or None
+
+
+_chosen: dict[tuple, str] = {}
+
+
+def fastest_lm(decoder: MusicgenDecoder, steps: int = 7, margin: float = 0.05) -> DelayedLM:
+    """The compiled decoder, or its numpy form where that supports it and either MLX_MUSICGEN_STEP=numpy asks for
+    it or it ran guidance's steps faster here by more than `margin`: timed once per process and decoder shape,
+    over the first steps of a window (not counting the first step, which is the compiled decoder's in both, the
+    compiled step's trace, and the numpy form's tries of each thread team). The numpy form's lead grows with the
+    position (docs/performance.md): the first steps are where it is least."""
+    choice = requested_step()
+    if not NumpyDecoder.supports(decoder) or choice == "compiled":
         return decoder
-    context = decoder.text_context(mx.zeros((2, 4, decoder.config.hidden_size)), mx.array([[1] * 4, [0] * 4]))
     numpy_lm = NumpyDecoder(decoder)
-    teams = 1 if numpy_lm.team is None else len(numpy_lm.team.teams)
-    compiled = step_seconds(decoder, context, steps, skip=2)
-    return numpy_lm if step_seconds(numpy_lm, context, steps, skip=1 + teams) < (1 - margin) * compiled else decoder
+    config = decoder.config
+    shape = (config.hidden_size, config.ffn_dim, config.num_hidden_layers, config.num_codebooks,
+             config.num_attention_heads)
+    if choice is None and shape not in _chosen:
+        context = decoder.text_context(mx.zeros((2, 4, config.hidden_size)), mx.array([[1] * 4, [0] * 4]))
+        teams = 1 if numpy_lm.team is None else len(numpy_lm.team.teams)
+        compiled = step_seconds(decoder, context, steps, skip=3)
+        numpy_seconds = step_seconds(numpy_lm, context, steps, skip=1 + teams)
+        _chosen[shape] = "numpy" if numpy_seconds < (1 - margin) * compiled else "compiled"
+    return numpy_lm if (choice or _chosen[shape]) == "numpy" else decoder

@@ -7,8 +7,9 @@ import statistics
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Callable
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import mlx.core as mx
 from threadpoolctl import ThreadpoolController
@@ -133,14 +134,22 @@ class TeamByTiming:
         self.seconds[team] = seconds if last is None else self.weight * seconds + (1 - self.weight) * last
 
 
-def numpy_blas_team() -> tuple[list[int], Callable[[int], object]] | None:
-    """The teams to choose from for numpy's own OpenBLAS (every usable core, one less, one) and a context
-    manager factory that runs the products inside on n threads; None where numpy's BLAS is not an OpenBLAS
-    (Accelerate, MKL) or the user set its team (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)."""
+class BlasTeams(NamedTuple):
+    sizes: list[int]  # the teams to choose from, the default first
+    limit: Callable[[int], AbstractContextManager]  # limit(n): the products inside run on n threads
+
+
+def numpy_blas_teams() -> BlasTeams | None:
+    """The teams of numpy's own OpenBLAS to choose from (every usable core, one less, one); None where numpy's
+    BLAS is not an OpenBLAS that threadpoolctl finds in numpy's wheel (Accelerate, MKL, a system OpenBLAS that
+    MLX may share) or the user set its team (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)."""
     if any(name in os.environ for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
         return None
     controller = ThreadpoolController().select(internal_api="openblas")
+    controller.lib_controllers = [lib for lib in controller.lib_controllers
+                                  if "scipy_openblas" in Path(lib.filepath).name]
     if not controller.lib_controllers:
         return None
     cores = _linux.usable_cores()
-    return sorted({cores, max(1, cores - 1), 1}, reverse=True), lambda threads: controller.limit(limits=threads)
+    return BlasTeams(sorted({cores, max(1, cores - 1), 1}, reverse=True),
+                     lambda threads: controller.limit(limits=threads))
