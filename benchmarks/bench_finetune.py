@@ -40,7 +40,6 @@ def codes_for(cfg: dict):
 def ours(cfg: dict) -> dict:
     import mlx_musicgen  # noqa: F401  (BLAS before mlx)
     import mlx.core as mx
-    import mlx.nn as nn
     import mlx.optimizers as optim
 
     from mlx_musicgen import _linux, lora, training
@@ -60,7 +59,7 @@ def ours(cfg: dict) -> dict:
     batch = training.Batch(mx.array(inputs), mx.array(labels), states, mx.array(tokens["attention_mask"]))
     predicted = int((batch.labels != 2048).sum())
     optimizer = training.FusedAdamW(learning_rate=1e-4, betas=[0.9, 0.95])  # the trainer's
-    step = nn.value_and_grad(model, lambda m, b: training.loss(m, b, cfg["checkpoint"]))
+    step = training.compiled_loss_and_grad(model, cfg["checkpoint"])  # the trainer's
 
     def one_step():
         loss, grads = step(model, batch)

@@ -142,6 +142,31 @@ def loss(model, batch: Batch, checkpoint: bool = False) -> mx.array:
     return codebook_loss(forward(model, batch, checkpoint), batch.labels, model.config.decoder.pad_token_id)
 
 
+def compiled_loss_and_grad(model, checkpoint: bool = False) -> Callable[[object, Batch], tuple]:
+    """nn.value_and_grad(model, loss) as one compiled function of the batch's arrays (as mlx-lm's trainer
+    compiles its step), the model's and the random generator's state (LoRA's dropout) captured: MLX fuses the
+    element-wise work of the forward and backward passes, ~10-20% of a LoRA step on a CPU (docs/performance.md).
+    It is traced once per batch shape, in the mode (train or eval) the model is in then, so it serves training
+    steps only. Batches with melody chroma (whose condition dropout is numpy's) take the function uncompiled."""
+    loss_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, checkpoint))
+    state = [model.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs: mx.array, labels: mx.array, text_states: mx.array, text_mask: mx.array,
+             unconditioned: mx.array) -> tuple[mx.array, dict]:
+        return loss_and_grad(model, Batch(inputs, labels, text_states, text_mask, None, unconditioned))
+
+    def run(model_, batch: Batch) -> tuple[mx.array, dict]:
+        if batch.chroma is not None:
+            return loss_and_grad(model_, batch)
+        unconditioned = batch.unconditioned
+        if unconditioned is None:
+            unconditioned = mx.zeros((batch.inputs.shape[0],), dtype=mx.int32)
+        return step(batch.inputs, batch.labels, batch.text_states, batch.text_mask, unconditioned)
+
+    return run
+
+
 # ---- the training loop
 
 
@@ -250,7 +275,7 @@ class Trainer:
         self.history: list[dict] = []
         self.plotting = True  # until matplotlib turns out to be missing
         self.pad = model.config.decoder.pad_token_id
-        self.loss_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, config.grad_checkpoint))
+        self.loss_and_grad = compiled_loss_and_grad(model, config.grad_checkpoint)
 
     def trainable_count(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))

@@ -106,10 +106,12 @@ def test_melody_loss_is_the_references(tiny_melody, forms):
     assert abs(ours - expected) / expected < LOSS_RTOL
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("forms", ["portable", "cpu"])
-def test_lora_gradients_match_torch_autograd(tiny, forms):
+def test_lora_gradients_match_torch_autograd(tiny, forms, compiled):
     """Every adapter on (rank 4, alpha 8), B drawn non-zero so that both matrices get gradients; the same
-    LoRA built in plain torch around transformers' modules (forward hooks), its gradients by autograd."""
+    LoRA built in plain torch around transformers' modules (forward hooks), its gradients by autograd. Ours as
+    the trainer computes them (training.compiled_loss_and_grad) and uncompiled."""
     musicgen = portable(tiny.folder, forms)
     model = musicgen.model
     config = lora.AdapterConfig(rank=4, alpha=8.0)
@@ -124,7 +126,8 @@ def test_lora_gradients_match_torch_autograd(tiny, forms):
     model.load_weights(list(adapters.items()), strict=False)
     texts = ["80s pop track with bassy drums and synth", "jazz"]
     codes = clips(4)
-    loss, grads = nn.value_and_grad(model, training.loss)(model, our_batch(musicgen, texts, codes))
+    loss_and_grad = training.compiled_loss_and_grad(model) if compiled else nn.value_and_grad(model, training.loss)
+    loss, grads = loss_and_grad(model, our_batch(musicgen, texts, codes))
     grads = dict(tree_flatten(grads))
 
     reference = tiny.reference
