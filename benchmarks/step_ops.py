@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Primitive operations one decoding step evaluates: the graph of a step (guidance 3, top-k 250 sampling) as MLX
 builds it, counted node by node, for the step as it runs (compiled) and the same step run op by op (eager, as
-every step ran before the compiled step), on the portable model and on the CPU forms. (The step op by op is the compiled step's own body, uncompiled:
-the graph every step built before.)
+every step ran before the compiled step), on the portable model and on the CPU forms, and the CPU's numpy step
+(whose MLX graph is guidance and sampling: the decoder runs in numpy). (The step op by op is the compiled step's
+own body, uncompiled: the graph every step built before.)
 
     python benchmarks/step_ops.py .bench_cache/small-*/mlx-float32     # a converted or Hub-layout folder
 
@@ -23,6 +24,7 @@ import mlx_musicgen  # noqa: F401  (first: loads an optimized BLAS before mlx on
 import mlx.core as mx
 
 from mlx_musicgen import MusicGen, delay, generation
+from mlx_musicgen.cpu.numpy_decoder import NumpyDecoder
 from mlx_musicgen.settings import GenerationConfig
 
 TEXT = "80s pop track with bassy drums and synth"
@@ -40,12 +42,13 @@ def primitives(*outputs: mx.array) -> dict[str, int]:
     return {"all": len(names), "computing": sum(name not in VIEWS for name in names)}
 
 
-def count(folder: str, portable: bool, compiled: bool) -> dict[str, int]:
-    """The primitives of the eleventh decoding step of a guided generation, compiled or op by op."""
+def count(folder: str, portable: bool, compiled: bool, numpy_step: bool = False) -> dict[str, int]:
+    """The primitives of the eleventh decoding step of a guided generation, compiled or op by op; `numpy_step`:
+    the CPU's numpy step (cpu.numpy_decoder), whose MLX graph is guidance and sampling only."""
     musicgen = MusicGen.from_pretrained(folder, portable=portable)
     states, mask = musicgen.conditioning([TEXT], 1, guided=True)
     context = musicgen.model.decoder_context(states, mask, guided=True)
-    decoder = musicgen.decoder
+    decoder = NumpyDecoder(musicgen.decoder) if numpy_step else musicgen.decoder
     cache = decoder.make_cache(2, 64 + context.length)
     sampler = generation.make_sampler(GenerationConfig().for_model("musicgen"))
     step, op_by_op = (generation.decoding_step(decoder, context, 3.0, sampler, cache, compiled=compiled)
@@ -72,6 +75,7 @@ def main() -> None:
             result[f"{form}_{mode}"] = count(args.folder, portable, compiled)
         result[f"{form}_ratio"] = {kind: result[f"{form}_compiled"][kind] / result[f"{form}_eager"][kind]
                                    for kind in ("all", "computing")}
+    result["cpu_numpy_step"] = count(args.folder, False, False, numpy_step=True)
     print(json.dumps(result, indent=2))
 
 

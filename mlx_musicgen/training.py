@@ -145,7 +145,7 @@ def loss(model, batch: Batch, checkpoint: bool = False) -> mx.array:
 def compiled_loss_and_grad(model, checkpoint: bool = False) -> Callable[[object, Batch], tuple]:
     """nn.value_and_grad(model, loss) as one compiled function of the batch's arrays (as mlx-lm's trainer
     compiles its step), the model's and the random generator's state (LoRA's dropout) captured: MLX fuses the
-    element-wise work of the forward and backward passes, ~10-20% of a LoRA step on a CPU (docs/performance.md).
+    element-wise work of the forward and backward passes: 8-20% off a LoRA step on a CPU (docs/performance.md).
     It is traced once per batch shape, in the mode (train or eval) the model is in then, so it serves training
     steps only. Batches with melody chroma (whose condition dropout is numpy's) take the function uncompiled."""
     loss_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, checkpoint))
