@@ -142,27 +142,48 @@ def loss(model, batch: Batch, checkpoint: bool = False) -> mx.array:
     return codebook_loss(forward(model, batch, checkpoint), batch.labels, model.config.decoder.pad_token_id)
 
 
+MAX_TRACES = 8  # batch shapes compiled_loss_and_grad traces; later new shapes run uncompiled
+
+
 def compiled_loss_and_grad(model, checkpoint: bool = False) -> Callable[[object, Batch], tuple]:
     """nn.value_and_grad(model, loss) as one compiled function of the batch's arrays (as mlx-lm's trainer
-    compiles its step), the model's and the random generator's state (LoRA's dropout) captured: MLX fuses the
-    element-wise work of the forward and backward passes: 8-20% off a LoRA step on a CPU (docs/performance.md).
-    It is traced once per batch shape, in the mode (train or eval) the model is in then, so it serves training
-    steps only. Batches with melody chroma (whose condition dropout is numpy's) take the function uncompiled."""
+    compiles its step), the model's and the random generator's state captured: MLX fuses the element-wise work
+    of the forward and backward passes, 8-20% off a LoRA step on a CPU (docs/performance.md). Each batch shape
+    (clip and text lengths) and mode (train or eval) is traced once, ~1.7 s at musicgen-small's shape; past
+    MAX_TRACES shapes, and for batches with melody chroma (whose condition dropout is numpy's), the function runs
+    uncompiled."""
     loss_and_grad = nn.value_and_grad(model, lambda m, b: loss(m, b, checkpoint))
     state = [model.state, mx.random.state]
+    traced: set[tuple] = set()
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(inputs: mx.array, labels: mx.array, text_states: mx.array, text_mask: mx.array,
-             unconditioned: mx.array) -> tuple[mx.array, dict]:
+             unconditioned: mx.array, training: bool) -> tuple[mx.array, dict]:
+        # `training` is a key of the trace, not read: a trace made in one mode is not replayed in the other
         return loss_and_grad(model, Batch(inputs, labels, text_states, text_mask, None, unconditioned))
 
     def run(model_, batch: Batch) -> tuple[mx.array, dict]:
-        if batch.chroma is not None:
-            return loss_and_grad(model_, batch)
+        assert model_ is model, "compiled_loss_and_grad: call it with the model it was made for"
+        shape = (batch.inputs.shape, batch.text_states.shape, model.training)
+        if batch.chroma is not None or (shape not in traced and len(traced) >= MAX_TRACES):
+            return loss_and_grad(model, batch)
         unconditioned = batch.unconditioned
         if unconditioned is None:
             unconditioned = mx.zeros((batch.inputs.shape[0],), dtype=mx.int32)
-        return step(batch.inputs, batch.labels, batch.text_states, batch.text_mask, unconditioned)
+        model.decoder.position_table(batch.inputs.shape[-1], model.decoder.dtype)  # not grown inside a trace
+        # A trace swaps placeholders into the model and the random state, and swaps back only when it returns:
+        # on an exception (Ctrl-C: the trainer then saves) the real arrays are put back here.
+        held, key = tree_flatten(model.state), mx.random.state[0]
+        try:
+            result = step(batch.inputs, batch.labels, batch.text_states, batch.text_mask, unconditioned,
+                          model.training)
+        except BaseException:
+            model.update(tree_unflatten(held), strict=False)
+            high, low = np.array(key).tolist()
+            mx.random.seed(high << 32 | low)  # the key again: mx.random.key(seed) is seed's two 32-bit halves
+            raise
+        traced.add(shape)
+        return result
 
     return run
 
@@ -267,6 +288,9 @@ class Trainer:
             lora.unfreeze_for_full(model)
         else:
             lora.apply_lora(model, adapters)
+        if config.grad_checkpoint and adapters.dropout:
+            raise ValueError("LoRA dropout and --grad-checkpoint do not go together (the recomputed pass would draw "
+                             "other dropout masks than the forward pass): drop one of them.")
         self.adapters = adapters
         use_cpu_training_forms(model)
         decay = config.weight_decay if config.weight_decay is not None else (0.1 if adapters.full else 0.0)

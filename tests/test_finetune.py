@@ -158,6 +158,46 @@ def test_lora_gradients_match_torch_autograd(tiny, forms, compiled):
             assert error < GRAD_RTOL, (name, suffix, error)
 
 
+def test_an_interrupted_trace_leaves_the_model_whole(tiny, monkeypatch):
+    """Ctrl-C while the compiled loss and gradients are traced (the trainer then saves): the model's weights and
+    the random state are real arrays again, the same as before; the next call traces and matches the uncompiled
+    function."""
+    musicgen = portable(tiny.folder, "cpu")
+    model = musicgen.model
+    lora.apply_lora(model, lora.AdapterConfig(rank=4, dropout=0.1))
+    batch = our_batch(musicgen, ["jazz"], clips(4, lengths=(10,)))
+    before = {name: np.array(value) for name, value in tree_flatten(model.parameters())}
+    key = np.array(mx.random.state[0])
+    loss_and_grad = training.compiled_loss_and_grad(model)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "codebook_loss", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            loss_and_grad(model, batch)
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    for name, value in after.items():
+        np.testing.assert_array_equal(np.array(value), before[name])
+    np.testing.assert_array_equal(np.array(mx.random.state[0]), key)
+    mx.random.seed(5)
+    loss, grads = loss_and_grad(model, batch)
+    mx.random.seed(5)
+    expected_loss, expected = nn.value_and_grad(model, training.loss)(model, batch)
+    assert loss.item() == expected_loss.item()  # the same dropout masks, drawn from the same key
+    for (_, ours), (_, theirs) in zip(tree_flatten(grads), tree_flatten(expected)):
+        np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-7)
+
+
+def test_dropout_and_grad_checkpoint_are_refused_together(tiny, tmp_path):
+    musicgen = portable(tiny.folder)
+    config = training.TrainConfig(grad_checkpoint=True)
+    with pytest.raises(ValueError, match="LoRA dropout and --grad-checkpoint do not go together"):
+        training.Trainer(musicgen.model, [], [], tmp_path, config, lora.AdapterConfig(rank=4, dropout=0.1), "x")
+
+
 def test_cpu_training_forms_compute_the_same_functions():
     """cpu.training's exp, attention and GELU against float64 exp and MLX's own ops, values and gradients."""
     z = np.concatenate([-np.geomspace(1e-8, 100, 20001), [0.0, -np.inf]]).astype(np.float32)
