@@ -59,10 +59,14 @@ def polynomial(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
     return result
 
 
-def erf(x: mx.array) -> mx.array:
-    x = mx.clip(x, -4.0, 4.0)
+def erf_within_4(x):
+    """erf(x) for x in [-4, 4] (an mx.array or a numpy array: plain arithmetic)."""
     x2 = x * x
     return x * polynomial(x2, ERF_P) / polynomial(x2, ERF_Q)
+
+
+def erf(x: mx.array) -> mx.array:
+    return erf_within_4(mx.clip(x, -4.0, 4.0))
 
 
 @partial(mx.compile, shapeless=True)

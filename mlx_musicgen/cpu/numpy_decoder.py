@@ -19,6 +19,7 @@ import os
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,8 +29,8 @@ from mlx.utils import tree_flatten
 from .. import delay
 from ..decoder import Context, KVCache, MusicgenDecoder, TextKV
 from ..generation import DelayedLM, decoding_step
-from .decoder import ERF_P, ERF_Q, CompiledDecoderLayer, TransposedLinear, polynomial
-from .threads import TeamByTiming, numpy_blas_teams
+from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4
+from .threads import TeamByTiming, fastest_team, numpy_blas_teams
 
 CHUNK_BYTES = 4 << 20  # a block of a weight that the cache holds for the next row's product (docs/performance.md)
 STEP_CHOICES = ("numpy", "compiled")  # MLX_MUSICGEN_STEP
@@ -38,9 +39,7 @@ MAX_ROWS = 2  # guidance's two rows: more rows read the weights from the cache m
 
 def gelu(x: np.ndarray) -> np.ndarray:
     """The exact (erf) GELU, with cpu.decoder's rational erf."""
-    z = np.clip(x * np.float32(math.sqrt(0.5)), -4.0, 4.0)
-    z2 = z * z
-    return x * (1 + z * polynomial(z2, ERF_P) / polynomial(z2, ERF_Q)) / 2
+    return x * (1 + erf_within_4(np.clip(x * np.float32(math.sqrt(0.5)), -4.0, 4.0))) / 2
 
 
 ACTIVATIONS = {"gelu": gelu, "relu": lambda x: np.maximum(x, 0)}
@@ -92,14 +91,30 @@ def norm_of(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(module.weight), np.asarray(module.bias)
 
 
+@dataclass
+class NumpyText:
+    """A layer's decoder.TextKV as numpy views: keys and values, the additive mask (B, 1, S), folded or not."""
+
+    keys: np.ndarray | None
+    values: np.ndarray | None
+    mask: np.ndarray
+    folded: bool
+
+    @classmethod
+    def of(cls, text: TextKV) -> NumpyText:
+        keys, values = (None if a is None else np.asarray(a) for a in (text.keys, text.values))
+        return cls(keys, values, np.asarray(text.mask)[:, 0], text.folded)
+
+
 class NumpyCache:
     """A layer's self-attention keys and values (B, heads, max_length, head_dim) in numpy; `offset` counts the
-    positions filled."""
+    positions filled. `text`: the window's text for cross-attention, as numpy views made on its first step."""
 
     def __init__(self, batch: int, heads: int, head_dim: int, max_length: int):
         self.keys = np.zeros((batch, heads, max_length, head_dim), np.float32)
         self.values = np.zeros_like(self.keys)
         self.offset = 0
+        self.text: NumpyText | None = None
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write the newest position's keys and values (B, heads, head_dim); return every position's so far."""
@@ -130,28 +145,25 @@ class NumpyLayer:
         weights = softmax((keys @ q[..., None])[..., 0] * self.scale)  # (B, heads, positions)
         return self.out((weights[:, :, None] @ values).reshape(B, -1))
 
-    def cross_attention(self, h: np.ndarray, text: TextKV) -> np.ndarray:
-        B = h.shape[0]
-        mask = np.asarray(text.mask)[:, 0]  # (B, 1, S), additive
+    def cross_attention(self, h: np.ndarray, text: NumpyText) -> np.ndarray:
+        B, keys, values, mask = h.shape[0], text.keys, text.values, text.mask
         if text.folded:  # keys and values (rows, heads * S, D): cpu.decoder.fold_text
             out = np.zeros_like(h)
-            if text.keys is None:
+            if keys is None:
                 return out
-            keys, values = np.asarray(text.keys), np.asarray(text.values)
             rows = keys.shape[0]
             scores = np.stack([np.dot(keys[r], h[r]) for r in range(rows)]).reshape(rows, self.heads, -1)
             weights = softmax(scores + mask[:rows]).reshape(rows, -1)
             out[:rows] = np.stack([np.dot(weights[r], values[r]) for r in range(rows)])
             return out
-        keys, values = np.asarray(text.keys), np.asarray(text.values)  # (B, heads, S, head_dim)
         q = self.cross_q(h).reshape(B, self.heads, -1)
         weights = softmax((keys @ q[..., None])[..., 0] * self.scale + mask)
         return self.cross_out((weights[:, :, None] @ values).reshape(B, -1))
 
-    def __call__(self, x: np.ndarray, text: TextKV, cache: NumpyCache) -> np.ndarray:
+    def __call__(self, x: np.ndarray, cache: NumpyCache) -> np.ndarray:
         """x (B, D), the newest position of each row -> the layer's output (B, D)."""
         x = x + self.self_attention(layer_norm(x, self.self_norm), cache)
-        x = x + self.cross_attention(layer_norm(x, self.cross_norm), text)
+        x = x + self.cross_attention(layer_norm(x, self.cross_norm), cache.text)
         return x + self.fc2(self.activation(self.fc1(layer_norm(x, self.final_norm))))
 
 
@@ -217,20 +229,21 @@ class NumpyDecoder:
         # NaN or inf logits are the sampler's to report (sampling.NONFINITE), as in MLX: no warnings here
         with _step_lock, np.errstate(over="ignore", invalid="ignore"):
             if self.team is None:
-                return mx.array(self.step(codes, context, cache))
+                return mx.array(self.step(codes, cache))
             threads = self.team.next_team()
             with self.limit_threads(threads):
                 start = time.perf_counter()
-                logits = self.step(codes, context, cache)
+                logits = self.step(codes, cache)
             self.team.record(threads, time.perf_counter() - start)
         return mx.array(logits)
 
-    def step(self, codes: np.ndarray, context: Context, cache: list[NumpyCache]) -> np.ndarray:
-        """The newest column of codes (B, K) -> its logits (B, K, 1, vocab)."""
+    def step(self, codes: np.ndarray, cache: list[NumpyCache]) -> np.ndarray:
+        """The newest column of codes (B, K) -> its logits (B, K, 1, vocab), with the window's text as its first
+        step left it in the caches."""
         x = sum(table[codes[:, k]] for k, table in enumerate(self.embeddings)) * np.float32(self.decoder.embed_scale)
         x = x + self.positions[cache[0].offset]
-        for layer, text, layer_cache in zip(self.layers, context.text, cache):
-            x = layer(x, text, layer_cache)
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer(x, layer_cache)
         for layer_cache in cache:
             layer_cache.offset += 1
         x = layer_norm(x, self.final_norm)
@@ -238,13 +251,14 @@ class NumpyDecoder:
 
     def first_step(self, codes: mx.array, context: Context, cache: list[NumpyCache]) -> mx.array:
         """codes (B, K, T), a window's first positions -> logits (B, K, T, vocab) by the compiled decoder, whose
-        keys and values go into the numpy cache."""
+        keys and values go into the numpy cache, with the window's text as numpy views (made once a window)."""
         if cache[0].offset:
             raise ValueError("the numpy decoder takes many positions on a window's first step only")
         compiled_cache = self.decoder.make_cache(codes.shape[0], codes.shape[-1])
         logits = self.decoder(codes, context, compiled_cache)
         mx.eval(logits, [c.state for c in compiled_cache])
-        for source, target in zip(compiled_cache, cache):
+        for source, target, text in zip(compiled_cache, cache, context.text):
+            target.text = NumpyText.of(text)
             target.keys[:, :, : source.offset] = np.asarray(source.state["keys"])
             target.values[:, :, : source.offset] = np.asarray(source.state["values"])
             target.offset = source.offset
@@ -306,7 +320,7 @@ def fastest_lm(decoder: MusicgenDecoder, steps: int = 7, margin: float = 0.05) -
     if choice is None and shape not in _chosen:
         context = decoder.text_context(mx.zeros((2, 4, config.hidden_size)), mx.array([[1] * 4, [0] * 4]))
         teams = 1 if numpy_lm.team is None else len(numpy_lm.team.teams)
-        compiled = step_seconds(decoder, context, steps, skip=3)
-        numpy_seconds = step_seconds(numpy_lm, context, steps, skip=1 + teams)
-        _chosen[shape] = "numpy" if numpy_seconds < (1 - margin) * compiled else "compiled"
+        forms = {"compiled": (decoder, 3), "numpy": (numpy_lm, 1 + teams)}  # the form, the steps not counted
+        _chosen[shape] = fastest_team(lambda form: [step_seconds(forms[form][0], context, steps, forms[form][1])],
+                                      list(forms), margin)
     return numpy_lm if (choice or _chosen[shape]) == "numpy" else decoder

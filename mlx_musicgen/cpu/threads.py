@@ -6,7 +6,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -46,10 +46,10 @@ def parallel_streams() -> tuple[mx.Stream, mx.Stream]:
     return _streams[key]
 
 
-def fastest_team(time_steps: Callable[[int], list[float]], candidates: list[int], margin: float = 0.05) -> int:
-    """The thread team whose decoding steps run fastest: `time_steps(n)` times a few steps with n threads; the
-    first candidate (the default) is kept unless another's median step is faster by more than `margin` (so
-    that noise does not move it)."""
+def fastest_team(time_steps: Callable[[Hashable], list[float]], candidates: list, margin: float = 0.05) -> Hashable:
+    """The candidate (a thread team, a form of the decoding step) whose decoding steps run fastest:
+    `time_steps(c)` times a few steps with candidate c; the first candidate (the default) is kept unless
+    another's median step is faster by more than `margin` (so that noise does not move it)."""
     medians = {n: statistics.median(time_steps(n)) for n in candidates}
     best = min(medians, key=medians.get)
     return best if medians[best] < (1 - margin) * medians[candidates[0]] else candidates[0]
