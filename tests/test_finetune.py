@@ -186,7 +186,9 @@ def test_an_interrupted_trace_leaves_the_model_whole(tiny, monkeypatch):
     loss, grads = loss_and_grad(model, batch)
     mx.random.seed(5)
     expected_loss, expected = nn.value_and_grad(model, training.loss)(model, batch)
-    assert loss.item() == expected_loss.item()  # the same dropout masks, drawn from the same key
+    # the same dropout masks, drawn from the same key (other masks move the loss by far more); compiled kernels
+    # may round differently from eager ones on another CPU
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
     for (_, ours), (_, theirs) in zip(tree_flatten(grads), tree_flatten(expected)):
         np.testing.assert_allclose(np.array(ours), np.array(theirs), rtol=1e-5, atol=1e-7)
 
