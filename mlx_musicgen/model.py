@@ -131,10 +131,6 @@ class MusicGenModel(nn.Module):
 
     # ---- conditioning
 
-    def text_states(self, ids: mx.array, mask: mx.array) -> mx.array:
-        """Token ids and their (B, S) mask -> decoder-width states (B, S, D), zero where the mask is 0."""
-        return self.project_text(self.text_encoder(ids, mask), mask)
-
     def project_text(self, states: mx.array, mask: mx.array) -> mx.array:
         """T5 states (B, S, d_model) -> the decoder's width (when the widths differ), zero where `mask` is 0."""
         if self.config.project_text:

@@ -28,7 +28,7 @@ from .request import ModelShape, PromptInput, Request, prepare, trim_padding
 from .sampling import check_tokens
 from .settings import GenerationConfig
 from .streaming import decode_stream, regroup
-from .t5 import T5Encoder
+from .t5 import T5Encoder, TextEncoder
 
 DECODE_FRAMES = 500  # codes are decoded a stretch of this many frames (10 s) at a time, in flat memory
 Audio = np.ndarray | list[np.ndarray]  # (batch, channels, samples), or one (channels, samples) per item
@@ -54,10 +54,12 @@ def tokenize(tokenizer, texts: list[str]) -> tuple[mx.array, mx.array]:
 class MusicGen:
     """A MusicGen checkpoint ready to make music: its model, tokenizer and config."""
 
-    def __init__(self, model: MusicGenModel, tokenizer=None, lm: DelayedLM | None = None):
+    def __init__(self, model: MusicGenModel, tokenizer=None, lm: DelayedLM | None = None,
+                 t5: TextEncoder | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.lm = model.decoder if lm is None else lm  # what the step loop decodes with (cpu.optimize_for_cpu)
+        self.t5 = model.text_encoder if t5 is None else t5  # what encodes the texts (cpu.text_encoder_for_cpu)
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, *, dtype: mx.Dtype | None = None,
@@ -79,13 +81,14 @@ class MusicGen:
             lora.load_adapters(model, adapter, model_name=path_or_id)
             lora.fuse_lora(model)
         portable = cpu.portable_requested() if portable is None else portable
-        lm = None
+        lm = t5 = None
         if mx.default_device() == mx.cpu:
             cpu.warn_if_slow(model.decoder, model.config.quantization)
             if not portable:
                 lm = cpu.optimize_for_cpu(model.decoder, model.audio_encoder)
+                t5 = cpu.text_encoder_for_cpu(model.text_encoder)
         mx.eval(model.parameters())
-        return cls(model, tokenizer, lm)
+        return cls(model, tokenizer, lm, t5)
 
     # ---- the parts and what they make
 
@@ -148,7 +151,7 @@ class MusicGen:
         if self.tokenizer is None:
             raise RuntimeError("This model has no tokenizer: load it with MusicGen.from_pretrained.")
         ids, mask = tokenize(self.tokenizer, list(texts))
-        return self.model.text_states(ids, mask), mask
+        return self.model.project_text(self.t5(ids, mask), mask), mask
 
     def conditioning(self, texts: list[str] | None, num_samples: int, guided: bool) -> tuple[mx.array, mx.array]:
         """Text states and mask for the decoder; with guidance, unconditional rows (zero states, empty mask)

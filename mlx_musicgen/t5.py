@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -16,6 +17,13 @@ import mlx.nn as nn
 from .names import compile_names, renamed
 
 FEED_FORWARDS = ("relu", "gated-gelu")
+
+
+class TextEncoder(Protocol):
+    """What encodes texts for the front end: T5Encoder, or its CPU form (cpu.numpy_t5.NumpyT5)."""
+
+    def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
+        """(B, L) token ids and optional (B, L) 0/1 padding mask -> (B, L, d_model) float32 hidden states."""
 
 
 @dataclass

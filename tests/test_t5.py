@@ -1,4 +1,5 @@
-"""The MLX T5 encoder against transformers' T5EncoderModel, on random weights."""
+"""The MLX T5 encoder, and its numpy form (the CPU's, cpu.numpy_t5), against transformers' T5EncoderModel, on
+random weights."""
 
 import json
 
@@ -10,6 +11,8 @@ import transformers
 from transformers.models.t5.modeling_t5 import T5Attention as ReferenceAttention
 
 import fixtures
+from mlx_musicgen import MusicGen, cpu
+from mlx_musicgen.cpu.numpy_t5 import NumpyT5
 from mlx_musicgen.t5 import T5Config, T5Encoder, relative_position_bucket
 
 torch.set_num_threads(2)
@@ -35,7 +38,16 @@ def reference(encoder: torch.nn.Module, input_ids: np.ndarray, attention_mask: n
     return out.last_hidden_state.numpy()
 
 
-def ours(encoder: T5Encoder, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+FORMS = {"mlx": lambda encoder: encoder, "numpy": NumpyT5}
+
+
+@pytest.fixture(params=list(FORMS))
+def form(request):
+    """T5Encoder itself, or its numpy form on views of its weights."""
+    return FORMS[request.param]
+
+
+def ours(encoder, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
     out = encoder(mx.array(input_ids), mx.array(attention_mask))
     assert out.dtype == mx.float32
     return np.array(out)
@@ -89,16 +101,16 @@ def test_relative_position_bucket(num_buckets, max_distance):
     np.testing.assert_array_equal(np.array(actual), expected.numpy())
 
 
-def test_checkpoint_matches_reference(checkpoint, checkpoint_weights, tokens):
+def test_checkpoint_matches_reference(checkpoint, checkpoint_weights, tokens, form):
     _, model, _ = checkpoint
-    encoder = load_encoder(*checkpoint_weights)
+    encoder = form(load_encoder(*checkpoint_weights))
     assert_close(ours(encoder, *tokens), reference(model.text_encoder, *tokens), tokens[1])
 
 
-def test_wider_model_matches_reference():
+def test_wider_model_matches_reference(form):
     shape = fixtures.Shape(text_hidden=64, text_heads=4, text_layers=3)
     text_encoder = fixtures.build_model(shape, seed=1).text_encoder
-    encoder = load_encoder(text_encoder.config.to_dict(), mlx_weights(text_encoder))
+    encoder = form(load_encoder(text_encoder.config.to_dict(), mlx_weights(text_encoder)))
     # Longer than max_distance (128), so every bucket, exact, logarithmic and clipped, is used.
     input_ids, attention_mask = random_batch(shape.text_vocab, 160, [160, 97, 5])
     actual = ours(encoder, input_ids, attention_mask)
@@ -108,14 +120,14 @@ def test_wider_model_matches_reference():
     np.testing.assert_allclose(np.array(encoder(mx.array(input_ids))), ours(encoder, input_ids, full), atol=1e-6)
 
 
-def test_gated_gelu_matches_reference():
+def test_gated_gelu_matches_reference(form):
     config = transformers.T5Config(
         vocab_size=100, d_model=40, d_kv=12, d_ff=72, num_layers=2, num_heads=5,
         relative_attention_num_buckets=16, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
     )
     torch.manual_seed(0)
     text_encoder = transformers.T5EncoderModel(config).eval()
-    encoder = load_encoder(config.to_dict(), mlx_weights(text_encoder))
+    encoder = form(load_encoder(config.to_dict(), mlx_weights(text_encoder)))
     input_ids, attention_mask = random_batch(config.vocab_size, 48, [48, 20])
     assert_close(ours(encoder, input_ids, attention_mask), reference(text_encoder, input_ids, attention_mask),
                  attention_mask)
@@ -130,14 +142,39 @@ def test_half_precision_weights(checkpoint, checkpoint_weights, tokens, dtype, a
     assert_close(ours(encoder, *tokens), reference(model.text_encoder, *tokens), tokens[1], atol=atol)
 
 
-def test_fully_masked_rows(checkpoint, checkpoint_weights, tokens):
+def test_fully_masked_rows(checkpoint, checkpoint_weights, tokens, form):
     # Every key masked: scores all sit at the same large negative, giving a uniform softmax rather than NaN.
     _, model, _ = checkpoint
     input_ids, attention_mask = tokens
     masked = np.zeros_like(attention_mask)
-    actual = ours(load_encoder(*checkpoint_weights), input_ids, masked)
+    actual = ours(form(load_encoder(*checkpoint_weights)), input_ids, masked)
     assert np.isfinite(actual).all()
     np.testing.assert_allclose(actual, reference(model.text_encoder, input_ids, masked), rtol=0, atol=ATOL)
+
+
+def test_numpy_form_follows_new_weights_and_leaves_half_precision_to_mlx(checkpoint, checkpoint_weights, tokens):
+    _, model, _ = checkpoint
+    config, weights = checkpoint_weights
+    encoder = load_encoder(config, {k: v * 0.5 for k, v in weights.items()})
+    numpy_form = cpu.text_encoder_for_cpu(encoder)
+    assert isinstance(numpy_form, NumpyT5)
+    halved = ours(numpy_form, *tokens)
+    encoder.load_weights(list(T5Encoder.sanitize(weights).items()), strict=True)  # the checkpoint's, after
+    assert_close(ours(numpy_form, *tokens), reference(model.text_encoder, *tokens), tokens[1])
+    assert np.abs(halved - ours(numpy_form, *tokens)).max() > 1e-2
+    encoder.set_dtype(mx.float16)  # numpy cannot view half precision: the MLX encoder runs
+    assert_close(ours(numpy_form, *tokens), reference(model.text_encoder, *tokens), tokens[1], atol=5e-3)
+    assert cpu.text_encoder_for_cpu(encoder) is encoder
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU forms are the CPU's")
+def test_front_end_encodes_texts_in_numpy_on_a_cpu(checkpoint):
+    folder, _, _ = checkpoint
+    fast, portable = (MusicGen.from_pretrained(folder, portable=p) for p in (False, True))
+    assert isinstance(fast.t5, NumpyT5) and portable.t5 is portable.model.text_encoder
+    (states, mask), (expected, expected_mask) = fast.encode_text(TEXTS), portable.encode_text(TEXTS)
+    np.testing.assert_array_equal(np.array(mask), np.array(expected_mask))
+    np.testing.assert_allclose(np.array(states), np.array(expected), rtol=0, atol=1e-5)
 
 
 def test_tied_embedding_copy():

@@ -1,6 +1,7 @@
 """The CPU's fast paths, beside the portable model: `optimize_for_cpu(decoder, audio_encoder)` swaps modules of a
 loaded model for ones with the same interface and the same outputs that run faster on a CPU, and returns what the
-step loop should decode with (see docs/performance.md); `optimize_for_training(model)` does the same for training
+step loop should decode with (see docs/performance.md); `text_encoder_for_cpu(encoder)` returns what should encode
+the texts (T5 in numpy, cpu.numpy_t5); `optimize_for_training(model)` does the same for training
 (training.Trainer).
 
 MusicGen.from_pretrained calls optimize_for_cpu when MLX's default device is the CPU, unless MLX_MUSICGEN_PORTABLE=1.
@@ -17,13 +18,15 @@ from ..decoder import MusicgenDecoder
 from ..generation import DelayedLM
 from ..encodec import EncodecModel
 from ..magnet import MagnetDecoder
+from ..t5 import T5Encoder, TextEncoder
 from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
 from .numpy_decoder import fastest_lm
+from .numpy_t5 import NumpyT5
 from .threads import blas_threads_itself, choose_blas_team, every_core_for_blas, parallel_streams, portable_requested
 from .training import optimize_for_training
 
-__all__ = ["optimize_for_cpu", "optimize_for_training", "warn_if_slow", "portable_requested", "blas_threads_itself",
+__all__ = ["optimize_for_cpu", "text_encoder_for_cpu", "optimize_for_training", "warn_if_slow", "portable_requested", "blas_threads_itself",
            "parallel_streams"]
 
 
@@ -44,6 +47,11 @@ def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> D
     choose_blas_team(timing_step(decoder), (type(decoder).__name__, config.hidden_size, config.ffn_dim,
                                             config.num_hidden_layers, config.num_codebooks))
     return fastest_lm(decoder)
+
+
+def text_encoder_for_cpu(encoder: T5Encoder) -> TextEncoder:
+    """T5 in numpy (cpu.numpy_t5.NumpyT5) where its weights are float32, else the encoder itself."""
+    return NumpyT5(encoder) if NumpyT5.supports(encoder) else encoder
 
 
 def warn_if_slow(decoder: MusicgenDecoder, quantization: dict | None) -> None:
