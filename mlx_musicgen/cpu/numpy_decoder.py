@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from .. import delay
 from ..decoder import Context, KVCache, MusicgenDecoder, TextKV
 from ..generation import DelayedLM, decoding_step
 from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4
 from .threads import TeamByTiming, fastest_team, numpy_blas_teams
+from .views import WeightViews
 
 CHUNK_BYTES = 4 << 20  # a block of a weight that the cache holds for the next row's product (docs/performance.md)
 STEP_CHOICES = ("numpy", "compiled")  # MLX_MUSICGEN_STEP
@@ -167,15 +167,15 @@ class NumpyLayer:
         return x + self.fc2(self.activation(self.fc1(layer_norm(x, self.final_norm))))
 
 
-class NumpyDecoder:
+class NumpyDecoder(WeightViews):
     """A compiled MusicgenDecoder (cpu.decoder.optimize_decoder) whose steps of one position run in numpy: the step
     loop's DelayedLM. Its caches are numpy's for up to MAX_ROWS rows; with more, it is the compiled decoder. The
     team of numpy's OpenBLAS follows the step times (threads.TeamByTiming); one step at a time runs in a process
     (the team is process-wide)."""
 
     def __init__(self, decoder: MusicgenDecoder):
+        super().__init__(decoder)
         self.decoder = decoder
-        self.held = [array for _, array in tree_flatten(decoder.parameters())]  # what the views below are of
         self.layers = [NumpyLayer(layer) for layer in decoder.layers]
         self.embeddings = [np.asarray(embed.weight) for embed in decoder.embed_tokens]
         self.final_norm = norm_of(decoder.layer_norm)
@@ -197,18 +197,6 @@ class NumpyDecoder:
     num_codebooks = property(lambda self: self.decoder.num_codebooks)
     audio_channels = property(lambda self: self.decoder.audio_channels)
     pad_token_id = property(lambda self: self.decoder.pad_token_id)
-
-    def current(self) -> bool:
-        """Whether the decoder still holds the weights this form views (not replaced since: adapters merged,
-        weights loaded, a dtype changed); if not, the views are made again where the decoder is still
-        supported."""
-        now = [array for _, array in tree_flatten(self.decoder.parameters())]
-        if len(now) == len(self.held) and all(a is b for a, b in zip(now, self.held)):
-            return True
-        if not self.supports(self.decoder):
-            return False
-        self.__init__(self.decoder)
-        return True
 
     def make_cache(self, batch: int, max_length: int) -> list:
         """numpy caches (NumpyCache) for up to MAX_ROWS rows of a current decoder; else the compiled decoder's."""

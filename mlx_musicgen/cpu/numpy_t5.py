@@ -15,9 +15,9 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from ..t5 import DenseGatedGeluDense, T5Encoder, T5Layer
+from .views import WeightViews, weights
 
 
 def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -75,12 +75,12 @@ class NumpyT5Layer:
         return x + self.feed_forward(rms_norm(x, *self.feed_forward_norm))
 
 
-class NumpyT5:
+class NumpyT5(WeightViews):
     """A T5Encoder's forward pass in numpy (see the module's docstring); the same call as T5Encoder's."""
 
     def __init__(self, encoder: T5Encoder):
+        super().__init__(encoder)
         self.encoder = encoder
-        self.held = [array for _, array in tree_flatten(encoder.parameters())]  # what the views below are of
         self.embeddings = np.asarray(encoder.embed_tokens.weight)
         self.layers = [NumpyT5Layer(layer) for layer in encoder.layers]
         self.final_norm = np.asarray(encoder.final_layer_norm.weight), encoder.final_layer_norm.eps
@@ -88,20 +88,9 @@ class NumpyT5:
     @staticmethod
     def supports(encoder: T5Encoder) -> bool:
         """float32 weights in plain linear layers (not quantized, not half precision)."""
-        return all(array.dtype == mx.float32 for _, array in tree_flatten(encoder.parameters())) and all(
+        return all(array.dtype == mx.float32 for array in weights(encoder)) and all(
             type(module) is nn.Linear for _, module in encoder.named_modules()
             if isinstance(module, (nn.Linear, nn.QuantizedLinear)))
-
-    def current(self) -> bool:
-        """Whether the encoder still holds the weights viewed; if not, views of its new ones are made, where numpy
-        can view them."""
-        now = [array for _, array in tree_flatten(self.encoder.parameters())]
-        if len(now) == len(self.held) and all(a is b for a, b in zip(now, self.held)):
-            return True
-        if not self.supports(self.encoder):
-            return False
-        self.__init__(self.encoder)
-        return True
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         """(B, L) token ids and optional (B, L) 0/1 padding mask -> (B, L, d_model) float32 hidden states."""
