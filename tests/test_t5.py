@@ -162,9 +162,15 @@ def test_numpy_form_follows_new_weights_and_leaves_half_precision_to_mlx(checkpo
     encoder.load_weights(list(T5Encoder.sanitize(weights).items()), strict=True)  # the checkpoint's, after
     assert_close(ours(numpy_form, *tokens), reference(model.text_encoder, *tokens), tokens[1])
     assert np.abs(halved - ours(numpy_form, *tokens)).max() > 1e-2
-    encoder.set_dtype(mx.float16)  # numpy cannot view half precision: the MLX encoder runs
+    encoder.set_dtype(mx.float16)  # T5's activations overflow half precision: the MLX encoder runs, in float32
     assert_close(ours(numpy_form, *tokens), reference(model.text_encoder, *tokens), tokens[1], atol=5e-3)
+    assert numpy_form.held is None, "the old weights' views are dropped, not kept alive"
     assert cpu.text_encoder_for_cpu(encoder) is encoder
+    with pytest.raises(ValueError, match="float32"):
+        NumpyT5(encoder)
+    encoder.set_dtype(mx.float32)  # views again
+    assert_close(ours(numpy_form, *tokens), reference(model.text_encoder, *tokens), tokens[1], atol=5e-3)
+    assert numpy_form.held is not None
 
 
 @pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU forms are the CPU's")

@@ -1,10 +1,11 @@
 """The CPU's fast paths, beside the portable model: `optimize_for_cpu(decoder, audio_encoder)` swaps modules of a
 loaded model for ones with the same interface and the same outputs that run faster on a CPU, and returns what the
 step loop should decode with (see docs/performance.md); `text_encoder_for_cpu(encoder)` returns what should encode
-the texts (T5 in numpy, cpu.numpy_t5); `optimize_for_training(model)` does the same for training
+the texts (T5 in numpy, cpu.numpy_t5); `optimize_for_training(model)` swaps the decoder's modules for training
 (training.Trainer).
 
-MusicGen.from_pretrained calls optimize_for_cpu when MLX's default device is the CPU, unless MLX_MUSICGEN_PORTABLE=1.
+MusicGen.from_pretrained calls optimize_for_cpu and text_encoder_for_cpu when MLX's default device is the CPU, unless
+MLX_MUSICGEN_PORTABLE=1.
 Nothing here changes the saved format: weights are re-laid in memory at load.
 """
 
@@ -26,9 +27,8 @@ from .numpy_t5 import NumpyT5
 from .threads import blas_threads_itself, choose_blas_team, every_core_for_blas, parallel_streams, portable_requested
 from .training import optimize_for_training
 
-__all__ = ["optimize_for_cpu", "text_encoder_for_cpu", "optimize_for_training", "warn_if_slow", "portable_requested",
-           "blas_threads_itself",
-           "parallel_streams"]
+__all__ = ["optimize_for_cpu", "text_encoder_for_cpu", "optimize_for_training", "warn_if_slow",
+           "portable_requested", "blas_threads_itself", "parallel_streams"]
 
 
 def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> DelayedLM:

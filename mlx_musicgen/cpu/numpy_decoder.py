@@ -175,7 +175,6 @@ class NumpyDecoder(WeightViews):
 
     def __init__(self, decoder: MusicgenDecoder):
         super().__init__(decoder)
-        self.decoder = decoder
         self.layers = [NumpyLayer(layer) for layer in decoder.layers]
         self.embeddings = [np.asarray(embed.weight) for embed in decoder.embed_tokens]
         self.final_norm = norm_of(decoder.layer_norm)
@@ -194,6 +193,7 @@ class NumpyDecoder(WeightViews):
                 and all(type(p) in (nn.Linear, TransposedLinear) and "bias" not in p for p in projections(decoder))
                 and all(layer.activation in ACTIVATIONS for layer in layers))
 
+    decoder = property(lambda self: self.module)
     num_codebooks = property(lambda self: self.decoder.num_codebooks)
     audio_channels = property(lambda self: self.decoder.audio_channels)
     pad_token_id = property(lambda self: self.decoder.pad_token_id)

@@ -4,8 +4,8 @@ encoding texts on a CPU.
 A text is a dozen tokens, so each of T5's products multiplies a dozen rows by a weight read once. MKL through
 MLX does such products at a third of numpy's OpenBLAS speed on some CPUs (docs/performance.md), and each of
 MLX's ~300 ops an encoding costs tens of microseconds, against a few in numpy. Weights replaced after it was
-made (loaded, merged, cast) are followed: the views are made again, or, where numpy cannot view them (half
-precision), the MLX encoder runs.
+made (loaded, merged, cast) are followed (views.WeightViews): the views are made again, or, for weights other
+than float32 (T5's activations overflow half precision), the MLX encoder runs.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
-    weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return weights / weights.sum(axis=-1, keepdims=True)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def gelu_approx(x: np.ndarray) -> np.ndarray:
@@ -80,10 +80,11 @@ class NumpyT5(WeightViews):
 
     def __init__(self, encoder: T5Encoder):
         super().__init__(encoder)
-        self.encoder = encoder
         self.embeddings = np.asarray(encoder.embed_tokens.weight)
         self.layers = [NumpyT5Layer(layer) for layer in encoder.layers]
         self.final_norm = np.asarray(encoder.final_layer_norm.weight), encoder.final_layer_norm.eps
+
+    encoder = property(lambda self: self.module)
 
     @staticmethod
     def supports(encoder: T5Encoder) -> bool:
