@@ -114,7 +114,7 @@ def text_states(model, text: str) -> tuple[np.ndarray, np.ndarray]:
     """A caption's T5 states (S, d_model) and mask (S,); an empty caption is the null text."""
     tokens = model.tokenizer([text], return_tensors="np")
     mask = tokens["attention_mask"] * (1 if text.strip() else 0)
-    states = model.text_encoder(mx.array(tokens["input_ids"]), mx.array(mask))
+    states = model.t5(mx.array(tokens["input_ids"]), mx.array(mask))
     return np.array(states[0]), mask[0].astype(np.int32)
 
 

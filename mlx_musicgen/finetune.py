@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> None:
     _linux.use_all_cores_for_blas()  # training's products are large: every core helps (generation keeps one free)
     musicgen = MusicGen.from_pretrained(args.model, portable=True, checkpoint_format=args.checkpoint_format,
                                         text_encoder=args.text_encoder)  # the CPU forms are for generation
+    musicgen.use_cpu_forms_for_encoding()  # but for the frozen parts that encode the data
     if musicgen.config.magnet is not None:
         raise ValueError(f"{args.model} is a MAGNeT model, which trains with masked spans, not the step-by-step "
                          f"loss finetune.py optimises: fine-tune a MusicGen or AudioGen model instead.")

@@ -19,7 +19,9 @@ from mlx.utils import tree_flatten
 
 from mlx_musicgen import MusicGen, cpu, lora, training
 from mlx_musicgen.cpu import training as cpu_training
-from mlx_musicgen.dataset import load_examples
+from mlx_musicgen import audio
+from mlx_musicgen.cpu.numpy_t5 import NumpyT5
+from mlx_musicgen.dataset import encode_clip, load_examples, text_states
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-5
@@ -307,6 +309,23 @@ def test_the_loss_falls_and_the_clips_are_memorised(studio_data, trained):
             np.testing.assert_array_equal(codes[0], example.codes)
         before = base.generate_tokens([example.text], total_frames=60, do_sample=False)
         assert (before[0] == example.codes).mean() < 0.1
+
+
+@pytest.mark.skipif(mx.default_device() != mx.cpu, reason="the CPU forms are the CPU's")
+def test_the_cpu_forms_encode_the_data_as_the_portable_ones(studio_data):
+    fast, reference = portable(studio_data / "model"), portable(studio_data / "model")
+    fast.use_cpu_forms_for_encoding()  # as finetune.py does
+    assert isinstance(fast.t5, NumpyT5) and reference.t5 is reference.text_encoder
+    assert fast.audio_encoder.encoder is not reference.audio_encoder.encoder
+    samples, rate = audio.read_audio(studio_data / "data" / "clip1.wav", "clip")
+    (codes, _, dropped), (expected, _, expected_dropped) = (encode_clip(m, samples, rate) for m in (fast, reference))
+    assert dropped == expected_dropped and len(codes) == len(expected) > 0
+    for window, expected_window in zip(codes, expected):
+        np.testing.assert_array_equal(window, expected_window)
+    for text in (CAPTIONS[0], ""):
+        (states, mask), (expected_states, expected_mask) = (text_states(m, text) for m in (fast, reference))
+        np.testing.assert_array_equal(mask, expected_mask)
+        np.testing.assert_allclose(states, expected_states, rtol=0, atol=1e-5)
 
 
 def test_fused_adapters_give_the_adapted_logits(studio_data, trained, tmp_path):
