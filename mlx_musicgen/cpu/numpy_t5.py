@@ -2,7 +2,7 @@
 encoding texts on a CPU.
 
 A text is a dozen tokens, so each of T5's products multiplies a dozen rows by a weight read once. MKL through
-MLX does such products at a third of numpy's OpenBLAS speed on some CPUs (docs/performance.md), and each of
+MLX does such products at two thirds of numpy's OpenBLAS speed on some CPUs (docs/performance.md), and each of
 MLX's ~300 ops an encoding costs tens of microseconds, against a few in numpy. Weights replaced after it was
 made (loaded, merged, cast) are followed (views.WeightViews): the views are made again, or, for weights other
 than float32 (T5's activations overflow half precision), the MLX encoder runs.
@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
 from ..t5 import DenseGatedGeluDense, T5Encoder, T5Layer
+from .numpy_decoder import softmax
 from .views import WeightViews, weights
 
 
@@ -31,11 +31,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (T5's layer norm: no centring, no bias)."""
     return x / np.sqrt(np.add.reduce(x * x, axis=-1, keepdims=True) / np.float32(x.shape[-1]) + np.float32(eps)) \
         * weight
-
-
-def softmax(scores: np.ndarray) -> np.ndarray:
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def gelu_approx(x: np.ndarray) -> np.ndarray:
@@ -88,10 +83,8 @@ class NumpyT5(WeightViews):
 
     @staticmethod
     def supports(encoder: T5Encoder) -> bool:
-        """float32 weights in plain linear layers (not quantized, not half precision)."""
-        return all(array.dtype == mx.float32 for array in weights(encoder)) and all(
-            type(module) is nn.Linear for _, module in encoder.named_modules()
-            if isinstance(module, (nn.Linear, nn.QuantizedLinear)))
+        """float32 weights (not half precision, not quantized; adapters never take T5, lora.is_target)."""
+        return all(array.dtype == mx.float32 for array in weights(encoder))
 
     def __call__(self, input_ids: mx.array, attention_mask: mx.array | None = None) -> mx.array:
         """(B, L) token ids and optional (B, L) 0/1 padding mask -> (B, L, d_model) float32 hidden states."""

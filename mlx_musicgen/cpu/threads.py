@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from pathlib import Path
 from typing import Callable, NamedTuple
 
 import mlx.core as mx
@@ -145,9 +144,7 @@ def numpy_blas_teams() -> BlasTeams | None:
     MLX may share) or the user set its team (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)."""
     if any(name in os.environ for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
         return None
-    controller = ThreadpoolController().select(internal_api="openblas")
-    controller.lib_controllers = [lib for lib in controller.lib_controllers
-                                  if "scipy_openblas" in Path(lib.filepath).name]
+    controller = ThreadpoolController().select(internal_api="openblas", prefix="libscipy_openblas")
     if not controller.lib_controllers:
         return None
     cores = _linux.usable_cores()
