@@ -45,6 +45,8 @@ def ours(cfg: dict) -> dict:
     from mlx_musicgen import _linux, lora, training
     from mlx_musicgen.loading import load_model
 
+    if _linux.openblas_trains_faster():  # as finetune.py does
+        _linux.restart_with_openblas()
     _linux.use_all_cores_for_blas()  # as finetune.py does
 
     model, tokenizer = load_model(cfg["hf"])  # the portable model, as finetune.py trains it
@@ -68,7 +70,7 @@ def ours(cfg: dict) -> dict:
         mx.eval(model.trainable_parameters(), optimizer.state, loss)
         return loss.item()
 
-    return measure(one_step, predicted, cfg)
+    return {**measure(one_step, predicted, cfg), "blas": _linux.LOADED}
 
 
 def reference(cfg: dict) -> dict:
@@ -171,9 +173,9 @@ def main() -> None:
         sides = ["reference", "ours"] if not args.skip_reference else ["ours"]
         for side in sides:
             report["results"][f"{side}-{mode}"] = child(side, {**cfg, "mode": mode})
-    print(f"{'':16} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12}")
+    print(f"{'':16} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12}  BLAS")
     for name, r in report["results"].items():
-        print(f"{name:16} {r['step_s']:8.2f} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f}")
+        print(f"{name:16} {r['step_s']:8.2f} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f}  {r.get('blas', '')}")
     for mode in args.modes.split(","):
         if f"reference-{mode}" in report["results"]:
             ours_r, ref = report["results"][f"ours-{mode}"], report["results"][f"reference-{mode}"]

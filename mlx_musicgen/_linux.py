@@ -6,6 +6,8 @@ into the global symbol namespace before mlx is imported makes mlx's BLAS calls r
   each weight stream at the memory bandwidth on its own threads, so the decoder runs as one stream.
 - OpenBLAS (Debian's libopenblas0-pthread): it repacks whole weights for such products, so the decoder works
   around it with its own two streams (cpu.py) and OpenBLAS runs one thread.
+MKL has optimised code for Intel's CPUs only: on others (AMD's) it takes a generic path, and training's large
+products run faster on OpenBLAS, so finetune.py runs itself again with OpenBLAS there (restart_with_openblas).
 """
 
 import ctypes
@@ -22,7 +24,7 @@ MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
 
 
 LOADED: str | None = None  # what load_optimized_blas loaded
-THREADS_SET_BY_US: list[str] = []  # the thread settings settle_threads took over (the user made none of them)
+THREADS_SET_BY_US: list[str] = []  # the thread settings made here (the user made none of them)
 
 
 def load_optimized_blas() -> str | None:
@@ -42,14 +44,25 @@ def load_optimized_blas() -> str | None:
                 stacklevel=2,
             )
         return LOADED
-    if os.environ.get("MLX_MUSICGEN_BLAS", MKL) == MKL and load_mkl():
+    if requested_blas() in (None, MKL) and load_mkl():
         LOADED = MKL
     else:
         # Our CPU code runs its own two streams of small products (cpu.py); OpenBLAS's worker threads would only
         # spin against them (EnCodec decodes ~10% faster with one).
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+        if "OPENBLAS_NUM_THREADS" not in os.environ:
+            os.environ["OPENBLAS_NUM_THREADS"] = "1"
+            THREADS_SET_BY_US.append("OPENBLAS_NUM_THREADS")
         LOADED = OPENBLAS if load_first(OPENBLAS_NAMES) else None
     return LOADED
+
+
+def requested_blas() -> str | None:
+    """MLX_MUSICGEN_BLAS: "mkl" or "openblas"; None where it is unset or empty (or, with a warning, another value)."""
+    choice = os.environ.get("MLX_MUSICGEN_BLAS") or None
+    if choice not in (None, MKL, OPENBLAS):
+        warnings.warn(f"MLX_MUSICGEN_BLAS={choice!r} is not {MKL} or {OPENBLAS}: ignored", stacklevel=3)
+        return None
+    return choice
 
 
 def preloaded_blas() -> str | None:
@@ -133,8 +146,56 @@ def set_blas_threads(count: int) -> bool:
 
 def use_all_cores_for_blas() -> bool:
     """For large products (training: hundreds of rows a product, where building a step's graph is not the
-    bottleneck), MKL's team gets every usable core, unless the user chose its size. Returns whether it did."""
+    bottleneck), the BLAS's team gets every usable core, unless the user chose its size. Returns whether it did.
+    With OpenBLAS, numpy's own OpenBLAS too, which OPENBLAS_NUM_THREADS had held to one thread."""
+    if LOADED == OPENBLAS and "OPENBLAS_NUM_THREADS" in THREADS_SET_BY_US:
+        from threadpoolctl import ThreadpoolController
+
+        ThreadpoolController().select(internal_api="openblas").limit(limits=usable_cores())  # kept, not undone
+        return True
     return blas_team_is_ours() and set_blas_threads(usable_cores())
+
+
+def cpu_vendor() -> str | None:
+    """The CPU's vendor as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD", ...), or None."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def openblas_trains_faster() -> bool:
+    """Whether this process runs MKL on a CPU MKL has no optimised code for (not Intel's: MKL_VERBOSE=1 names its
+    path "Intel(R) Architecture processors", with no AVX2), with OpenBLAS installed and no BLAS chosen by the
+    user. There OpenBLAS's kernels for the CPU run training's products faster: on an AMD EPYC, 504 x 1024 by
+    4096 at 124-150 GFLOPS against MKL's 57-131, and a LoRA step in ~0.85x the time (docs/performance.md)."""
+    chosen = os.environ.get("MLX_MUSICGEN_BLAS") in (MKL, OPENBLAS)
+    if LOADED != MKL or chosen or os.environ.get("MLX_MUSICGEN_NO_BLAS_FIX"):
+        return False
+    if cpu_vendor() in (None, "GenuineIntel"):
+        return False
+    for name in OPENBLAS_NAMES:
+        try:
+            ctypes.CDLL(name)  # loadable (locally: MLX's products stay with the BLAS it has)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def restart_with_openblas() -> None:
+    """Run this command again from its start, in this process (os.execve: does not return), with OpenBLAS as
+    MLX's BLAS (MLX_MUSICGEN_BLAS=openblas), which can only be chosen before mlx is imported. The environment
+    settings made for MKL here are left out."""
+    env = {name: value for name, value in os.environ.items() if name not in THREADS_SET_BY_US}
+    env["MLX_MUSICGEN_BLAS"] = OPENBLAS
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def load_mkl() -> bool:
@@ -145,7 +206,9 @@ def load_mkl() -> bool:
     candidates = [str(folder / name) for folder in folders for name in MKL_NAMES] + list(MKL_NAMES)
     if load_first(("libgomp.so.1",)):
         # GNU OpenMP: the runtime torch and compilers bring anyway, so a process never holds two of them.
-        os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
+        if "MKL_THREADING_LAYER" not in os.environ:
+            os.environ["MKL_THREADING_LAYER"] = "GNU"
+            THREADS_SET_BY_US.append("MKL_THREADING_LAYER")
     if load_first(candidates):
         if "MKL_NUM_THREADS" in settled:
             set_blas_threads(max(1, usable_cores() - 1))

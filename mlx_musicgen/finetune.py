@@ -124,7 +124,9 @@ def run_fuse(args: argparse.Namespace, out: Path) -> None:
         print(f"wrote {folder}", file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, may_restart: bool = False) -> None:
+    """The command; `may_restart`: it may run itself again from the start with OpenBLAS (_linux.restart_with_openblas),
+    which a command line may, and a caller in its own process may not."""
     from . import _linux
     from .musicgen import MusicGen
 
@@ -143,6 +145,8 @@ def run(args: argparse.Namespace) -> None:
     if (not args.resume or start_from not in (None, out)) and lora.holds_adapters(out):
         raise FileExistsError(f"{out} already holds adapters: --resume to continue them, or choose another "
                               f"--adapter-path.")
+    if may_restart and _linux.openblas_trains_faster():
+        _linux.restart_with_openblas()  # MKL would run its generic code on this CPU
     _linux.use_all_cores_for_blas()  # training's products are large: every core helps (generation keeps one free)
     musicgen = MusicGen.from_pretrained(args.model, portable=True, checkpoint_format=args.checkpoint_format,
                                         text_encoder=args.text_encoder)  # the CPU forms are for generation
@@ -180,7 +184,7 @@ def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
-    cli.run_main(lambda: run(args), args.debug)
+    cli.run_main(lambda: run(args, may_restart=argv is None), args.debug)
 
 
 if __name__ == "__main__":

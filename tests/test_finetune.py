@@ -3,6 +3,7 @@ same LoRA, learning (a synthetic dataset memorised: greedy generation with the a
 clip's codes), adapters saved, loaded, fused and resumed, and the CLI's errors."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import soundfile as sf
 import torch
 from mlx.utils import tree_flatten
 
-from mlx_musicgen import MusicGen, cpu, lora, training
+from mlx_musicgen import MusicGen, _linux, cpu, lora, training
 from mlx_musicgen.cpu import training as cpu_training
 from mlx_musicgen import audio
 from mlx_musicgen.cpu.numpy_t5 import NumpyT5
@@ -291,6 +292,19 @@ def trained(studio_data):
                       "--val-fraction", 0, "--log-every", 10)
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.mark.skipif(_linux.LOADED != _linux.MKL, reason="MLX runs on MKL only where MKL is loaded")
+def test_finetune_py_trains_on_openblas_where_mkl_runs_its_generic_code(studio_data, tmp_path):
+    """Where MKL has no optimised code for the CPU (not Intel's) and OpenBLAS is installed, finetune.py runs itself
+    again with OpenBLAS as MLX's BLAS (MKL's verbose mode then reports no product); elsewhere MKL trains."""
+    args = ["--model", studio_data / "model", "--data", studio_data / "data", "--adapter-path", tmp_path / "adapters",
+            "--iters", 1, "--val-fraction", 0, "--quiet"]
+    result = subprocess.run([sys.executable, str(ROOT / "finetune.py"), *map(str, args)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=600, env={**os.environ, "MKL_VERBOSE": "1"})
+    assert result.returncode == 0, result.stderr
+    assert ("SGEMM" in result.stdout) != _linux.openblas_trains_faster()
+    assert lora.holds_adapters(tmp_path / "adapters")
 
 
 def test_the_loss_falls_and_the_clips_are_memorised(studio_data, trained):

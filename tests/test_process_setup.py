@@ -131,3 +131,65 @@ def test_encodec_runs_its_products_on_every_core(monkeypatch):
     monkeypatch.setattr(_linux, "blas_team_is_ours", lambda: False)
     with threads.every_core_for_blas():
         assert team[0] == 1
+
+
+def openblas_installed() -> bool:
+    return any(subprocess.run([sys.executable, "-c", f"import ctypes; ctypes.CDLL({name!r})"],
+                              capture_output=True).returncode == 0 for name in _linux.OPENBLAS_NAMES)
+
+
+def test_openblas_trains_faster_only_where_mkl_runs_its_generic_code(monkeypatch):
+    monkeypatch.delenv("MLX_MUSICGEN_BLAS", raising=False)
+    monkeypatch.setattr(_linux, "LOADED", _linux.MKL)
+    monkeypatch.setattr(_linux, "cpu_vendor", lambda: "GenuineIntel")
+    assert not _linux.openblas_trains_faster()  # MKL's own CPUs: MKL stays
+    monkeypatch.setattr(_linux, "cpu_vendor", lambda: None)
+    assert not _linux.openblas_trains_faster()  # unknown: nothing changes
+    monkeypatch.setattr(_linux, "cpu_vendor", lambda: "AuthenticAMD")
+    assert _linux.openblas_trains_faster() == openblas_installed()
+    monkeypatch.setenv("MLX_MUSICGEN_BLAS", "mkl")
+    assert not _linux.openblas_trains_faster()  # the user's choice wins
+    monkeypatch.delenv("MLX_MUSICGEN_BLAS")
+    monkeypatch.setattr(_linux, "LOADED", _linux.OPENBLAS)
+    assert not _linux.openblas_trains_faster()  # already
+    assert _linux.cpu_vendor() is None or _linux.cpu_vendor().isprintable()
+
+
+@pytest.mark.skipif(not openblas_installed(), reason="OpenBLAS (libopenblas0-pthread) is not installed")
+def test_restarting_with_openblas_runs_the_command_again_with_every_core_for_training(tmp_path):
+    """restart_with_openblas runs the same command line again in its process, with OpenBLAS as MLX's BLAS and
+    without the settings made for MKL; there use_all_cores_for_blas gives both OpenBLAS libraries every core."""
+    script = tmp_path / "command.py"
+    script.write_text(
+        "import json, os, sys, mlx_musicgen\n"
+        "from mlx_musicgen import _linux\n"
+        "from threadpoolctl import ThreadpoolController\n"
+        "if _linux.LOADED != _linux.OPENBLAS:\n"
+        "    print('first run', flush=True)\n"
+        "    _linux.restart_with_openblas()\n"
+        "before = [c.num_threads for c in ThreadpoolController().select(internal_api='openblas').lib_controllers]\n"
+        "_linux.use_all_cores_for_blas()\n"
+        "after = [c.num_threads for c in ThreadpoolController().select(internal_api='openblas').lib_controllers]\n"
+        "print(json.dumps({'argv': sys.argv[1:], 'blas': _linux.LOADED, 'before': before, 'after': after,\n"
+        "                  **{k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'MKL_THREADING_LAYER', 'KEPT')}}))\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in (*THREAD_SETTINGS, "OPENBLAS_NUM_THREADS", "MKL_THREADING_LAYER", "MLX_MUSICGEN_BLAS")}
+    result = subprocess.run([sys.executable, str(script), "--an", "argument"], capture_output=True, text=True,
+                            env={**env, "KEPT": "yes"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    report = json.loads(lines[-1])
+    assert report["argv"] == ["--an", "argument"] and report["blas"] == _linux.OPENBLAS and report["KEPT"] == "yes"
+    assert report["before"] and set(report["before"]) == {1}  # generation's default: one thread
+    assert set(report["after"]) == {_linux.usable_cores()}
+    if lines[0] == "first run":  # MKL was loaded first: what was set for it is gone
+        assert report["OMP_WAIT_POLICY"] is None and report["MKL_THREADING_LAYER"] is None
+
+
+def test_an_unknown_blas_request_is_ignored_with_a_warning():
+    code = "import mlx_musicgen; from mlx_musicgen import _linux; print(_linux.LOADED)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MLX_MUSICGEN_BLAS": "mlk"})
+    assert result.returncode == 0, result.stderr
+    assert "MLX_MUSICGEN_BLAS='mlk' is not mkl or openblas: ignored" in result.stderr
+    assert result.stdout.strip() == str(_linux.LOADED)  # as with no request

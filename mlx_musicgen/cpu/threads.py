@@ -142,7 +142,8 @@ def numpy_blas_teams() -> BlasTeams | None:
     """The teams of numpy's own OpenBLAS to choose from (every usable core, one less, one); None where numpy's
     BLAS is not an OpenBLAS that threadpoolctl finds in numpy's wheel (Accelerate, MKL, a system OpenBLAS that
     MLX may share) or the user set its team (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)."""
-    if any(name in os.environ for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
+    if any(name in os.environ and name not in _linux.THREADS_SET_BY_US
+           for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
         return None
     controller = ThreadpoolController().select(internal_api="openblas", prefix="libscipy_openblas")
     if not controller.lib_controllers:
