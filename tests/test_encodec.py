@@ -12,6 +12,7 @@ import torch
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_musicgen.cpu import encodec as cpu_encodec
 from mlx_musicgen.cpu.encodec import NumpyLSTM, optimize_encodec
 from mlx_musicgen.encodec import EncodecConfig, EncodecModel
 
@@ -178,6 +179,20 @@ def test_cpu_chunks_give_the_same_result_as_the_portable_model(ratios):
         model.encoder.chunk_frames = model.decoder.chunk_frames = chunk_frames
         assert relative_error(model.encoder(audio), whole_encoded) < 1e-5
         assert relative_error(model.decoder(embeddings), whole_decoded) < 1e-5
+
+
+def test_the_cpu_forms_products_are_numpys_in_float32_and_mlxs_otherwise():
+    """cpu.encodec.matmul: x @ W.T + b by numpy's BLAS for float32 (the same numbers as MLX's, to float32's rounding),
+    by MLX for other dtypes (numpy has no fast half-precision product)."""
+    mx.random.seed(0)
+    x, weight, bias = mx.random.normal((2, 7, 48)), mx.random.normal((24, 48)), mx.random.normal((24,))
+    for args, expected in (((x, weight, bias), mx.addmm(bias, x, weight.T)), ((x, weight), x @ weight.T)):
+        y = cpu_encodec.matmul(*args)
+        assert y.shape == (2, 7, 24) and y.dtype == mx.float32
+        assert relative_error(y, expected) < 1e-6
+    half = [a.astype(mx.float16) for a in (x, weight, bias)]
+    y = cpu_encodec.matmul(*half)
+    assert y.dtype == mx.float16 and relative_error(y.astype(mx.float32), mx.addmm(bias, x, weight.T)) < 1e-2
 
 
 def test_saved_parameters_are_the_portable_layout(reference):

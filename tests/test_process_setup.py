@@ -112,7 +112,7 @@ def test_the_numpy_steps_team_follows_the_step_times():
     assert TeamByTiming([1]).next_team() == 1
 
 
-def test_encodec_runs_its_products_on_every_core(monkeypatch):
+def test_large_products_run_on_every_core(monkeypatch):
     """cpu.threads.every_core_for_blas: MKL's team on every usable core inside, the decoding team restored
     after (also after an error), and nothing changed where the user chose the team."""
     from mlx_musicgen.cpu import threads

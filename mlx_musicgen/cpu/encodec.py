@@ -3,8 +3,8 @@ interface and the same outputs (up to float32 reordering) that run faster on a C
 - MLX's CPU convolutions are slow on long sequences (transposed ones most of all), so every convolution is one
   matmul over all kernel taps plus, where needed, a sum of shifted slices, and a transposed one is the equivalent
   stride-1 convolution over frames of `stride` samples (its weight re-laid at swap time; nothing is saved so).
-- The convolution stacks around the LSTMs run on overlapping chunks of frames (exact, see run_in_chunks); where
-  the BLAS does not thread itself (OpenBLAS), chunks alternate between two streams.
+- Every product (in float32) is numpy's, whose OpenBLAS ran them 1.3-2.9x as fast as MKL through MLX (matmul).
+- The convolution stacks around the LSTMs run on overlapping chunks of frames (exact, see run_in_chunks).
 - exp, in ELU, is fused polynomial arithmetic (MLX's CPU exp is scalar and slow).
 - An LSTM's recurrence, 50 small steps a second of audio a layer, runs in numpy (NumpyLSTM).
 """
@@ -19,7 +19,6 @@ import mlx.nn as nn
 import numpy as np
 
 from ..encodec import EncodecConfig, EncodecDecoder, EncodecEncoder, EncodecModel, context_frames
-from .threads import every_core_for_blas, parallel_streams
 
 CHUNK_FRAMES = 50  # 1 s at 50 Hz: the largest buffers stay at a few MB
 
@@ -74,6 +73,19 @@ def add_all(*arrays: mx.array) -> mx.array:
     return sum(arrays[1:], arrays[0])
 
 
+def matmul(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x (..., in) @ weight (out, in).T (+ bias), by numpy's BLAS where both are float32 (x is evaluated here).
+
+    numpy's OpenBLAS has kernels for CPUs that MKL runs its generic code on (AMD's), and ran each of EnCodec's
+    products 1.3-2.9x as fast as MKL through MLX, the copy back into MLX included (docs/performance.md)."""
+    if x.dtype != mx.float32 or weight.dtype != mx.float32:
+        return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+    y = np.asarray(x.reshape(-1, x.shape[-1])) @ np.asarray(weight).T
+    if bias is not None:
+        y += np.asarray(bias)
+    return mx.array(y).reshape(*x.shape[:-1], -1)
+
+
 def conv1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int = 1, dilation: int = 1) -> mx.array:
     """Unpadded convolution of x (batch, time, in) with an MLX-layout weight (out, kernel, in), as matmuls."""
     out_channels, kernel, in_channels = weight.shape
@@ -90,13 +102,13 @@ def conv1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int = 1, dilat
     batch, length, _ = x.shape
     num_out = length - (kernel - 1) * dilation
     if kernel == 1:
-        return mx.addmm(bias, x, weight.reshape(out_channels, in_channels).T)
+        return matmul(x, weight.reshape(out_channels, in_channels), bias)
     if in_channels < out_channels:
         # The input is the smaller tensor: lay the taps side by side and do one matmul.
         taps = [x[:, k * dilation : k * dilation + num_out] for k in range(kernel)]
-        return mx.addmm(bias, mx.concatenate(taps, axis=-1), weight.reshape(out_channels, -1).T)
+        return matmul(mx.concatenate(taps, axis=-1), weight.reshape(out_channels, -1), bias)
     # The output is the smaller tensor: one matmul for all taps, then add the taps' outputs shifted into place.
-    y = (x @ weight.reshape(-1, in_channels).T).reshape(batch, length, out_channels, kernel)
+    y = matmul(x, weight.reshape(-1, in_channels)).reshape(batch, length, out_channels, kernel)
     return add_all(bias, *(y[:, k * dilation : k * dilation + num_out, :, k] for k in range(kernel)))
 
 
@@ -183,17 +195,16 @@ def run_in_chunks(
     computed with `context` frames of its neighbours on either side, which covers everything its output
     depends on; the context's own output (wrong near the cut, where the padding sees the cut) is dropped.
     Small chunks keep buffers small (on a CPU, faulting in fresh large buffers costs more than the
-    arithmetic on them), and alternating two streams keeps two cores busy.
+    arithmetic on them).
     """
     outputs = []
-    for i, start in enumerate(range(0, num_frames, chunk_frames)):
+    for start in range(0, num_frames, chunk_frames):
         stop = min(start + chunk_frames, num_frames)
         first, last = max(0, start - context), min(num_frames, stop + context)
-        with mx.stream(parallel_streams()[i % 2]):
-            y = x[:, first * step_in : last * step_in]
-            for layer in layers:
-                y = layer(y)
-            outputs.append(y[:, (start - first) * step_out : (stop - first) * step_out])
+        y = x[:, first * step_in : last * step_in]
+        for layer in layers:
+            y = layer(y)
+        outputs.append(y[:, (start - first) * step_out : (stop - first) * step_out])
     return mx.concatenate(outputs, axis=1)
 
 
@@ -210,29 +221,22 @@ class Chunked:
 
 
 class ChunkedEncoder(Chunked, EncodecEncoder):
-    """EncodecEncoder whose convolutions before the LSTM run in chunks, evaluated with MKL on every core."""
+    """EncodecEncoder whose convolutions before the LSTM run in chunks."""
 
     def downsample(self, x: mx.array) -> mx.array:
         num_frames = -(-x.shape[1] // self.hop_length)
-        with every_core_for_blas():
-            y = run_in_chunks(self.layers[:-3], x, num_frames, self.hop_length, 1, self.context, self.chunk_frames)
-            mx.eval(y)
-        return y
+        return run_in_chunks(self.layers[:-3], x, num_frames, self.hop_length, 1, self.context, self.chunk_frames)
 
 
 class ChunkedDecoder(Chunked, EncodecDecoder):
     """EncodecDecoder whose upsampling stack runs in chunks, but for its first transposed conv, which runs over all
-    frames (in chunks, it would read its large weight once a chunk); evaluated with MKL on every core."""
+    frames (in chunks, it would read its large weight once a chunk)."""
 
     def upsample(self, x: mx.array) -> mx.array:
         activation, upsample, *rest = self.layers[2:]
         num_frames = x.shape[1]
-        mx.eval(x)  # the LSTM's skip connection, outside the block
-        with every_core_for_blas():
-            x = upsample(activation(x))
-            y = run_in_chunks(rest, x, num_frames, upsample.stride, self.hop_length, self.context, self.chunk_frames)
-            mx.eval(y)
-        return y
+        x = upsample(activation(x))
+        return run_in_chunks(rest, x, num_frames, upsample.stride, self.hop_length, self.context, self.chunk_frames)
 
 
 CPU_FORMS: dict[type, Callable[[nn.Module], nn.Module]] = {

@@ -88,8 +88,8 @@ _team_lock = threading.RLock()  # one thread at a time resizes the team and puts
 @contextmanager
 def every_core_for_blas() -> Iterator[None]:
     """MKL's team on every usable core for the products evaluated inside (then back to the decoding team): for
-    large products, such as EnCodec's convolutions over whole seconds of audio, where a second thread halves the
-    time instead of waiting on memory. Threads using it take turns. Nothing changes where the user chose the team
+    large products, such as MAGNeT's passes over whole clips, where a second thread halves the time instead of
+    waiting on memory. Threads using it take turns. Nothing changes where the user chose the team
     or MKL is not loaded."""
     if not _linux.blas_team_is_ours():
         yield
