@@ -16,6 +16,7 @@ import platform
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 MKL = "mkl"
 OPENBLAS = "openblas"
@@ -24,7 +25,8 @@ MKL_NAMES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
 
 
 LOADED: str | None = None  # what load_optimized_blas loaded
-THREADS_SET_BY_US: list[str] = []  # the thread settings made here (the user made none of them)
+THREADS_SET_BY_US: list[str] = []  # the thread settings taken over here (the user made none of them)
+ENV_SET_BY_US: list[str] = []  # the variables put in os.environ here (for the BLAS's runtime, as it loads)
 
 
 def load_optimized_blas() -> str | None:
@@ -44,25 +46,26 @@ def load_optimized_blas() -> str | None:
                 stacklevel=2,
             )
         return LOADED
-    if requested_blas() in (None, MKL) and load_mkl():
+    choice = os.environ.get("MLX_MUSICGEN_BLAS") or None
+    if choice not in (None, MKL, OPENBLAS):
+        warnings.warn(f"MLX_MUSICGEN_BLAS={choice!r} is not {MKL} or {OPENBLAS}: ignored", stacklevel=2)
+    if choice != OPENBLAS and load_mkl():
         LOADED = MKL
-    else:
-        # Our CPU code runs its own two streams of small products (cpu.py); OpenBLAS's worker threads would only
-        # spin against them (EnCodec decodes ~10% faster with one).
-        if "OPENBLAS_NUM_THREADS" not in os.environ:
-            os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    elif load_first(OPENBLAS_NAMES):
+        LOADED = OPENBLAS
+        # The decoder's split layers run their own two streams of small products (cpu.decoder); OpenBLAS's worker
+        # threads would only spin against them. Set through OpenBLAS, not OPENBLAS_NUM_THREADS, which numpy's own
+        # OpenBLAS (and every child process) would read too.
+        if not any(name in os.environ for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
             THREADS_SET_BY_US.append("OPENBLAS_NUM_THREADS")
-        LOADED = OPENBLAS if load_first(OPENBLAS_NAMES) else None
+            set_openblas_threads(1)
     return LOADED
 
 
 def requested_blas() -> str | None:
-    """MLX_MUSICGEN_BLAS: "mkl" or "openblas"; None where it is unset or empty (or, with a warning, another value)."""
-    choice = os.environ.get("MLX_MUSICGEN_BLAS") or None
-    if choice not in (None, MKL, OPENBLAS):
-        warnings.warn(f"MLX_MUSICGEN_BLAS={choice!r} is not {MKL} or {OPENBLAS}: ignored", stacklevel=3)
-        return None
-    return choice
+    """MLX_MUSICGEN_BLAS when it is "mkl" or "openblas" (load_optimized_blas warns of another value), else None."""
+    choice = os.environ.get("MLX_MUSICGEN_BLAS")
+    return choice if choice in (MKL, OPENBLAS) else None
 
 
 def preloaded_blas() -> str | None:
@@ -108,6 +111,7 @@ def settle_threads() -> list[str]:
     taken = []
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        ENV_SET_BY_US.append("OMP_WAIT_POLICY")
         taken.append("OMP_WAIT_POLICY")
     if not any(name in os.environ for name in ("MKL_NUM_THREADS", "OMP_NUM_THREADS")):
         taken.append("MKL_NUM_THREADS")
@@ -144,15 +148,22 @@ def set_blas_threads(count: int) -> bool:
     return set_num_threads is not None
 
 
+def set_openblas_threads(count: int) -> bool:
+    """Resize the team of the OpenBLAS that MLX calls (not numpy's own). Returns whether it did."""
+    for name in OPENBLAS_NAMES:
+        try:
+            ctypes.CDLL(name).openblas_set_num_threads(ctypes.c_int(count))
+            return True
+        except (OSError, AttributeError):
+            continue
+    return False
+
+
 def use_all_cores_for_blas() -> bool:
     """For large products (training: hundreds of rows a product, where building a step's graph is not the
-    bottleneck), the BLAS's team gets every usable core, unless the user chose its size. Returns whether it did.
-    With OpenBLAS, numpy's own OpenBLAS too, which OPENBLAS_NUM_THREADS had held to one thread."""
-    if LOADED == OPENBLAS and "OPENBLAS_NUM_THREADS" in THREADS_SET_BY_US:
-        from threadpoolctl import ThreadpoolController
-
-        ThreadpoolController().select(internal_api="openblas").limit(limits=usable_cores())  # kept, not undone
-        return True
+    bottleneck), the BLAS's team gets every usable core, unless the user chose its size. Returns whether it did."""
+    if LOADED == OPENBLAS:
+        return "OPENBLAS_NUM_THREADS" in THREADS_SET_BY_US and set_openblas_threads(usable_cores())
     return blas_team_is_ours() and set_blas_threads(usable_cores())
 
 
@@ -173,10 +184,9 @@ def openblas_trains_faster() -> bool:
     path "Intel(R) Architecture processors", with no AVX2), with OpenBLAS installed and no BLAS chosen by the
     user. There OpenBLAS's kernels for the CPU run training's products faster: on an AMD EPYC, 504 x 1024 by
     4096 at 124-150 GFLOPS against MKL's 57-131, and a LoRA step in ~0.85x the time (docs/performance.md)."""
-    chosen = os.environ.get("MLX_MUSICGEN_BLAS") in (MKL, OPENBLAS)
-    if LOADED != MKL or chosen or os.environ.get("MLX_MUSICGEN_NO_BLAS_FIX"):
+    if LOADED != MKL or requested_blas() or cpu_vendor() in (None, "GenuineIntel"):
         return False
-    if cpu_vendor() in (None, "GenuineIntel"):
+    if "libmkl" in os.environ.get("LD_PRELOAD", ""):  # a preloaded MKL would serve MLX's products all the same
         return False
     for name in OPENBLAS_NAMES:
         try:
@@ -187,14 +197,15 @@ def openblas_trains_faster() -> bool:
     return False
 
 
-def restart_with_openblas() -> None:
-    """Run this command again from its start, in this process (os.execve: does not return), with OpenBLAS as
-    MLX's BLAS (MLX_MUSICGEN_BLAS=openblas), which can only be chosen before mlx is imported. The environment
-    settings made for MKL here are left out."""
-    env = {name: value for name, value in os.environ.items() if name not in THREADS_SET_BY_US}
+def restart_with_openblas() -> NoReturn:
+    """Run this command again from its start, in this process (os.execve), with OpenBLAS as MLX's BLAS
+    (MLX_MUSICGEN_BLAS=openblas), which can only be chosen before mlx is imported; the same command line
+    (interpreter options and `-m` included) and environment, less the variables set here for MKL."""
+    env = {name: value for name, value in os.environ.items() if name not in ENV_SET_BY_US}
     env["MLX_MUSICGEN_BLAS"] = OPENBLAS
     sys.stdout.flush()
     sys.stderr.flush()
+    ctypes.CDLL(None).fflush(None)  # and C's buffers (MKL's or MLX's own output)
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
@@ -208,13 +219,15 @@ def load_mkl() -> bool:
         # GNU OpenMP: the runtime torch and compilers bring anyway, so a process never holds two of them.
         if "MKL_THREADING_LAYER" not in os.environ:
             os.environ["MKL_THREADING_LAYER"] = "GNU"
-            THREADS_SET_BY_US.append("MKL_THREADING_LAYER")
+            ENV_SET_BY_US.append("MKL_THREADING_LAYER")
     if load_first(candidates):
         if "MKL_NUM_THREADS" in settled:
             set_blas_threads(max(1, usable_cores() - 1))
         return True
-    if "OMP_WAIT_POLICY" in settled:  # no MKL: leave the environment as it was
-        del os.environ["OMP_WAIT_POLICY"]
+    for name in ENV_SET_BY_US:  # no MKL: leave the environment as it was
+        del os.environ[name]
+    ENV_SET_BY_US.clear()
+    THREADS_SET_BY_US.clear()
     return False
 
 

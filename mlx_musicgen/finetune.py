@@ -125,8 +125,8 @@ def run_fuse(args: argparse.Namespace, out: Path) -> None:
 
 
 def run(args: argparse.Namespace, may_restart: bool = False) -> None:
-    """The command; `may_restart`: it may run itself again from the start with OpenBLAS (_linux.restart_with_openblas),
-    which a command line may, and a caller in its own process may not."""
+    """The command. `may_restart`: this process is the finetune command, which may replace itself with a run of the
+    same command line on OpenBLAS (_linux.restart_with_openblas) before it loads anything."""
     from . import _linux
     from .musicgen import MusicGen
 
@@ -146,7 +146,9 @@ def run(args: argparse.Namespace, may_restart: bool = False) -> None:
         raise FileExistsError(f"{out} already holds adapters: --resume to continue them, or choose another "
                               f"--adapter-path.")
     if may_restart and _linux.openblas_trains_faster():
-        _linux.restart_with_openblas()  # MKL would run its generic code on this CPU
+        print(f"MKL has no optimised code for this CPU ({_linux.cpu_vendor()}): running again with OpenBLAS as MLX's "
+              f"BLAS (MLX_MUSICGEN_BLAS=mkl keeps MKL)", file=sys.stderr)
+        _linux.restart_with_openblas()
     _linux.use_all_cores_for_blas()  # training's products are large: every core helps (generation keeps one free)
     musicgen = MusicGen.from_pretrained(args.model, portable=True, checkpoint_format=args.checkpoint_format,
                                         text_encoder=args.text_encoder)  # the CPU forms are for generation
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace, may_restart: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-
+    """The finetune command; without `argv`, this process is the command (its arguments are sys.argv's)."""
     args = parse_args(argv)
     cli.run_main(lambda: run(args, may_restart=argv is None), args.debug)
 

@@ -185,11 +185,13 @@ def test_the_cpu_forms_products_are_numpys_in_float32_and_mlxs_otherwise():
     """cpu.encodec.matmul: x @ W.T + b by numpy's BLAS for float32 (the same numbers as MLX's, to float32's rounding),
     by MLX for other dtypes (numpy has no fast half-precision product)."""
     mx.random.seed(0)
-    x, weight, bias = mx.random.normal((2, 7, 48)), mx.random.normal((24, 48)), mx.random.normal((24,))
+    x, weight, bias = mx.random.normal((2, 9, 48))[:, 1:8], mx.random.normal((8, 3, 48)), mx.random.normal((24,))
+    weight = weight.reshape(24, 48)  # as conv1d's weights are: views of (out, kernel, in)
     for args, expected in (((x, weight, bias), mx.addmm(bias, x, weight.T)), ((x, weight), x @ weight.T)):
         y = cpu_encodec.matmul(*args)
         assert y.shape == (2, 7, 24) and y.dtype == mx.float32
         assert relative_error(y, expected) < 1e-6
+    assert cpu_encodec.matmul(x[:, :0], weight, bias).shape == (2, 0, 24)
     half = [a.astype(mx.float16) for a in (x, weight, bias)]
     y = cpu_encodec.matmul(*half)
     assert y.dtype == mx.float16 and relative_error(y.astype(mx.float32), mx.addmm(bias, x, weight.T)) < 1e-2

@@ -155,35 +155,38 @@ def test_openblas_trains_faster_only_where_mkl_runs_its_generic_code(monkeypatch
     assert _linux.cpu_vendor() is None or _linux.cpu_vendor().isprintable()
 
 
-@pytest.mark.skipif(not openblas_installed(), reason="OpenBLAS (libopenblas0-pthread) is not installed")
+@pytest.mark.skipif(not openblas_installed() or _linux.LOADED != _linux.MKL,
+                    reason="restarting with OpenBLAS: MKL loaded first, and OpenBLAS (libopenblas0-pthread) installed")
 def test_restarting_with_openblas_runs_the_command_again_with_every_core_for_training(tmp_path):
-    """restart_with_openblas runs the same command line again in its process, with OpenBLAS as MLX's BLAS and
-    without the settings made for MKL; there use_all_cores_for_blas gives both OpenBLAS libraries every core."""
-    script = tmp_path / "command.py"
-    script.write_text(
+    """restart_with_openblas runs the same command line (`-m` included) again in its process, with OpenBLAS as
+    MLX's BLAS, on one thread (numpy's own OpenBLAS left alone), and without the variables set for MKL; there
+    use_all_cores_for_blas gives MLX's OpenBLAS every core."""
+    (tmp_path / "command.py").write_text(
         "import json, os, sys, mlx_musicgen\n"
         "from mlx_musicgen import _linux\n"
         "from threadpoolctl import ThreadpoolController\n"
-        "if _linux.LOADED != _linux.OPENBLAS:\n"
+        "if os.environ.get('MLX_MUSICGEN_BLAS') != 'openblas':\n"
         "    print('first run', flush=True)\n"
         "    _linux.restart_with_openblas()\n"
-        "before = [c.num_threads for c in ThreadpoolController().select(internal_api='openblas').lib_controllers]\n"
+        "teams = lambda: {c.prefix: c.num_threads for c in ThreadpoolController().select(internal_api='openblas')"
+        ".lib_controllers}\n"
+        "before = teams()\n"
         "_linux.use_all_cores_for_blas()\n"
-        "after = [c.num_threads for c in ThreadpoolController().select(internal_api='openblas').lib_controllers]\n"
-        "print(json.dumps({'argv': sys.argv[1:], 'blas': _linux.LOADED, 'before': before, 'after': after,\n"
-        "                  **{k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'MKL_THREADING_LAYER', 'KEPT')}}))\n")
+        "print(json.dumps({'argv': sys.argv[1:], 'blas': _linux.LOADED, 'before': before, 'after': teams(),\n"
+        "                  **{k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'MKL_THREADING_LAYER',\n"
+        "                                                    'OPENBLAS_NUM_THREADS', 'KEPT')}}))\n")
     env = {k: v for k, v in os.environ.items()
            if k not in (*THREAD_SETTINGS, "OPENBLAS_NUM_THREADS", "MKL_THREADING_LAYER", "MLX_MUSICGEN_BLAS")}
-    result = subprocess.run([sys.executable, str(script), "--an", "argument"], capture_output=True, text=True,
-                            env={**env, "KEPT": "yes"}, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "command", "--an", "argument"], capture_output=True, text=True,
+                            cwd=tmp_path, env={**env, "KEPT": "yes"}, timeout=120)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    report = json.loads(lines[-1])
-    assert report["argv"] == ["--an", "argument"] and report["blas"] == _linux.OPENBLAS and report["KEPT"] == "yes"
-    assert report["before"] and set(report["before"]) == {1}  # generation's default: one thread
-    assert set(report["after"]) == {_linux.usable_cores()}
-    if lines[0] == "first run":  # MKL was loaded first: what was set for it is gone
-        assert report["OMP_WAIT_POLICY"] is None and report["MKL_THREADING_LAYER"] is None
+    first, last = result.stdout.splitlines()
+    report = json.loads(last)
+    assert first == "first run" and report["argv"] == ["--an", "argument"] and report["blas"] == _linux.OPENBLAS
+    assert report["KEPT"] == "yes"
+    assert report["OMP_WAIT_POLICY"] is report["MKL_THREADING_LAYER"] is report["OPENBLAS_NUM_THREADS"] is None
+    assert report["before"]["libopenblas"] == 1 and report["after"]["libopenblas"] == _linux.usable_cores()
+    assert report["before"].get("libscipy_openblas", 0) != 1 or _linux.usable_cores() == 1  # numpy's: its own
 
 
 def test_an_unknown_blas_request_is_ignored_with_a_warning():

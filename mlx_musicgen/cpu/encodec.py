@@ -78,12 +78,12 @@ def matmul(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
 
     numpy's OpenBLAS has kernels for CPUs that MKL runs its generic code on (AMD's), and ran each of EnCodec's
     products 1.3-2.9x as fast as MKL through MLX, the copy back into MLX included (docs/performance.md)."""
-    if x.dtype != mx.float32 or weight.dtype != mx.float32:
+    if any(a.dtype != mx.float32 for a in (x, weight, bias) if a is not None):
         return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
     y = np.asarray(x.reshape(-1, x.shape[-1])) @ np.asarray(weight).T
     if bias is not None:
         y += np.asarray(bias)
-    return mx.array(y).reshape(*x.shape[:-1], -1)
+    return mx.array(y).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def conv1d(x: mx.array, weight: mx.array, bias: mx.array, stride: int = 1, dilation: int = 1) -> mx.array:

@@ -89,8 +89,8 @@ _team_lock = threading.RLock()  # one thread at a time resizes the team and puts
 def every_core_for_blas() -> Iterator[None]:
     """MKL's team on every usable core for the products evaluated inside (then back to the decoding team): for
     large products, such as MAGNeT's passes over whole clips, where a second thread halves the time instead of
-    waiting on memory. Threads using it take turns. Nothing changes where the user chose the team
-    or MKL is not loaded."""
+    waiting on memory. Threads using it take turns. Nothing changes where the user chose the team or MKL is not
+    loaded."""
     if not _linux.blas_team_is_ours():
         yield
         return
@@ -142,8 +142,7 @@ def numpy_blas_teams() -> BlasTeams | None:
     """The teams of numpy's own OpenBLAS to choose from (every usable core, one less, one); None where numpy's
     BLAS is not an OpenBLAS that threadpoolctl finds in numpy's wheel (Accelerate, MKL, a system OpenBLAS that
     MLX may share) or the user set its team (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)."""
-    if any(name in os.environ and name not in _linux.THREADS_SET_BY_US
-           for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
+    if any(name in os.environ for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
         return None
     controller = ThreadpoolController().select(internal_api="openblas", prefix="libscipy_openblas")
     if not controller.lib_controllers:
