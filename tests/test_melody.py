@@ -14,6 +14,7 @@ import reference
 from mlx_musicgen import MusicGen
 from mlx_musicgen.chroma import melody_at
 from mlx_musicgen.convert import convert
+from mlx_musicgen.cpu.numpy_decoder import NumpyDecoder
 from mlx_musicgen.loading import CheckpointError
 from test_chroma import chord_progression, tune_over_noise
 from test_prompt import music
@@ -22,13 +23,20 @@ AUDIO_RTOL = 1e-4
 LOGITS_RTOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["device", "portable"])
+@pytest.fixture(scope="module", params=["device", "numpy", "portable"])
 def model(tiny_melody, request):
-    """As from_pretrained makes it for this device (on a CPU: compiled layers) and the portable model."""
+    """As from_pretrained makes it for this device (on a CPU: compiled layers, decoding with the compiled decoder
+    here), the same decoding with the CPU's numpy step (cpu.numpy_decoder, which from_pretrained takes where it is
+    faster), and the portable model."""
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "portable":
             patch.setenv("MLX_MUSICGEN_PORTABLE", "1")
-        return MusicGen.from_pretrained(tiny_melody.folder)
+        loaded = MusicGen.from_pretrained(tiny_melody.folder)
+    if request.param == "numpy":
+        if not NumpyDecoder.supports(loaded.decoder):
+            pytest.skip("the numpy step is the CPU's: compiled float32 layers")
+        loaded.lm = NumpyDecoder(loaded.decoder)
+    return loaded
 
 
 def melodies():
@@ -58,9 +66,9 @@ def test_logits_with_the_prefix_match_the_reference(model, tiny_melody):
     logits = np.array(model.decoder(codes, context))
     assert reference.relative_error(logits, expected.numpy()) < LOGITS_RTOL
 
-    cache = model.decoder.make_cache(2, 9 + context.length)
-    steps = [model.decoder(codes[:, :, :4], context, cache)] + [model.decoder(codes[:, :, i : i + 1], context, cache)
-                                                                 for i in range(4, 9)]
+    cache = model.lm.make_cache(2, 9 + context.length)  # the decoding steps' form (the numpy step's included)
+    steps = [model.lm(codes[:, :, :4], context, cache)] + [model.lm(codes[:, :, i : i + 1], context, cache)
+                                                           for i in range(4, 9)]
     cached = np.array(mx.concatenate(steps, axis=2))
     assert reference.relative_error(cached, expected.numpy()) < LOGITS_RTOL
 
@@ -316,3 +324,17 @@ def test_the_cli_follows_a_melody_file_and_records_it(tiny_melody, tmp_path):
     assert audio.shape[0] == 50 * 32 and rate == 32000
     record = json.loads(out.with_suffix(".json").read_text())
     assert record["melody"] == str(tune) and record["text"] == "lofi"
+
+
+def test_the_numpy_step_is_timed_for_a_melody_decoder_on_its_own(model, monkeypatch):
+    """fastest_lm times a melody decoder's steps (over a placeholder prefix), apart from a MusicGen decoder's of the
+    same shape, and returns one of the two forms."""
+    from mlx_musicgen.cpu import numpy_decoder
+
+    if not NumpyDecoder.supports(model.decoder):
+        pytest.skip("the numpy step is the CPU's: compiled float32 layers")
+    monkeypatch.setattr(numpy_decoder, "_chosen", {})
+    monkeypatch.delenv("MLX_MUSICGEN_STEP", raising=False)
+    lm = numpy_decoder.fastest_lm(model.decoder)
+    assert lm is model.decoder or isinstance(lm, NumpyDecoder)
+    assert [key[0] for key in numpy_decoder._chosen] == ["MelodyDecoder"]

@@ -28,6 +28,7 @@ import numpy as np
 from .. import delay
 from ..decoder import Context, KVCache, MusicgenDecoder, TextKV
 from ..generation import DelayedLM, decoding_step
+from ..melody import MelodyDecoder
 from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4
 from .threads import TeamByTiming, fastest_team, numpy_blas_teams
 from .views import WeightViews
@@ -126,15 +127,19 @@ class NumpyCache:
 
 
 class NumpyLayer:
-    """One CompiledDecoderLayer's step of one position, on views of its weights."""
+    """One CompiledDecoderLayer's step of one position, on views of its weights; with cross-attention (MusicGen) or
+    without (MusicGen-Melody, whose conditioning is a prefix in the KV cache)."""
 
     def __init__(self, layer: CompiledDecoderLayer):
-        sa, ca = layer.self_attn, layer.encoder_attn
+        sa = layer.self_attn
         self.heads, self.scale = sa.heads, np.float32(sa.scale)
-        self.self_norm, self.cross_norm = norm_of(layer.self_attn_layer_norm), norm_of(layer.encoder_attn_layer_norm)
-        self.final_norm = norm_of(layer.final_layer_norm)
+        self.self_norm, self.final_norm = norm_of(layer.self_attn_layer_norm), norm_of(layer.final_layer_norm)
         self.q, self.k, self.v, self.out = (RowwiseLinear(p) for p in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj))
-        self.cross_q, self.cross_out = RowwiseLinear(ca.q_proj), RowwiseLinear(ca.out_proj)
+        self.cross = "encoder_attn" in layer
+        if self.cross:
+            ca = layer.encoder_attn
+            self.cross_norm = norm_of(layer.encoder_attn_layer_norm)
+            self.cross_q, self.cross_out = RowwiseLinear(ca.q_proj), RowwiseLinear(ca.out_proj)
         self.fc1, self.fc2 = RowwiseLinear(layer.fc1), RowwiseLinear(layer.fc2)
         self.activation = ACTIVATIONS[layer.activation]
 
@@ -163,7 +168,8 @@ class NumpyLayer:
     def __call__(self, x: np.ndarray, cache: NumpyCache) -> np.ndarray:
         """x (B, D), the newest position of each row -> the layer's output (B, D)."""
         x = x + self.self_attention(layer_norm(x, self.self_norm), cache)
-        x = x + self.cross_attention(layer_norm(x, self.cross_norm), cache.text)
+        if self.cross:
+            x = x + self.cross_attention(layer_norm(x, self.cross_norm), cache.text)
         return x + self.fc2(self.activation(self.fc1(layer_norm(x, self.final_norm))))
 
 
@@ -185,11 +191,11 @@ class NumpyDecoder(WeightViews):
 
     @staticmethod
     def supports(decoder: MusicgenDecoder) -> bool:
-        """A MusicGen decoder (not Melody's, not MAGNeT's) of compiled float32 layers with cross-attention and an
-        activation numpy has here."""
-        layers = decoder.layers
-        return (type(decoder) is MusicgenDecoder and decoder.dtype == mx.float32
-                and all(type(layer) is CompiledDecoderLayer and "encoder_attn" in layer for layer in layers)
+        """A MusicGen or MusicGen-Melody decoder (not MAGNeT's) of compiled float32 layers, with cross-attention
+        (MusicGen) or without (Melody), and an activation numpy has here."""
+        layers, cross = decoder.layers, type(decoder) is MusicgenDecoder
+        return (type(decoder) in (MusicgenDecoder, MelodyDecoder) and decoder.dtype == mx.float32
+                and all(type(layer) is CompiledDecoderLayer and ("encoder_attn" in layer) == cross for layer in layers)
                 and all(type(p) in (nn.Linear, TransposedLinear) and "bias" not in p for p in projections(decoder))
                 and all(layer.activation in ACTIVATIONS for layer in layers))
 
@@ -239,14 +245,15 @@ class NumpyDecoder(WeightViews):
 
     def first_step(self, codes: mx.array, context: Context, cache: list[NumpyCache]) -> mx.array:
         """codes (B, K, T), a window's first positions -> logits (B, K, T, vocab) by the compiled decoder, whose
-        keys and values go into the numpy cache, with the window's text as numpy views (made once a window)."""
+        keys and values (a melody's prefix's too) go into the numpy cache, with the window's text for
+        cross-attention as numpy views (made once a window)."""
         if cache[0].offset:
             raise ValueError("the numpy decoder takes many positions on a window's first step only")
-        compiled_cache = self.decoder.make_cache(codes.shape[0], codes.shape[-1])
+        compiled_cache = self.decoder.make_cache(codes.shape[0], context.length + codes.shape[-1])
         logits = self.decoder(codes, context, compiled_cache)
         mx.eval(logits, [c.state for c in compiled_cache])
-        for source, target, text in zip(compiled_cache, cache, context.text):
-            target.text = NumpyText.of(text)
+        for source, target, text in zip(compiled_cache, cache, context.text or [None] * len(cache)):
+            target.text = None if text is None else NumpyText.of(text)
             target.keys[:, :, : source.offset] = np.asarray(source.state["keys"])
             target.values[:, :, : source.offset] = np.asarray(source.state["values"])
             target.offset = source.offset
@@ -260,14 +267,16 @@ def projections(decoder: MusicgenDecoder) -> list[nn.Module]:
     """Every linear layer a step multiplies by."""
     modules = list(decoder.lm_heads)
     for layer in decoder.layers:
-        sa, ca = layer.self_attn, layer.encoder_attn
-        modules += [sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, ca.q_proj, ca.out_proj, layer.fc1, layer.fc2]
+        sa = layer.self_attn
+        modules += [sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj, layer.fc1, layer.fc2]
+        if "encoder_attn" in layer:
+            modules += [layer.encoder_attn.q_proj, layer.encoder_attn.out_proj]
     return modules
 
 
 def step_seconds(lm: DelayedLM, context: Context, steps: int, skip: int) -> float:
     """The median time of guidance's decoding steps (generation.decoding_step, greedy) after the first `skip`."""
-    cache = lm.make_cache(2, steps)
+    cache = lm.make_cache(2, context.length + steps)
     step = decoding_step(lm, context, 3.0, lambda logits, key: mx.argmax(logits, axis=-1).astype(mx.int32), cache)
     codes = mx.full((1, lm.num_codebooks, 1), lm.pad_token_id, dtype=mx.int32)
     forced, key, seconds = mx.full((1, lm.num_codebooks), delay.UNSET, dtype=mx.int32), mx.random.key(0), []
@@ -303,10 +312,13 @@ def fastest_lm(decoder: MusicgenDecoder, steps: int = 7, margin: float = 0.05) -
         return decoder
     numpy_lm = NumpyDecoder(decoder)
     config = decoder.config
-    shape = (config.hidden_size, config.ffn_dim, config.num_hidden_layers, config.num_codebooks,
-             config.num_attention_heads)
+    shape = (type(decoder).__name__, config.hidden_size, config.ffn_dim, config.num_hidden_layers,
+             config.num_codebooks, config.num_attention_heads)
     if choice is None and shape not in _chosen:
-        context = decoder.text_context(mx.zeros((2, 4, config.hidden_size)), mx.array([[1] * 4, [0] * 4]))
+        if isinstance(decoder, MelodyDecoder):  # a placeholder prefix, as a melody's chroma and text make
+            context = Context(prefix=mx.zeros((2, 4, config.hidden_size)))
+        else:
+            context = decoder.text_context(mx.zeros((2, 4, config.hidden_size)), mx.array([[1] * 4, [0] * 4]))
         teams = 1 if numpy_lm.team is None else len(numpy_lm.team.teams)
         forms = {"compiled": (decoder, 3), "numpy": (numpy_lm, 1 + teams)}  # the form, the steps not counted
         _chosen[shape] = fastest_team(lambda form: [step_seconds(forms[form][0], context, steps, forms[form][1])],
