@@ -24,11 +24,11 @@ from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
 from .numpy_decoder import fastest_lm
 from .numpy_t5 import NumpyT5
-from .threads import blas_threads_itself, choose_blas_team, every_core_for_blas, parallel_streams, portable_requested
+from .threads import choose_blas_team, every_core_for_blas, portable_requested
 from .training import optimize_for_training
 
 __all__ = ["optimize_for_cpu", "text_encoder_for_cpu", "optimize_for_training", "warn_if_slow",
-           "portable_requested", "blas_threads_itself", "parallel_streams"]
+           "portable_requested"]
 
 
 def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> DelayedLM:
