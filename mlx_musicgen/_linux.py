@@ -46,9 +46,10 @@ def load_optimized_blas() -> str | None:
                 stacklevel=2,
             )
         return LOADED
-    choice = os.environ.get("MLX_MUSICGEN_BLAS") or None
-    if choice not in (None, MKL, OPENBLAS):
-        warnings.warn(f"MLX_MUSICGEN_BLAS={choice!r} is not {MKL} or {OPENBLAS}: ignored", stacklevel=2)
+    choice = requested_blas()
+    if choice is None and os.environ.get("MLX_MUSICGEN_BLAS"):
+        warnings.warn(f"MLX_MUSICGEN_BLAS={os.environ['MLX_MUSICGEN_BLAS']!r} is not {MKL} or {OPENBLAS}: ignored",
+                      stacklevel=2)
     if choice != OPENBLAS and load_mkl():
         LOADED = MKL
     elif load_first(OPENBLAS_NAMES):
@@ -118,14 +119,24 @@ def settle_threads() -> list[str]:
     return taken
 
 
-def mkl_function(name: str):
-    """MKL's function `name` (through the MKL library this process has, or can load), or None."""
-    for library in MKL_NAMES:
+def first_library(names, mode: int = os.RTLD_LOCAL) -> ctypes.CDLL | None:
+    """The first of the libraries `names` that loads (one already loaded is found again), or None."""
+    for name in names:
         try:
-            return getattr(ctypes.CDLL(library), name)
-        except (OSError, AttributeError):
+            return ctypes.CDLL(name, mode=mode)
+        except OSError:
             continue
     return None
+
+
+def load_first(names) -> bool:
+    """Load the first of `names` that loads into the global symbol namespace (where mlx's BLAS calls resolve)."""
+    return first_library(names, os.RTLD_GLOBAL) is not None
+
+
+def mkl_function(name: str):
+    """MKL's function `name` (through the MKL library this process has, or can load), or None."""
+    return getattr(first_library(MKL_NAMES), name, None)
 
 
 def blas_team() -> int | None:
@@ -150,13 +161,10 @@ def set_blas_threads(count: int) -> bool:
 
 def set_openblas_threads(count: int) -> bool:
     """Resize the team of the OpenBLAS that MLX calls (not numpy's own). Returns whether it did."""
-    for name in OPENBLAS_NAMES:
-        try:
-            ctypes.CDLL(name).openblas_set_num_threads(ctypes.c_int(count))
-            return True
-        except (OSError, AttributeError):
-            continue
-    return False
+    set_num_threads = getattr(first_library(OPENBLAS_NAMES), "openblas_set_num_threads", None)
+    if set_num_threads is not None:
+        set_num_threads(ctypes.c_int(count))
+    return set_num_threads is not None
 
 
 def use_all_cores_for_blas() -> bool:
@@ -188,13 +196,7 @@ def openblas_trains_faster() -> bool:
         return False
     if "libmkl" in os.environ.get("LD_PRELOAD", ""):  # a preloaded MKL would serve MLX's products all the same
         return False
-    for name in OPENBLAS_NAMES:
-        try:
-            ctypes.CDLL(name)  # loadable (locally: MLX's products stay with the BLAS it has)
-            return True
-        except OSError:
-            continue
-    return False
+    return first_library(OPENBLAS_NAMES) is not None  # loadable (locally: MLX keeps the BLAS it has)
 
 
 def restart_with_openblas() -> NoReturn:
@@ -228,16 +230,6 @@ def load_mkl() -> bool:
         del os.environ[name]
     ENV_SET_BY_US.clear()
     THREADS_SET_BY_US.clear()
-    return False
-
-
-def load_first(names) -> bool:
-    for name in names:
-        try:
-            ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
-            return True
-        except OSError:
-            continue
     return False
 
 

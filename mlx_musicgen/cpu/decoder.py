@@ -363,17 +363,23 @@ def uses_blas(decoder: MusicgenDecoder) -> bool:
                                             or type(head) is nn.Linear)
 
 
+def placeholder_context(decoder: MusicgenDecoder) -> Context:
+    """Guidance's two rows of a 4-token placeholder text (the second row masked, as guidance's is), or for
+    MusicGen-Melody, whose layers have no cross-attention, a 4-position placeholder prefix: for timing steps."""
+    states = mx.zeros((2, 4, decoder.config.hidden_size))
+    if isinstance(decoder, MelodyDecoder):
+        return Context(prefix=states)
+    return decoder.text_context(states, mx.array([[1] * 4, [0] * 4]))
+
+
 def timing_step(decoder: MusicgenDecoder):
     """A function that runs one decoding step of guidance's two rows over a short cache, on placeholder codes
     and text: what the BLAS team is chosen by (threads.choose_blas_team)."""
-    if not isinstance(decoder, MelodyDecoder):  # MusicGen-Melody's layers have no cross-attention
-        context = decoder.text_context(mx.zeros((2, 4, decoder.config.hidden_size)), mx.ones((2, 4)))
-    else:
-        context = Context()
+    context = placeholder_context(decoder)
     codes = mx.full((2, decoder.num_codebooks, 1), decoder.pad_token_id, dtype=mx.int32)
 
     def step() -> None:
-        mx.eval(decoder(codes, context, decoder.make_cache(2, 8)))
+        mx.eval(decoder(codes, context, decoder.make_cache(2, context.length + 8)))
 
     return step
 

@@ -29,7 +29,7 @@ from .. import delay
 from ..decoder import Context, KVCache, MusicgenDecoder, TextKV
 from ..generation import DelayedLM, decoding_step
 from ..melody import MelodyDecoder
-from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4
+from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4, placeholder_context
 from .threads import TeamByTiming, fastest_team, numpy_blas_teams
 from .views import WeightViews
 
@@ -315,10 +315,7 @@ def fastest_lm(decoder: MusicgenDecoder, steps: int = 7, margin: float = 0.05) -
     shape = (type(decoder).__name__, config.hidden_size, config.ffn_dim, config.num_hidden_layers,
              config.num_codebooks, config.num_attention_heads)
     if choice is None and shape not in _chosen:
-        if isinstance(decoder, MelodyDecoder):  # a placeholder prefix, as a melody's chroma and text make
-            context = Context(prefix=mx.zeros((2, 4, config.hidden_size)))
-        else:
-            context = decoder.text_context(mx.zeros((2, 4, config.hidden_size)), mx.array([[1] * 4, [0] * 4]))
+        context = placeholder_context(decoder)
         teams = 1 if numpy_lm.team is None else len(numpy_lm.team.teams)
         forms = {"compiled": (decoder, 3), "numpy": (numpy_lm, 1 + teams)}  # the form, the steps not counted
         _chosen[shape] = fastest_team(lambda form: [step_seconds(forms[form][0], context, steps, forms[form][1])],
