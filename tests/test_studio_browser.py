@@ -37,7 +37,8 @@ def test_the_page_makes_plays_and_lists_a_take(browser, tiny, tmp_path):
         errors = []
         page.on("pageerror", lambda error: errors.append(str(error)))
         page.goto(server.url + "/")
-        page.wait_for_selector("#model:not(:empty)")
+        # the page shows "loading…" there until /api/info answers
+        page.wait_for_function("!document.querySelector('#model').textContent.includes('loading')")
         assert "32000 Hz" in page.inner_text("#model")
         assert page.is_hidden("#melody-field")  # this model has no melody conditioning
         # the form's defaults are the library's (GenerationConfig, the commands' duration), sent by /api/info
