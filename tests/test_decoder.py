@@ -1,6 +1,8 @@
 """Decoder parity with transformers' MusicgenForCausalLM: teacher-forced logits, the KV cache, guided logits."""
 
-import math
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -12,7 +14,6 @@ from mlx_musicgen.cpu.decoder import CompiledDecoderLayer, SplitDecoderLayer, op
 from mlx_musicgen.cpu import numpy_decoder
 from mlx_musicgen.cpu.numpy_decoder import NumpyCache, NumpyDecoder
 from mlx_musicgen.decoder import DecoderLayer
-from mlx_musicgen.sampling import apply_guidance
 
 ATOL = 1e-4  # float32 logits
 LAYERS = {"portable": DecoderLayer, "compiled": CompiledDecoderLayer, "split": SplitDecoderLayer}
@@ -83,100 +84,58 @@ def test_fully_masked_text_gives_no_cross_attention(model, tiny):
     np.testing.assert_allclose(actual, reference_logits(tiny, codes, zero_states, zero_mask), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("text_len, folded", [(5, True), (40, False)])
-def test_both_cross_attention_forms_match(model, tiny, text_len, folded):
-    """Guidance's layout (a row with text, then one without): short text folds the query and output projections
-    into the text's keys and values (1 row x 2 heads x 5 <= 64 wide), long text keeps them (80 > 64)."""
-    codes, states, mask = random_inputs(seed=3, text_len=text_len)
-    mask[1], states[1] = 0, 0
-    text = model.decoder.text_context(mx.array(states), mx.array(mask))
-    if isinstance(model.decoder.layers[0], CompiledDecoderLayer):  # the compiled layers (the others always project)
-        assert text.text[0].folded == folded
-    actual = np.array(model.decoder(mx.array(codes), text))
-    np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("inputs, outputs", [(64, 48), (130, 7), (5, 3)])
+def test_numba_products_match_numpy(rows, inputs, outputs):
+    """cpu.kernels' products, both layouts, on every thread and on one: float64 numpy's within float32's rounding
+    of the sums; rows taken from a wider array (not contiguous), inputs not a multiple of the threads or of the
+    kernel's four rows a pass."""
+    numba = pytest.importorskip("numba")
+    from mlx_musicgen.cpu import kernels
+
+    rng = np.random.default_rng(inputs)
+    x = rng.standard_normal((rows, inputs + 3), dtype=np.float32)[:, 3:]
+    weight = rng.standard_normal((outputs, inputs), dtype=np.float32)
+    expected = x.astype(np.float64) @ weight.T.astype(np.float64)
+    tolerance = 1e-6 * np.abs(x).astype(np.float64) @ np.abs(weight).T.astype(np.float64)
+    before = numba.get_num_threads()
+    for count in (before, 1):
+        with kernels.threads(count):
+            assert numba.get_num_threads() == count
+            for actual in (kernels.times_weight(x, weight), kernels.times_weight_t(x, np.ascontiguousarray(weight.T))):
+                assert actual.shape == expected.shape and actual.dtype == np.float32
+                assert (np.abs(actual - expected) <= tolerance).all()
+        assert numba.get_num_threads() == before
 
 
-def test_guided_logits_match_reference_scores(model, tiny):
-    """Greedy generation in the reference records the guided scores of every step; ours agree, step by step."""
-    texts = ["80s pop track with bassy drums and synth", "lofi"]
-    inputs = tiny.processor(text=texts, padding=True, return_tensors="pt")
-    steps = 6
-    out = tiny.reference.generate(
-        **inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=steps,
-        return_dict_in_generate=True, output_scores=True,
-    )
-    expected = torch.stack(out.scores, dim=1).reshape(2, 4, steps, -1).numpy()  # (B, K, steps, V)
-
-    # Feed the same delayed sequence (the reference's greedy choices, with the delay pattern applied).
-    states, mask = model.conditioning(texts, 2, guided=True)
-    text = model.decoder.text_context(states, mask)
-    chosen = expected.argmax(-1)
-    from mlx_musicgen import delay
-
-    start = np.full((2, 4, 1), 2048, dtype=np.int32)
-    pattern = delay.delay_pattern(start, steps + 1, 2048, 1)
-    sequence = np.where(pattern[:, :, 1:] == delay.UNSET, chosen, pattern[:, :, 1:])
-    inputs_ours = np.concatenate([start, sequence[:, :, :-1]], axis=2)
-    doubled = mx.array(np.concatenate([inputs_ours, inputs_ours]))
-    logits = apply_guidance(model.decoder(doubled, text), 3.0)
-    np.testing.assert_allclose(np.array(logits), expected, atol=ATOL, rtol=0)
-
-
-def test_gelu_matches_the_exact_gelu():
-    """The CPU's GELU computes erf with a rational approximation: within 3e-6 of the exact (erf) GELU everywhere.
-    The truth is torch's GELU in float64: its float32 one takes a CPU's vector path, which differs between CPUs."""
-    from mlx_musicgen.cpu.decoder import gelu
-
-    xs = np.linspace(-12, 12, 240_001, dtype=np.float32)
-    expected = torch.nn.functional.gelu(torch.from_numpy(xs).double()).numpy()
-    np.testing.assert_allclose(np.array(gelu(mx.array(xs))), expected, atol=3e-6, rtol=0)
-
-
-@pytest.mark.parametrize("width", [1024, 1536, 2048])  # musicgen-small, -medium, -large
-def test_position_table_is_the_references_to_float32_rounding(width):
-    """Our table over 2048 positions against the truth of transformers' get_embedding: its formula with float32
-    where its arithmetic rounds (the exponents i * -ln(10000) / (half - 1), the frequencies, the angles
-    p * frequency: IEEE products, the same on every machine) and float64 for exp, cos and sin. Every frequency
-    and entry is within one float32 step of that truth. The reference's own float32 exp, cos and sin depend on
-    the CPU's vector path (its exp is a step off for under 1% of frequencies on one machine, 3% on another), so
-    its table is held only to what its frequencies' steps move the angles, plus one step of cos/sin. (MLX's
-    float32 exp is a step off for most frequencies, which moves angles near position 1300 by up to 1e-4.)"""
-    from transformers.models.musicgen.modeling_musicgen import MusicgenSinusoidalPositionalEmbedding as Reference
-
-    from mlx_musicgen.decoder import position_frequencies, sinusoids
-
-    length, half = 2048, width // 2
-    ours = sinusoids(length, width)
-    reference = Reference.get_embedding(length, width).numpy()
-    assert ours.dtype == np.float32 and ours.shape == reference.shape
-
-    exponents = torch.arange(half).float() * -(math.log(10000) / (half - 1))  # float32, as the reference's
-    true_frequencies = torch.exp(exponents.double())
-    frequencies = position_frequencies(width)
-    assert (np.abs(frequencies - true_frequencies.numpy()) <= np.spacing(frequencies)).all()
-    positions = torch.arange(length).float()[:, None]
-    angles = positions * true_frequencies.float()[None, :]  # a float32 product, as the reference's
-    truth = torch.cat([torch.cos(angles.double()), torch.sin(angles.double())], dim=1).numpy()
-    assert (np.abs(ours - truth) <= np.spacing(np.abs(truth).astype(np.float32))).all()  # one float32 step
-
-    reference_frequencies = torch.exp(exponents)  # the reference's float32 exp: faithful on every path
-    assert (np.abs(reference_frequencies.numpy() - true_frequencies.numpy()) <= np.spacing(frequencies)).all()
-    moved = (positions * reference_frequencies[None, :] - angles).abs().numpy()  # float32 angles, both
-    np.testing.assert_array_less(np.abs(ours - reference), np.concatenate([moved] * 2, axis=1) + 2**-23)
+def test_numba_on_its_own_work_queue_leaves_the_products_to_blas():
+    """On numba's work queue (no TBB or OpenMP) a step's products lose to BLAS's (docs/performance.md): the numpy
+    step does not take numba's kernels there."""
+    pytest.importorskip("numba")
+    code = "from mlx_musicgen.cpu import numpy_decoder; print(numpy_decoder.numba_kernels())"
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "None", result.stderr
 
 
 @pytest.mark.parametrize("text_len, folded", [(5, True), (40, False)])
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("chunk_bytes", [numpy_decoder.CHUNK_BYTES, 1024])
-def test_numpy_steps_match_reference(tiny, text_len, folded, batch, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize("products", ["numba", "blas", "blas in 1 KB blocks"])
+def test_numpy_steps_match_reference(tiny, text_len, folded, batch, products, monkeypatch):
     """The numpy step (cpu.numpy_decoder) over a prefill of 3 then steps of 1, each text form, 1 or 2 rows, its
-    products in one block a weight or several (1 KB: 4 rows of 64 inputs): the reference's teacher-forced
-    logits."""
-    monkeypatch.setattr(numpy_decoder, "CHUNK_BYTES", chunk_bytes)
+    products by numba's kernels (cpu.kernels) or by BLAS's matrix-vector products, in one block a weight or
+    several (1 KB: 4 rows of 64 inputs): the reference's teacher-forced logits."""
+    if products == "numba" and numpy_decoder.numba_kernels() is None:
+        pytest.skip("numba is not installed here, or runs on its own work queue")
+    if products != "numba":
+        monkeypatch.setattr(numpy_decoder, "numba_kernels", lambda: None)
+    if products == "blas in 1 KB blocks":
+        monkeypatch.setattr(numpy_decoder, "CHUNK_BYTES", 1024)
     loaded = MusicGen.from_pretrained(tiny.folder, portable=True)
     optimize_decoder(loaded.decoder, split=False)
     lm = NumpyDecoder(loaded.decoder)
-    if chunk_bytes == 1024:
+    assert (lm.layers[0].fc1.kernels is None) == (products != "numba")
+    if products == "blas in 1 KB blocks":
         assert len(lm.layers[0].fc1.blocks) > 1 and len(lm.layers[0].q.blocks) == 16  # q: 4 rows of 64 a block
     codes, states, mask = random_inputs(seed=4, batch=2, frames=8, text_len=text_len)
     mask[1], states[1] = 0, 0  # guidance's layout

@@ -14,6 +14,7 @@ and values are then copied into the numpy cache; every later step of one positio
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import statistics
@@ -30,7 +31,8 @@ from ..decoder import Context, KVCache, MusicgenDecoder, TextKV
 from ..generation import DelayedLM, decoding_step
 from ..melody import MelodyDecoder
 from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4, placeholder_context
-from .threads import TeamByTiming, fastest_team, numpy_blas_teams
+from .._linux import usable_cores
+from .threads import BlasTeams, TeamByTiming, fastest_team, numpy_blas_teams
 from .views import WeightViews
 
 CHUNK_BYTES = 4 << 20  # a block of a weight that the cache holds for the next row's product (docs/performance.md)
@@ -46,19 +48,35 @@ def gelu(x: np.ndarray) -> np.ndarray:
 ACTIVATIONS = {"gelu": gelu, "relu": lambda x: np.maximum(x, 0)}
 
 
+@functools.cache
+def numba_kernels():
+    """cpu.kernels, or None where numba is not installed (a dependency on Linux only) or its threads are its own
+    work queue's (kernels.fast_threading_layer); imported with the first numpy step, not with the package (numba
+    takes ~0.2 s to import)."""
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels if kernels.fast_threading_layer() else None
+
+
 class RowwiseLinear:
     """A bias-free linear layer's weight as a numpy view, held as stored, (out, in), or transposed, (in, out) (a
-    cpu.decoder.TransposedLinear), multiplied row by row in blocks of CHUNK_BYTES: each block is read from memory
-    by the first row's matrix-vector product and from the cache by the others'."""
+    cpu.decoder.TransposedLinear). Its product with a few rows reads the weight from memory once: numba's kernels
+    (cpu.kernels) where numba is installed; else one BLAS matrix-vector product a row, in blocks of CHUNK_BYTES,
+    each block read from memory by the first row's product and from the cache by the others'."""
 
     def __init__(self, linear: nn.Module):
         self.transposed = isinstance(linear, TransposedLinear)
-        self.array = np.asarray(linear.weight_t if self.transposed else linear.weight)
+        self.array = np.ascontiguousarray(linear.weight_t if self.transposed else linear.weight)
+        self.kernels = numba_kernels()
         step = max(1, CHUNK_BYTES // self.array[0].nbytes)
         self.blocks = [slice(start, start + step) for start in range(0, self.array.shape[0], step)]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x (B, in) -> x W^T (B, out)."""
+        if self.kernels is not None:
+            return (self.kernels.times_weight_t if self.transposed else self.kernels.times_weight)(x, self.array)
         if self.transposed:  # blocks of inputs: partial sums
             y = np.zeros((x.shape[0], self.array.shape[1]), np.float32)
             for block in self.blocks:
@@ -186,7 +204,7 @@ class NumpyDecoder(WeightViews):
         self.final_norm = norm_of(decoder.layer_norm)
         self.heads = [RowwiseLinear(head) for head in decoder.lm_heads]
         self.positions: np.ndarray | None = None  # the position table, from make_cache
-        teams = numpy_blas_teams()
+        teams = product_teams()
         self.team, self.limit_threads = (None, None) if teams is None else (TeamByTiming(teams.sizes), teams.limit)
 
     @staticmethod
@@ -261,6 +279,15 @@ class NumpyDecoder(WeightViews):
 
 
 _step_lock = threading.Lock()
+
+
+def product_teams() -> BlasTeams | None:
+    """The thread teams that the products of a step (RowwiseLinear) can run on: numba's, or numpy's OpenBLAS's
+    (threads.numpy_blas_teams)."""
+    kernels = numba_kernels()
+    if kernels is None:
+        return numpy_blas_teams()
+    return BlasTeams(kernels.thread_counts(usable_cores()), kernels.threads)
 
 
 def projections(decoder: MusicgenDecoder) -> list[nn.Module]:

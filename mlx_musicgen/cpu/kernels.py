@@ -1,0 +1,92 @@
+"""Products of a few rows by a weight too large for any cache, at the rate memory streams the weight (numba).
+
+A decoding step with guidance multiplies 2 rows by every weight of the decoder. BLAS's matrix product repacks
+the weight for so few rows and its matrix-vector product takes one row: here every row of x is multiplied as
+each stretch of the weight arrives from memory, once, on numba's threads (docs/performance.md). numba, not a
+BLAS call or a C extension of our own: no BLAS has this product, and numba compiles it where the package is
+installed, with no compiler needed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import numba
+import numpy as np
+
+_JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)  # fastmath: sums reordered, as BLAS does
+
+
+@numba.njit(**_JIT)
+def _times_weight(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+    """out (R, N) = x (R, K) @ weight (N, K)^T: weight's rows are split among the threads; each row, read from
+    memory once, is multiplied by every row of x (the second time from the L1 cache)."""
+    for n in numba.prange(weight.shape[0]):
+        for r in range(x.shape[0]):
+            total = np.float32(0)
+            for k in range(weight.shape[1]):
+                total += weight[n, k] * x[r, k]
+            out[r, n] = total
+
+
+@numba.njit(**_JIT)
+def _times_weight_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -> None:
+    """partials (T, R, N), summed over T = x (R, K) @ weight_t (K, N): weight_t's rows (x's columns) are split
+    into T runs, one a thread, each streamed from memory once into that thread's partial sums (in the cache)."""
+    inputs, threads = weight_t.shape[0], partials.shape[0]
+    run = (inputs + threads - 1) // threads
+    for t in numba.prange(threads):
+        sums = partials[t]
+        sums[:] = 0
+        k, end = t * run, min(inputs, (t + 1) * run)
+        while k + 4 <= end:  # four of weight_t's rows a pass: a quarter of the partial sums' loads and stores
+            for r in range(x.shape[0]):
+                a, b, c, d = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
+                for n in range(weight_t.shape[1]):
+                    sums[r, n] += a * weight_t[k, n] + b * weight_t[k + 1, n] + c * weight_t[k + 2, n] + \
+                        d * weight_t[k + 3, n]
+            k += 4
+        for k in range(k, end):
+            for r in range(x.shape[0]):
+                sums[r] += x[r, k] * weight_t[k]
+
+
+def times_weight(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """x (R, K) @ weight.T: weight (N, K), C-contiguous float32, as nn.Linear stores it -> (R, N)."""
+    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+    _times_weight(np.ascontiguousarray(x), weight, out)
+    return out
+
+
+def times_weight_t(x: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
+    """x (R, K) @ weight_t: weight_t (K, N), C-contiguous float32 (a cpu.decoder.TransposedLinear's) -> (R, N)."""
+    partials = np.empty((numba.get_num_threads(), x.shape[0], weight_t.shape[1]), np.float32)
+    _times_weight_t(np.ascontiguousarray(x), weight_t, partials)
+    return np.add.reduce(partials, axis=0)
+
+
+def fast_threading_layer() -> bool:
+    """Whether numba's threads come from TBB or OpenMP (a decoding step's products on them beat BLAS's
+    matrix-vector products here) rather than numba's own work queue (on which they lose: docs/performance.md).
+    Compiles the kernels (or loads them from numba's cache) and starts the threads."""
+    one = np.ones((1, 1), np.float32)
+    times_weight(one, one), times_weight_t(one, one)
+    return numba.threading_layer() != "workqueue"
+
+
+def thread_counts(cores: int) -> list[int]:
+    """The teams of numba's threads to choose from for `cores` usable cores (every one, one less, one), the
+    default first; at most numba's own count."""
+    return sorted({min(n, numba.config.NUMBA_NUM_THREADS) for n in (cores, max(1, cores - 1), 1)}, reverse=True)
+
+
+@contextmanager
+def threads(count: int) -> Iterator[None]:
+    """The products inside run on `count` of numba's threads (this thread's setting), then as before."""
+    before = numba.get_num_threads()
+    numba.set_num_threads(count)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
