@@ -1,12 +1,13 @@
-"""A decoding step in numpy, on views of the compiled decoder's weights (NumpyDecoder): on CPUs where numpy's
-OpenBLAS streams the weights faster than MKL does through MLX, chosen by timing at load (fastest_lm) unless
-MLX_MUSICGEN_STEP=numpy|compiled chooses.
+"""A decoding step in numpy, on views of the compiled decoder's weights (NumpyDecoder): on CPUs where it streams
+the weights faster than MKL does through MLX, chosen by timing at load (fastest_lm) unless MLX_MUSICGEN_STEP=
+numpy|compiled chooses.
 
-A step of guidance's two rows multiplies each row by every weight of the decoder. For one row, OpenBLAS's
-matrix-vector product streams a weight from memory near the copy bandwidth; for two rows its matrix product
-repacks the weight and runs at a third of that, and so does MKL's on some CPUs (docs/performance.md). So each
-product here is one matrix-vector product per row: the first row's reads the weight from memory, the next ones'
-from the cache. The small ops around the products cost microseconds in numpy, tens in MLX.
+A step of guidance's two rows multiplies each row by every weight of the decoder. BLAS's matrix product repacks
+the weight for so few rows and runs at a third of the copy bandwidth, and so does MKL's on some CPUs
+(docs/performance.md). So each product here reads its weight from memory once for both rows: numba's kernels
+(cpu.kernels) where numba runs on TBB's or OpenMP's threads; else one BLAS matrix-vector product a row, the first
+row's reading the weight from memory and the next ones' from the cache. The small ops around the products cost
+microseconds in numpy, tens in MLX.
 
 The first step of a window (the start column, a prompt: many positions) runs the compiled decoder, whose keys
 and values are then copied into the numpy cache; every later step of one position runs here.
