@@ -108,6 +108,23 @@ def test_numba_products_match_numpy(rows, inputs, outputs):
         assert numba.get_num_threads() == before
 
 
+@pytest.mark.parametrize("length", [1, 37, 300])
+def test_numba_attention_matches_numpy(length):
+    """cpu.kernels.attend, 2 rows by 3 heads over the first `length` of 320 cached positions (the rest left
+    unwritten): float64 softmax attention's output within 1e-6."""
+    pytest.importorskip("numba")
+    from mlx_musicgen.cpu import kernels
+
+    rng = np.random.default_rng(length)
+    q = rng.standard_normal((2, 3, 8), dtype=np.float32)
+    keys, values = (np.full((2, 3, 320, 8), np.nan, np.float32) for _ in range(2))
+    keys[:, :, :length], values[:, :, :length] = (rng.standard_normal((2, 3, length, 8)) for _ in range(2))
+    scores = np.einsum("bhpd,bhd->bhp", keys[:, :, :length].astype(np.float64), q)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bhp,bhpd->bhd", weights / weights.sum(-1, keepdims=True), values[:, :, :length])
+    np.testing.assert_allclose(kernels.attend(q, keys, values, length), expected, atol=1e-6, rtol=0)
+
+
 def test_numba_on_its_own_work_queue_leaves_the_products_to_blas():
     """On numba's work queue (no TBB or OpenMP) a step's products lose to BLAS's (docs/performance.md): the numpy
     step does not take numba's kernels there."""

@@ -52,6 +52,42 @@ def _times_weight_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -
                 sums[r] += x[r, k] * weight_t[k]
 
 
+@numba.njit(**_JIT)
+def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, out: np.ndarray) -> None:
+    """out (B, H, D) = softmax(keys[:, :, :length] . q) @ values[:, :, :length] for each row and head, q (B, H, D)
+    scaled already, keys and values (B, H, positions, D): the rows' heads are split among the threads, and each
+    head's keys and values are read from memory once."""
+    heads, width = q.shape[1], q.shape[2]
+    for i in numba.prange(q.shape[0] * heads):
+        b, h = i // heads, i % heads
+        scores = np.empty(length, np.float32)
+        top = np.float32(-np.inf)
+        for p in range(length):
+            score = np.float32(0)
+            for d in range(width):
+                score += keys[b, h, p, d] * q[b, h, d]
+            scores[p] = score
+            top = max(top, score)
+        total = np.float32(0)
+        for p in range(length):
+            scores[p] = np.exp(scores[p] - top)
+            total += scores[p]
+        mixed = np.zeros(width, np.float32)
+        for p in range(length):
+            for d in range(width):
+                mixed[d] += scores[p] * values[b, h, p, d]
+        for d in range(width):
+            out[b, h, d] = mixed[d] / total
+
+
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
+    """Attention of one position over the first `length` of a KV cache: q (B, H, D), scaled; keys, values
+    (B, H, positions, D), C-contiguous float32 -> (B, H, D)."""
+    out = np.empty(q.shape, np.float32)
+    _attend(np.ascontiguousarray(q), keys, values, length, out)
+    return out
+
+
 def times_weight(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x (R, K) @ weight.T: weight (N, K), C-contiguous float32, as nn.Linear stores it -> (R, N)."""
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)

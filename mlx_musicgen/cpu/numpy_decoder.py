@@ -151,6 +151,7 @@ class NumpyLayer:
 
     def __init__(self, layer: CompiledDecoderLayer):
         sa = layer.self_attn
+        self.kernels = numba_kernels()  # for the attention over the cache
         self.heads, self.scale = sa.heads, np.float32(sa.scale)
         self.self_norm, self.final_norm = norm_of(layer.self_attn_layer_norm), norm_of(layer.final_layer_norm)
         self.q, self.k, self.v, self.out = (RowwiseLinear(p) for p in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj))
@@ -166,6 +167,8 @@ class NumpyLayer:
         B = h.shape[0]
         q, k, v = (proj(h).reshape(B, self.heads, -1) for proj in (self.q, self.k, self.v))
         keys, values = cache.append(k, v)
+        if self.kernels is not None:
+            return self.out(self.kernels.attend(q * self.scale, cache.keys, cache.values, keys.shape[2]).reshape(B, -1))
         weights = softmax((keys @ q[..., None])[..., 0] * self.scale)  # (B, heads, positions)
         return self.out((weights[:, :, None] @ values).reshape(B, -1))
 
