@@ -1,5 +1,6 @@
 """Decoder parity with transformers' MusicgenForCausalLM: teacher-forced logits, the KV cache, guided logits."""
 
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from mlx_musicgen.cpu.decoder import CompiledDecoderLayer, SplitDecoderLayer, op
 from mlx_musicgen.cpu import numpy_decoder
 from mlx_musicgen.cpu.numpy_decoder import NumpyCache, NumpyDecoder
 from mlx_musicgen.decoder import DecoderLayer
+from mlx_musicgen.sampling import apply_guidance
 
 ATOL = 1e-4  # float32 logits
 LAYERS = {"portable": DecoderLayer, "compiled": CompiledDecoderLayer, "split": SplitDecoderLayer}
@@ -84,6 +86,88 @@ def test_fully_masked_text_gives_no_cross_attention(model, tiny):
     np.testing.assert_allclose(actual, reference_logits(tiny, codes, zero_states, zero_mask), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("text_len, folded", [(5, True), (40, False)])
+def test_both_cross_attention_forms_match(model, tiny, text_len, folded):
+    """Guidance's layout (a row with text, then one without): short text folds the query and output projections
+    into the text's keys and values (1 row x 2 heads x 5 <= 64 wide), long text keeps them (80 > 64)."""
+    codes, states, mask = random_inputs(seed=3, text_len=text_len)
+    mask[1], states[1] = 0, 0
+    text = model.decoder.text_context(mx.array(states), mx.array(mask))
+    if isinstance(model.decoder.layers[0], CompiledDecoderLayer):  # the compiled layers (the others always project)
+        assert text.text[0].folded == folded
+    actual = np.array(model.decoder(mx.array(codes), text))
+    np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
+
+
+def test_guided_logits_match_reference_scores(model, tiny):
+    """Greedy generation in the reference records the guided scores of every step; ours agree, step by step."""
+    texts = ["80s pop track with bassy drums and synth", "lofi"]
+    inputs = tiny.processor(text=texts, padding=True, return_tensors="pt")
+    steps = 6
+    out = tiny.reference.generate(
+        **inputs, do_sample=False, guidance_scale=3.0, max_new_tokens=steps,
+        return_dict_in_generate=True, output_scores=True,
+    )
+    expected = torch.stack(out.scores, dim=1).reshape(2, 4, steps, -1).numpy()  # (B, K, steps, V)
+
+    # Feed the same delayed sequence (the reference's greedy choices, with the delay pattern applied).
+    states, mask = model.conditioning(texts, 2, guided=True)
+    text = model.decoder.text_context(states, mask)
+    chosen = expected.argmax(-1)
+    from mlx_musicgen import delay
+
+    start = np.full((2, 4, 1), 2048, dtype=np.int32)
+    pattern = delay.delay_pattern(start, steps + 1, 2048, 1)
+    sequence = np.where(pattern[:, :, 1:] == delay.UNSET, chosen, pattern[:, :, 1:])
+    inputs_ours = np.concatenate([start, sequence[:, :, :-1]], axis=2)
+    doubled = mx.array(np.concatenate([inputs_ours, inputs_ours]))
+    logits = apply_guidance(model.decoder(doubled, text), 3.0)
+    np.testing.assert_allclose(np.array(logits), expected, atol=ATOL, rtol=0)
+
+
+def test_gelu_matches_the_exact_gelu():
+    """The CPU's GELU computes erf with a rational approximation: within 3e-6 of the exact (erf) GELU everywhere.
+    The truth is torch's GELU in float64: its float32 one takes a CPU's vector path, which differs between CPUs."""
+    from mlx_musicgen.cpu.decoder import gelu
+
+    xs = np.linspace(-12, 12, 240_001, dtype=np.float32)
+    expected = torch.nn.functional.gelu(torch.from_numpy(xs).double()).numpy()
+    np.testing.assert_allclose(np.array(gelu(mx.array(xs))), expected, atol=3e-6, rtol=0)
+
+
+@pytest.mark.parametrize("width", [1024, 1536, 2048])  # musicgen-small, -medium, -large
+def test_position_table_is_the_references_to_float32_rounding(width):
+    """Our table over 2048 positions against the truth of transformers' get_embedding: its formula with float32
+    where its arithmetic rounds (the exponents i * -ln(10000) / (half - 1), the frequencies, the angles
+    p * frequency: IEEE products, the same on every machine) and float64 for exp, cos and sin. Every frequency
+    and entry is within one float32 step of that truth. The reference's own float32 exp, cos and sin depend on
+    the CPU's vector path (its exp is a step off for under 1% of frequencies on one machine, 3% on another), so
+    its table is held only to what its frequencies' steps move the angles, plus one step of cos/sin. (MLX's
+    float32 exp is a step off for most frequencies, which moves angles near position 1300 by up to 1e-4.)"""
+    from transformers.models.musicgen.modeling_musicgen import MusicgenSinusoidalPositionalEmbedding as Reference
+
+    from mlx_musicgen.decoder import position_frequencies, sinusoids
+
+    length, half = 2048, width // 2
+    ours = sinusoids(length, width)
+    reference = Reference.get_embedding(length, width).numpy()
+    assert ours.dtype == np.float32 and ours.shape == reference.shape
+
+    exponents = torch.arange(half).float() * -(math.log(10000) / (half - 1))  # float32, as the reference's
+    true_frequencies = torch.exp(exponents.double())
+    frequencies = position_frequencies(width)
+    assert (np.abs(frequencies - true_frequencies.numpy()) <= np.spacing(frequencies)).all()
+    positions = torch.arange(length).float()[:, None]
+    angles = positions * true_frequencies.float()[None, :]  # a float32 product, as the reference's
+    truth = torch.cat([torch.cos(angles.double()), torch.sin(angles.double())], dim=1).numpy()
+    assert (np.abs(ours - truth) <= np.spacing(np.abs(truth).astype(np.float32))).all()  # one float32 step
+
+    reference_frequencies = torch.exp(exponents)  # the reference's float32 exp: faithful on every path
+    assert (np.abs(reference_frequencies.numpy() - true_frequencies.numpy()) <= np.spacing(frequencies)).all()
+    moved = (positions * reference_frequencies[None, :] - angles).abs().numpy()  # float32 angles, both
+    np.testing.assert_array_less(np.abs(ours - reference), np.concatenate([moved] * 2, axis=1) + 2**-23)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3])
 @pytest.mark.parametrize("inputs, outputs", [(64, 48), (130, 7), (5, 3)])
 def test_numba_products_match_numpy(rows, inputs, outputs):
@@ -110,9 +194,10 @@ def test_numba_products_match_numpy(rows, inputs, outputs):
 
 @pytest.mark.parametrize("length", [1, 37, 300])
 def test_numba_attention_matches_numpy(length):
-    """cpu.kernels.attend, 2 rows by 3 heads over the first `length` of 320 cached positions (the rest left
-    unwritten): float64 softmax attention's output within 1e-6."""
-    pytest.importorskip("numba")
+    """cpu.kernels.attend, 2 rows by 3 heads over the first `length` of 320 cached positions (the rest NaN, never
+    read), on every thread and on one: float64 softmax attention's output, within float32's rounding (1e-6 of the
+    largest value: the output is a weighted mean of values)."""
+    numba = pytest.importorskip("numba")
     from mlx_musicgen.cpu import kernels
 
     rng = np.random.default_rng(length)
@@ -122,7 +207,39 @@ def test_numba_attention_matches_numpy(length):
     scores = np.einsum("bhpd,bhd->bhp", keys[:, :, :length].astype(np.float64), q)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("bhp,bhpd->bhd", weights / weights.sum(-1, keepdims=True), values[:, :, :length])
-    np.testing.assert_allclose(kernels.attend(q, keys, values, length), expected, atol=1e-6, rtol=0)
+    for count in (numba.get_num_threads(), 1):
+        with kernels.threads(count):
+            actual = kernels.attend(q, keys, values, length)
+        np.testing.assert_allclose(actual, expected, atol=1e-6 * np.abs(values[:, :, :length]).max(), rtol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.attend(q, keys, values, 321)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.times_weight(q[0], np.ones((4, 9), np.float32))
+
+
+def test_numba_thread_teams_follow_the_users_count(monkeypatch):
+    """The teams the numpy step's products choose from (every core, one less, one); only NUMBA_NUM_THREADS's
+    count where the user set it."""
+    numba = pytest.importorskip("numba")
+    from mlx_musicgen.cpu import kernels
+
+    monkeypatch.delenv("NUMBA_NUM_THREADS", raising=False)
+    assert kernels.thread_counts(1) == [1]
+    assert kernels.thread_counts(2) == sorted({min(2, numba.config.NUMBA_NUM_THREADS), 1}, reverse=True)
+    monkeypatch.setenv("NUMBA_NUM_THREADS", str(numba.config.NUMBA_NUM_THREADS))
+    assert kernels.thread_counts(2) == [numba.config.NUMBA_NUM_THREADS]
+
+
+def test_numba_is_optional_and_imported_late():
+    """`import mlx_musicgen` does not import numba (the first NumpyDecoder does); without numba (a Mac: the `cpu`
+    extra brings it on Linux only), the numpy step's products and attention are numpy's and BLAS's, on OpenBLAS's
+    teams."""
+    code = ("import sys; import mlx_musicgen; assert 'numba' not in sys.modules; sys.modules['numba'] = None; "
+            "from mlx_musicgen.cpu import numpy_decoder, threads; "
+            "print(numpy_decoder.numba_kernels() is None, "
+            "getattr(numpy_decoder.product_teams(), 'sizes', 0) == getattr(threads.numpy_blas_teams(), 'sizes', 0))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split() == ["True", "True"], result.stderr
 
 
 def test_numba_on_its_own_work_queue_leaves_the_products_to_blas():
@@ -133,6 +250,24 @@ def test_numba_on_its_own_work_queue_leaves_the_products_to_blas():
     env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "None", result.stderr
+
+
+def test_numba_that_cannot_load_its_kernels_says_so_and_leaves_them_to_blas(monkeypatch):
+    """numba's own errors (no cache directory it can write, a threading layer it cannot load) are said once and
+    the numpy step runs without the kernels, instead of failing the model's load."""
+    pytest.importorskip("numba")
+    from mlx_musicgen.cpu import kernels
+
+    def cannot_cache():
+        raise RuntimeError("cannot cache function '_times_weight': no locator available")
+
+    monkeypatch.setattr(kernels, "fast_threading_layer", cannot_cache)
+    numpy_decoder.numba_kernels.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="numba's kernels .* could not be loaded .*no locator available"):
+            assert numpy_decoder.numba_kernels() is None
+    finally:
+        numpy_decoder.numba_kernels.cache_clear()
 
 
 @pytest.mark.parametrize("text_len, folded", [(5, True), (40, False)])

@@ -1,21 +1,25 @@
-"""Products of a few rows by a weight too large for any cache, at the rate memory streams the weight (numba).
+"""The numpy decoding step's products and attention over the KV cache as numba kernels: each reads its weight (or
+a head's keys and values) from memory once, at the rate memory streams it.
 
 A decoding step with guidance multiplies 2 rows by every weight of the decoder. BLAS's matrix product repacks
 the weight for so few rows and its matrix-vector product takes one row: here every row of x is multiplied as
-each stretch of the weight arrives from memory, once, on numba's threads (docs/performance.md). numba, not a
-BLAS call or a C extension of our own: no BLAS has this product, and numba compiles it where the package is
-installed, with no compiler needed.
+each stretch of the weight arrives from memory, on numba's threads (docs/performance.md). numba, not a BLAS call
+or a C extension of our own: no BLAS has this product, and numba compiles it where the package is installed,
+with no compiler needed.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
 import numba
 import numpy as np
 
-_JIT = dict(parallel=True, fastmath=True, cache=True, nogil=True)  # fastmath: sums reordered, as BLAS does
+# Sums may be reordered (as BLAS does) and fused into FMAs, which lets LLVM vectorise them; numba's full fastmath
+# would also assume no inf or NaN, which a step's inputs may hold (the sampler reports them).
+_JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
 
 
 @numba.njit(**_JIT)
@@ -44,12 +48,12 @@ def _times_weight_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -
             for r in range(x.shape[0]):
                 a, b, c, d = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
                 for n in range(weight_t.shape[1]):
-                    sums[r, n] += a * weight_t[k, n] + b * weight_t[k + 1, n] + c * weight_t[k + 2, n] + \
-                        d * weight_t[k + 3, n]
+                    sums[r, n] += (a * weight_t[k, n] + b * weight_t[k + 1, n] + c * weight_t[k + 2, n]
+                                   + d * weight_t[k + 3, n])
             k += 4
-        for k in range(k, end):
+        for tail in range(k, end):
             for r in range(x.shape[0]):
-                sums[r] += x[r, k] * weight_t[k]
+                sums[r] += x[r, tail] * weight_t[tail]
 
 
 @numba.njit(**_JIT)
@@ -61,13 +65,12 @@ def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, ou
     for i in numba.prange(q.shape[0] * heads):
         b, h = i // heads, i % heads
         scores = np.empty(length, np.float32)
-        top = np.float32(-np.inf)
         for p in range(length):
             score = np.float32(0)
             for d in range(width):
                 score += keys[b, h, p, d] * q[b, h, d]
             scores[p] = score
-            top = max(top, score)
+        top = scores.max()
         total = np.float32(0)
         for p in range(length):
             scores[p] = np.exp(scores[p] - top)
@@ -80,26 +83,36 @@ def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, ou
             out[b, h, d] = mixed[d] / total
 
 
-def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
-    """Attention of one position over the first `length` of a KV cache: q (B, H, D), scaled; keys, values
-    (B, H, positions, D), C-contiguous float32 -> (B, H, D)."""
-    out = np.empty(q.shape, np.float32)
-    _attend(np.ascontiguousarray(q), keys, values, length, out)
-    return out
+def _check(condition: bool, what: str) -> None:
+    """numba does not check bounds: shapes that disagree would read past an array."""
+    if not condition:
+        raise ValueError(f"cpu.kernels: {what}")
 
 
 def times_weight(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x (R, K) @ weight.T: weight (N, K), C-contiguous float32, as nn.Linear stores it -> (R, N)."""
+    _check(x.ndim == 2 and x.shape[1] == weight.shape[1], f"x {x.shape} does not fit a weight {weight.shape}")
     out = np.empty((x.shape[0], weight.shape[0]), np.float32)
-    _times_weight(np.ascontiguousarray(x), weight, out)
+    _times_weight(np.ascontiguousarray(x, np.float32), weight, out)
     return out
 
 
 def times_weight_t(x: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
     """x (R, K) @ weight_t: weight_t (K, N), C-contiguous float32 (a cpu.decoder.TransposedLinear's) -> (R, N)."""
+    _check(x.ndim == 2 and x.shape[1] == weight_t.shape[0], f"x {x.shape} does not fit a weight_t {weight_t.shape}")
     partials = np.empty((numba.get_num_threads(), x.shape[0], weight_t.shape[1]), np.float32)
-    _times_weight_t(np.ascontiguousarray(x), weight_t, partials)
+    _times_weight_t(np.ascontiguousarray(x, np.float32), weight_t, partials)
     return np.add.reduce(partials, axis=0)
+
+
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
+    """Attention of one position over the first `length` (>= 1) of a KV cache: q (B, H, D), scaled; keys, values
+    (B, H, positions, D), the cache's whole C-contiguous float32 arrays -> (B, H, D)."""
+    _check(keys.shape == values.shape and keys.shape[:2] + keys.shape[3:] == q.shape and 1 <= length <= keys.shape[2],
+           f"q {q.shape} and {length} positions do not fit keys {keys.shape} and values {values.shape}")
+    out = np.empty(q.shape, np.float32)
+    _attend(np.ascontiguousarray(q, np.float32), keys, values, int(length), out)
+    return out
 
 
 def fast_threading_layer() -> bool:
@@ -107,19 +120,23 @@ def fast_threading_layer() -> bool:
     matrix-vector products here) rather than numba's own work queue (on which they lose: docs/performance.md).
     Compiles the kernels (or loads them from numba's cache) and starts the threads."""
     one = np.ones((1, 1), np.float32)
-    times_weight(one, one), times_weight_t(one, one)
+    times_weight(one, one)
+    times_weight_t(one, one)
+    attend(one[None], one[None, None], one[None, None], 1)
     return numba.threading_layer() != "workqueue"
 
 
 def thread_counts(cores: int) -> list[int]:
     """The teams of numba's threads to choose from for `cores` usable cores (every one, one less, one), the
-    default first; at most numba's own count."""
+    default first, at most numba's own count; only that count where the user set it (NUMBA_NUM_THREADS)."""
+    if "NUMBA_NUM_THREADS" in os.environ:
+        return [numba.config.NUMBA_NUM_THREADS]
     return sorted({min(n, numba.config.NUMBA_NUM_THREADS) for n in (cores, max(1, cores - 1), 1)}, reverse=True)
 
 
 @contextmanager
 def threads(count: int) -> Iterator[None]:
-    """The products inside run on `count` of numba's threads (this thread's setting), then as before."""
+    """The kernels called inside, from this thread, run on `count` of numba's threads; then as before."""
     before = numba.get_num_threads()
     numba.set_num_threads(count)
     try:

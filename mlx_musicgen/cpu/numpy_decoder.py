@@ -6,8 +6,9 @@ A step of guidance's two rows multiplies each row by every weight of the decoder
 the weight for so few rows and runs at a third of the copy bandwidth, and so does MKL's on some CPUs
 (docs/performance.md). So each product here reads its weight from memory once for both rows: numba's kernels
 (cpu.kernels) where numba runs on TBB's or OpenMP's threads; else one BLAS matrix-vector product a row, the first
-row's reading the weight from memory and the next ones' from the cache. The small ops around the products cost
-microseconds in numpy, tens in MLX.
+row's reading the weight from memory and the next ones' from the cache. The attention over the KV cache is a
+numba kernel too (kernels.attend); the other small ops around the products cost microseconds in numpy, tens in
+MLX.
 
 The first step of a window (the start column, a prompt: many positions) runs the compiled decoder, whose keys
 and values are then copied into the numpy cache; every later step of one position runs here.
@@ -21,6 +22,8 @@ import os
 import statistics
 import threading
 import time
+import types
+import warnings
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -31,9 +34,9 @@ from .. import delay
 from ..decoder import Context, KVCache, MusicgenDecoder, TextKV
 from ..generation import DelayedLM, decoding_step
 from ..melody import MelodyDecoder
-from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4, placeholder_context
 from .._linux import usable_cores
-from .threads import BlasTeams, TeamByTiming, fastest_team, numpy_blas_teams
+from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4, placeholder_context
+from .threads import ThreadTeams, TeamByTiming, fastest_team, numpy_blas_teams
 from .views import WeightViews
 
 CHUNK_BYTES = 4 << 20  # a block of a weight that the cache holds for the next row's product (docs/performance.md)
@@ -50,27 +53,34 @@ ACTIVATIONS = {"gelu": gelu, "relu": lambda x: np.maximum(x, 0)}
 
 
 @functools.cache
-def numba_kernels():
-    """cpu.kernels, or None where numba is not installed (a dependency on Linux only) or its threads are its own
-    work queue's (kernels.fast_threading_layer); imported with the first numpy step, not with the package (numba
-    takes ~0.2 s to import)."""
+def numba_kernels() -> types.ModuleType | None:
+    """cpu.kernels, compiled (or loaded from numba's cache) when the first NumpyDecoder is made, not with the
+    package (numba takes ~0.2 s to import). None where numba is not installed (the `cpu` extra brings it on
+    Linux), its threads are its own work queue's (kernels.fast_threading_layer), or it cannot compile or cache
+    the kernels here (said once)."""
     try:
         from . import kernels
+
+        return kernels if kernels.fast_threading_layer() else None
     except ImportError:
         return None
-    return kernels if kernels.fast_threading_layer() else None
+    except Exception as error:  # numba's own errors: no cache it can write, a threading layer it cannot load
+        warnings.warn(f"numba's kernels for the CPU's decoding step could not be loaded ({error}); its products run "
+                      f"on BLAS instead", stacklevel=2)
+        return None
 
 
 class RowwiseLinear:
     """A bias-free linear layer's weight as a numpy view, held as stored, (out, in), or transposed, (in, out) (a
     cpu.decoder.TransposedLinear). Its product with a few rows reads the weight from memory once: numba's kernels
-    (cpu.kernels) where numba is installed; else one BLAS matrix-vector product a row, in blocks of CHUNK_BYTES,
-    each block read from memory by the first row's product and from the cache by the others'."""
+    (cpu.kernels) where they run (numba_kernels) and the weight is C-contiguous; else one BLAS matrix-vector
+    product a row, in blocks of CHUNK_BYTES, each block read from memory by the first row's product and from the
+    cache by the others'."""
 
     def __init__(self, linear: nn.Module):
         self.transposed = isinstance(linear, TransposedLinear)
-        self.array = np.ascontiguousarray(linear.weight_t if self.transposed else linear.weight)
-        self.kernels = numba_kernels()
+        self.array = np.asarray(linear.weight_t if self.transposed else linear.weight)
+        self.kernels = numba_kernels() if self.array.flags.c_contiguous else None
         step = max(1, CHUNK_BYTES // self.array[0].nbytes)
         self.blocks = [slice(start, start + step) for start in range(0, self.array.shape[0], step)]
 
@@ -167,7 +177,7 @@ class NumpyLayer:
         B = h.shape[0]
         q, k, v = (proj(h).reshape(B, self.heads, -1) for proj in (self.q, self.k, self.v))
         keys, values = cache.append(k, v)
-        if self.kernels is not None:
+        if self.kernels is not None:  # the cache's whole arrays: a slice of positions is not C-contiguous
             return self.out(self.kernels.attend(q * self.scale, cache.keys, cache.values, keys.shape[2]).reshape(B, -1))
         weights = softmax((keys @ q[..., None])[..., 0] * self.scale)  # (B, heads, positions)
         return self.out((weights[:, :, None] @ values).reshape(B, -1))
@@ -198,8 +208,8 @@ class NumpyLayer:
 class NumpyDecoder(WeightViews):
     """A compiled MusicgenDecoder (cpu.decoder.optimize_decoder) whose steps of one position run in numpy: the step
     loop's DelayedLM. Its caches are numpy's for up to MAX_ROWS rows; with more, it is the compiled decoder. The
-    team of numpy's OpenBLAS follows the step times (threads.TeamByTiming); one step at a time runs in a process
-    (the team is process-wide)."""
+    thread team of its products (numba's, or numpy's OpenBLAS's: product_teams) follows the step times
+    (threads.TeamByTiming); one step at a time runs in a process (OpenBLAS's team is process-wide)."""
 
     def __init__(self, decoder: MusicgenDecoder):
         super().__init__(decoder)
@@ -285,13 +295,13 @@ class NumpyDecoder(WeightViews):
 _step_lock = threading.Lock()
 
 
-def product_teams() -> BlasTeams | None:
+def product_teams() -> ThreadTeams | None:
     """The thread teams that the products of a step (RowwiseLinear) can run on: numba's, or numpy's OpenBLAS's
     (threads.numpy_blas_teams)."""
     kernels = numba_kernels()
     if kernels is None:
         return numpy_blas_teams()
-    return BlasTeams(kernels.thread_counts(usable_cores()), kernels.threads)
+    return ThreadTeams(kernels.thread_counts(usable_cores()), kernels.threads)
 
 
 def projections(decoder: MusicgenDecoder) -> list[nn.Module]:

@@ -133,12 +133,12 @@ class TeamByTiming:
         self.seconds[team] = seconds if last is None else self.weight * seconds + (1 - self.weight) * last
 
 
-class BlasTeams(NamedTuple):
+class ThreadTeams(NamedTuple):
     sizes: list[int]  # the teams to choose from, the default first
     limit: Callable[[int], AbstractContextManager]  # limit(n): the products inside run on n threads
 
 
-def numpy_blas_teams() -> BlasTeams | None:
+def numpy_blas_teams() -> ThreadTeams | None:
     """The teams of numpy's own OpenBLAS to choose from (every usable core, one less, one); None where numpy's
     BLAS is not an OpenBLAS that threadpoolctl finds in numpy's wheel (Accelerate, MKL, a system OpenBLAS that
     MLX may share) or the user set its team (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS)."""
@@ -148,5 +148,5 @@ def numpy_blas_teams() -> BlasTeams | None:
     if not controller.lib_controllers:
         return None
     cores = _linux.usable_cores()
-    return BlasTeams(sorted({cores, max(1, cores - 1), 1}, reverse=True),
+    return ThreadTeams(sorted({cores, max(1, cores - 1), 1}, reverse=True),
                      lambda threads: controller.limit(limits=threads))
