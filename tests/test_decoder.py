@@ -217,6 +217,36 @@ def test_numba_attention_matches_numpy(length):
         kernels.times_weight(q[0], np.ones((4, 9), np.float32))
 
 
+def test_numba_small_ops_match_float64():
+    """cpu.kernels' GELU, layer norm and folded cross-attention (the ops between a step's products) against float64
+    numpy: the exact erf GELU within 2e-6 (the rational erf's own error is 1.2e-6 or less), the others within
+    float32's rounding."""
+    pytest.importorskip("numba")
+    from mlx_musicgen.cpu import kernels
+
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 300), dtype=np.float32) * 3
+    exact = x * (1 + np.vectorize(math.erf)(x.astype(np.float64) / math.sqrt(2))) / 2
+    np.testing.assert_allclose(kernels.gelu(x), exact, atol=2e-6, rtol=0)
+
+    weight, bias = rng.standard_normal((2, 300), dtype=np.float32)
+    wide = x.astype(np.float64)
+    normed = (wide - wide.mean(-1, keepdims=True)) / np.sqrt(wide.var(-1, keepdims=True) + 1e-5) * weight + bias
+    np.testing.assert_allclose(kernels.layer_norm(x, weight, bias), normed, atol=1e-5, rtol=0)
+
+    heads, positions, width = 3, 5, 300  # keys and values folded: (rows, heads * positions, width), 1 row of 2
+    h = rng.standard_normal((2, width), dtype=np.float32)
+    keys, values = (rng.standard_normal((1, heads * positions, width), dtype=np.float32) / 10 for _ in range(2))
+    mask = np.zeros((2, 1, positions), np.float32)
+    mask[0, 0, -2:] = -1e9  # the text's last two positions are padding
+    scores = (keys[0].astype(np.float64) @ h[0]).reshape(heads, positions) + mask[0]
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.zeros((2, width))
+    expected[0] = (weights / weights.sum(-1, keepdims=True)).reshape(-1) @ values[0]
+    np.testing.assert_allclose(kernels.folded_cross_attention(h, keys, values, mask, heads), expected, atol=1e-5,
+                               rtol=0)
+
+
 def test_numba_thread_teams_follow_the_users_count(monkeypatch):
     """The teams the numpy step's products choose from (every core, one less, one); only NUMBA_NUM_THREADS's
     count where the user set it."""

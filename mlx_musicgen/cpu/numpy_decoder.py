@@ -6,9 +6,9 @@ A step of guidance's two rows multiplies each row by every weight of the decoder
 the weight for so few rows and runs at a third of the copy bandwidth, and so does MKL's on some CPUs
 (docs/performance.md). So each product here reads its weight from memory once for both rows: numba's kernels
 (cpu.kernels) where numba runs on TBB's or OpenMP's threads; else one BLAS matrix-vector product a row, the first
-row's reading the weight from memory and the next ones' from the cache. The attention over the KV cache is a
-numba kernel too (kernels.attend); the other small ops around the products cost microseconds in numpy, tens in
-MLX.
+row's reading the weight from memory and the next ones' from the cache. The ops between the products (attention
+over the KV cache, layer norms, GELU, folded cross-attention) are numba's too where it runs, else numpy's (tens
+of microseconds each; MLX's cost tens more).
 
 The first step of a window (the start column, a prompt: many positions) runs the compiled decoder, whose keys
 and values are then copied into the numpy cache; every later step of one position runs here.
@@ -172,6 +172,11 @@ class NumpyLayer:
             self.cross_q, self.cross_out = RowwiseLinear(ca.q_proj), RowwiseLinear(ca.out_proj)
         self.fc1, self.fc2 = RowwiseLinear(layer.fc1), RowwiseLinear(layer.fc2)
         self.activation = ACTIVATIONS[layer.activation]
+        self.layer_norm = layer_norm
+        if self.kernels is not None:  # the same in one pass each, without numpy's per-op cost (~5 ms a step)
+            self.layer_norm = lambda x, norm: self.kernels.layer_norm(x, *norm)
+            if layer.activation == "gelu":
+                self.activation = self.kernels.gelu
 
     def self_attention(self, h: np.ndarray, cache: NumpyCache) -> np.ndarray:
         B = h.shape[0]
@@ -185,9 +190,11 @@ class NumpyLayer:
     def cross_attention(self, h: np.ndarray, text: NumpyText) -> np.ndarray:
         B, keys, values, mask = h.shape[0], text.keys, text.values, text.mask
         if text.folded:  # keys and values (rows, heads * S, D): cpu.decoder.fold_text
-            out = np.zeros_like(h)
             if keys is None:
-                return out
+                return np.zeros_like(h)
+            if self.kernels is not None:
+                return self.kernels.folded_cross_attention(h, keys, values, mask, self.heads)
+            out = np.zeros_like(h)
             rows = keys.shape[0]
             scores = np.stack([np.dot(keys[r], h[r]) for r in range(rows)]).reshape(rows, self.heads, -1)
             weights = softmax(scores + mask[:rows]).reshape(rows, -1)
@@ -199,10 +206,10 @@ class NumpyLayer:
 
     def __call__(self, x: np.ndarray, cache: NumpyCache) -> np.ndarray:
         """x (B, D), the newest position of each row -> the layer's output (B, D)."""
-        x = x + self.self_attention(layer_norm(x, self.self_norm), cache)
+        x = x + self.self_attention(self.layer_norm(x, self.self_norm), cache)
         if self.cross:
-            x = x + self.cross_attention(layer_norm(x, self.cross_norm), cache.text)
-        return x + self.fc2(self.activation(self.fc1(layer_norm(x, self.final_norm))))
+            x = x + self.cross_attention(self.layer_norm(x, self.cross_norm), cache.text)
+        return x + self.fc2(self.activation(self.fc1(self.layer_norm(x, self.final_norm))))
 
 
 class NumpyDecoder(WeightViews):
