@@ -230,6 +230,7 @@ def test_numba_small_ops_match_float64():
     np.testing.assert_allclose(kernels.gelu(x), exact, atol=2e-6, rtol=0)
 
     weight, bias = rng.standard_normal((2, 300), dtype=np.float32)
+    x[1] = x[1, 0] + np.float32(0.001) * (np.arange(300) % 2)  # variance 2.5e-7: the eps (1e-5) decides it
     wide = x.astype(np.float64)
     normed = (wide - wide.mean(-1, keepdims=True)) / np.sqrt(wide.var(-1, keepdims=True) + 1e-5) * weight + bias
     np.testing.assert_allclose(kernels.layer_norm(x, weight, bias), normed, atol=1e-5, rtol=0)
@@ -238,13 +239,17 @@ def test_numba_small_ops_match_float64():
     h = rng.standard_normal((2, width), dtype=np.float32)
     keys, values = (rng.standard_normal((1, heads * positions, width), dtype=np.float32) / 10 for _ in range(2))
     mask = np.zeros((2, 1, positions), np.float32)
-    mask[0, 0, -2:] = -1e9  # the text's last two positions are padding
+    mask[0, 0, -2:] = np.finfo(np.float32).min  # the text's last two positions are padding, as decoder masks them
     scores = (keys[0].astype(np.float64) @ h[0]).reshape(heads, positions) + mask[0]
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.zeros((2, width))
     expected[0] = (weights / weights.sum(-1, keepdims=True)).reshape(-1) @ values[0]
-    np.testing.assert_allclose(kernels.folded_cross_attention(h, keys, values, mask, heads), expected, atol=1e-5,
+    np.testing.assert_allclose(kernels.folded_cross_attention(h, keys, values, mask, heads), expected, atol=1e-6,
                                rtol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.folded_cross_attention(h, keys, values, mask, heads + 1)
+    with pytest.raises(ValueError, match="a norm of"):
+        kernels.layer_norm(x, weight[:-1], bias[:-1])
 
 
 def test_numba_thread_teams_follow_the_users_count(monkeypatch):
@@ -317,6 +322,7 @@ def test_numpy_steps_match_reference(tiny, text_len, folded, batch, products, mo
     optimize_decoder(loaded.decoder, split=False)
     lm = NumpyDecoder(loaded.decoder)
     assert (lm.layers[0].fc1.kernels is None) == (products != "numba")
+    assert (lm.layers[0].activation is numpy_decoder.gelu) == (products != "numba")
     if products == "blas in 1 KB blocks":
         assert len(lm.layers[0].fc1.blocks) > 1 and len(lm.layers[0].q.blocks) == 16  # q: 4 rows of 64 a block
     codes, states, mask = random_inputs(seed=4, batch=2, frames=8, text_len=text_len)
@@ -330,3 +336,8 @@ def test_numpy_steps_match_reference(tiny, text_len, folded, batch, products, mo
     logits += [lm(mx.array(codes[:, :, t : t + 1]), context, cache) for t in range(3, 8)]
     actual = np.concatenate([np.array(x) for x in logits], axis=2)
     np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
+    if products == "numba":  # the kernels' first calls (fast_threading_layer) compiled what the steps call
+        kernels = numpy_decoder.numba_kernels()
+        jitted = [getattr(kernels, name) for name in ("_times_weight", "_times_weight_t", "_attend", "gelu",
+                                                      "_layer_norm", "_folded_cross_attention")]
+        assert [len(function.signatures) for function in jitted] == [1] * len(jitted)

@@ -93,11 +93,15 @@ _ERF_P = np.array(ERF_P[::-1], np.float32)
 _ERF_Q = np.array(ERF_Q[::-1], np.float32)
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+_SMALL = dict(fastmath={"reassoc", "contract"}, cache=True, nogil=True)  # one thread: microseconds of work
+
+
+@numba.njit(**_SMALL)
 def gelu(x: np.ndarray) -> np.ndarray:
-    """The exact (erf) GELU of x (B, N) float32, with cpu.decoder's rational erf, in one pass (numpy makes ~25)."""
+    """The exact (erf) GELU of x (B, N) float32, with cpu.decoder's rational erf, in float32 and one pass (numpy
+    makes ~25)."""
     out = np.empty_like(x)
-    half_sqrt2 = np.float32(math.sqrt(0.5))
+    half_sqrt2, one, half = np.float32(math.sqrt(0.5)), np.float32(1), np.float32(0.5)
     for r in range(x.shape[0]):
         for n in range(x.shape[1]):
             value = x[r, n]
@@ -108,41 +112,47 @@ def gelu(x: np.ndarray) -> np.ndarray:
                 p = p * z2 + c
             for c in _ERF_Q[1:]:
                 q = q * z2 + c
-            out[r, n] = value * (1 + z * p / q) / 2
+            out[r, n] = value * (one + z * p / q) * half
     return out
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)
-def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """x (B, D) float32 normalised over D (eps 1e-5, nn.LayerNorm's), scaled by weight and shifted by bias (D,)."""
+@numba.njit(**_SMALL)
+def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
-    width = x.shape[1]
+    width, eps = np.float32(x.shape[1]), np.float32(1e-5)
     for r in range(x.shape[0]):
-        mean = x[r].sum() / width
+        mean = np.float32(0)
+        for d in range(x.shape[1]):
+            mean += x[r, d]
+        mean /= width
         variance = np.float32(0)
-        for d in range(width):
-            variance += (x[r, d] - mean) ** 2
-        scale = 1 / np.sqrt(variance / width + np.float32(1e-5))
-        for d in range(width):
+        for d in range(x.shape[1]):
+            variance += (x[r, d] - mean) * (x[r, d] - mean)
+        scale = np.float32(1) / np.sqrt(variance / width + eps)
+        for d in range(x.shape[1]):
             out[r, d] = (x[r, d] - mean) * scale * weight[d] + bias[d]
     return out
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, cache=True, nogil=True)
-def folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray,
-                           heads: int) -> np.ndarray:
-    """Cross-attention with the text folded into the keys and values (cpu.decoder.fold_text): h (B, D); keys and
-    values (rows, heads * S, D) for the first `rows` of h (the others attend to no text: 0); mask (B, 1, S),
-    additive -> (B, D)."""
+@numba.njit(**_SMALL)
+def _folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray,
+                            heads: int) -> np.ndarray:
     out = np.zeros_like(h)
-    positions = keys.shape[1] // heads
+    positions, width = keys.shape[1] // heads, h.shape[1]
+    weights = np.empty(keys.shape[1], np.float32)
     for r in range(keys.shape[0]):
-        scores = keys[r] @ h[r]
+        for j in range(keys.shape[1]):  # a score for each head and text position: the query is folded in
+            score = np.float32(0)
+            for d in range(width):
+                score += keys[r, j, d] * h[r, d]
+            weights[j] = score + mask[r, 0, j % positions]
         for head in range(heads):
-            part = scores[head * positions:(head + 1) * positions] + mask[r, 0]
-            weights = np.exp(part - part.max())
-            scores[head * positions:(head + 1) * positions] = weights / weights.sum()
-        out[r] = scores @ values[r]
+            part = weights[head * positions:(head + 1) * positions]
+            part[:] = np.exp(part - part.max())
+            part /= part.sum()
+        for j in range(keys.shape[1]):  # the output projection is folded into the values
+            for d in range(width):
+                out[r, d] += weights[j] * values[r, j, d]
     return out
 
 
@@ -176,6 +186,23 @@ def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int) -> 
     out = np.empty(q.shape, np.float32)
     _attend(np.ascontiguousarray(q, np.float32), keys, values, int(length), out)
     return out
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """x (B, D) float32 normalised over D (eps 1e-5, nn.LayerNorm's), scaled by weight and shifted by bias (D,)."""
+    _check(x.ndim == 2 and weight.shape == bias.shape == x.shape[1:], f"a norm of {weight.shape} for x {x.shape}")
+    return _layer_norm(x, weight, bias)
+
+
+def folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray,
+                           heads: int) -> np.ndarray:
+    """Cross-attention with the text folded into the keys and values (cpu.decoder.fold_text): h (B, D); keys and
+    values (rows, heads * S, D) for the first `rows` of h (the others attend to no text: 0); mask (B, 1, S),
+    additive -> (B, D)."""
+    _check(keys.shape == values.shape and keys.shape[0] <= h.shape[0] == mask.shape[0] and keys.shape[2] == h.shape[1]
+           and keys.shape[1] == heads * mask.shape[2],
+           f"h {h.shape}, mask {mask.shape} and {heads} heads do not fit keys {keys.shape} and values {values.shape}")
+    return _folded_cross_attention(h, keys, values, mask, heads)
 
 
 def fast_threading_layer() -> bool:

@@ -25,6 +25,7 @@ import time
 import types
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -60,14 +61,27 @@ def numba_kernels() -> types.ModuleType | None:
     the kernels here (said once)."""
     try:
         from . import kernels
-
-        return kernels if kernels.fast_threading_layer() else None
-    except ImportError:
+    except ImportError as error:
+        if error.name != "numba":  # numba is there but cannot load (a numpy it does not support, say)
+            warnings.warn(f"numba could not be imported ({error}); the CPU's decoding step runs without its "
+                          f"kernels", stacklevel=2)
         return None
-    except Exception as error:  # numba's own errors: no cache it can write, a threading layer it cannot load
+    try:
+        return kernels if kernels.fast_threading_layer() else None
+    except Exception as error:  # numba's own: no cache it can write, a threading layer it cannot load
         warnings.warn(f"numba's kernels for the CPU's decoding step could not be loaded ({error}); its products run "
                       f"on BLAS instead", stacklevel=2)
         return None
+
+
+Norm = tuple[np.ndarray, np.ndarray]  # an nn.LayerNorm's (weight, bias), as numpy views
+
+
+def layer_norm_of(kernels: types.ModuleType | None) -> Callable[[np.ndarray, Norm], np.ndarray]:
+    """The layer norm of a step: numba's (kernels.layer_norm, one pass) where its kernels run, else numpy's."""
+    if kernels is None:
+        return layer_norm
+    return lambda x, norm: kernels.layer_norm(x, *norm)
 
 
 class RowwiseLinear:
@@ -133,7 +147,7 @@ class NumpyText:
     @classmethod
     def of(cls, text: TextKV) -> NumpyText:
         keys, values = (None if a is None else np.asarray(a) for a in (text.keys, text.values))
-        return cls(keys, values, np.asarray(text.mask)[:, 0], text.folded)
+        return cls(keys, values, np.ascontiguousarray(np.asarray(text.mask)[:, 0]), text.folded)
 
 
 class NumpyCache:
@@ -161,7 +175,7 @@ class NumpyLayer:
 
     def __init__(self, layer: CompiledDecoderLayer):
         sa = layer.self_attn
-        self.kernels = numba_kernels()  # for the attention over the cache
+        self.kernels = numba_kernels()  # attention over the cache, layer norms, GELU, folded cross-attention
         self.heads, self.scale = sa.heads, np.float32(sa.scale)
         self.self_norm, self.final_norm = norm_of(layer.self_attn_layer_norm), norm_of(layer.final_layer_norm)
         self.q, self.k, self.v, self.out = (RowwiseLinear(p) for p in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj))
@@ -171,12 +185,9 @@ class NumpyLayer:
             self.cross_norm = norm_of(layer.encoder_attn_layer_norm)
             self.cross_q, self.cross_out = RowwiseLinear(ca.q_proj), RowwiseLinear(ca.out_proj)
         self.fc1, self.fc2 = RowwiseLinear(layer.fc1), RowwiseLinear(layer.fc2)
-        self.activation = ACTIVATIONS[layer.activation]
-        self.layer_norm = layer_norm
-        if self.kernels is not None:  # the same in one pass each, without numpy's per-op cost (~5 ms a step)
-            self.layer_norm = lambda x, norm: self.kernels.layer_norm(x, *norm)
-            if layer.activation == "gelu":
-                self.activation = self.kernels.gelu
+        self.layer_norm = layer_norm_of(self.kernels)  # numba's: one pass each, without numpy's per-op cost
+        use_kernel = self.kernels is not None and layer.activation == "gelu"
+        self.activation = self.kernels.gelu if use_kernel else ACTIVATIONS[layer.activation]
 
     def self_attention(self, h: np.ndarray, cache: NumpyCache) -> np.ndarray:
         B = h.shape[0]
@@ -223,6 +234,7 @@ class NumpyDecoder(WeightViews):
         self.layers = [NumpyLayer(layer) for layer in decoder.layers]
         self.embeddings = [np.asarray(embed.weight) for embed in decoder.embed_tokens]
         self.final_norm = norm_of(decoder.layer_norm)
+        self.layer_norm = layer_norm_of(numba_kernels())
         self.heads = [RowwiseLinear(head) for head in decoder.lm_heads]
         self.positions: np.ndarray | None = None  # the position table, from make_cache
         teams = product_teams()
@@ -279,7 +291,7 @@ class NumpyDecoder(WeightViews):
             x = layer(x, layer_cache)
         for layer_cache in cache:
             layer_cache.offset += 1
-        x = layer_norm(x, self.final_norm)
+        x = self.layer_norm(x, self.final_norm)
         return np.stack([head(x) for head in self.heads], axis=1)[:, :, None]
 
     def first_step(self, codes: mx.array, context: Context, cache: list[NumpyCache]) -> mx.array:

@@ -149,4 +149,4 @@ def numpy_blas_teams() -> ThreadTeams | None:
         return None
     cores = _linux.usable_cores()
     return ThreadTeams(sorted({cores, max(1, cores - 1), 1}, reverse=True),
-                     lambda threads: controller.limit(limits=threads))
+                       lambda threads: controller.limit(limits=threads))
