@@ -29,35 +29,60 @@ _JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=T
 @numba.njit(**_JIT)
 def _times_weight(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
     """out (R, N) = x (R, K) @ weight (N, K)^T: weight's rows are split among the threads; each row, read from
-    memory once, is multiplied by every row of x (the second time from the L1 cache)."""
+    memory once, is multiplied by two rows of x at a time, each element loaded once for both (an odd row last,
+    the weight's row then from the L1 cache)."""
+    rows = x.shape[0]
     for n in numba.prange(weight.shape[0]):
-        for r in range(x.shape[0]):
+        for r in range(0, rows - 1, 2):
+            first, second = np.float32(0), np.float32(0)
+            for k in range(weight.shape[1]):
+                w = weight[n, k]
+                first += w * x[r, k]
+                second += w * x[r + 1, k]
+            out[r, n], out[r + 1, n] = first, second
+        if rows % 2:
             total = np.float32(0)
             for k in range(weight.shape[1]):
-                total += weight[n, k] * x[r, k]
-            out[r, n] = total
+                total += weight[n, k] * x[rows - 1, k]
+            out[rows - 1, n] = total
 
 
 @numba.njit(**_JIT)
 def _times_weight_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -> None:
     """partials (T, R, N), summed over T = x (R, K) @ weight_t (K, N): weight_t's rows (x's columns) are split
-    into T runs, one a thread, each streamed from memory once into that thread's partial sums (in the cache)."""
-    inputs, threads = weight_t.shape[0], partials.shape[0]
+    into T runs, one a thread, each streamed from memory once into that thread's partial sums (in the cache),
+    four of its rows a pass (a quarter of the partial sums' loads and stores) for two rows of x at a time, each
+    element loaded once for both (an odd row last, the run then from the cache)."""
+    inputs, threads, rows, width = weight_t.shape[0], partials.shape[0], x.shape[0], weight_t.shape[1]
     run = (inputs + threads - 1) // threads
     for t in numba.prange(threads):
         sums = partials[t]
         sums[:] = 0
-        k, end = t * run, min(inputs, (t + 1) * run)
-        while k + 4 <= end:  # four of weight_t's rows a pass: a quarter of the partial sums' loads and stores
-            for r in range(x.shape[0]):
-                a, b, c, d = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
-                for n in range(weight_t.shape[1]):
-                    sums[r, n] += (a * weight_t[k, n] + b * weight_t[k + 1, n] + c * weight_t[k + 2, n]
-                                   + d * weight_t[k + 3, n])
-            k += 4
-        for tail in range(k, end):
-            for r in range(x.shape[0]):
-                sums[r] += x[r, tail] * weight_t[tail]
+        start, end = t * run, min(inputs, (t + 1) * run)
+        for r in range(0, rows - 1, 2):
+            first, second = sums[r], sums[r + 1]
+            k = start
+            while k + 4 <= end:
+                a0, b0, c0, d0 = x[r, k], x[r, k + 1], x[r, k + 2], x[r, k + 3]
+                a1, b1, c1, d1 = x[r + 1, k], x[r + 1, k + 1], x[r + 1, k + 2], x[r + 1, k + 3]
+                for n in range(width):
+                    w0, w1, w2, w3 = weight_t[k, n], weight_t[k + 1, n], weight_t[k + 2, n], weight_t[k + 3, n]
+                    first[n] += a0 * w0 + b0 * w1 + c0 * w2 + d0 * w3
+                    second[n] += a1 * w0 + b1 * w1 + c1 * w2 + d1 * w3
+                k += 4
+            for tail in range(k, end):
+                first += x[r, tail] * weight_t[tail]
+                second += x[r + 1, tail] * weight_t[tail]
+        if rows % 2:
+            last, k = rows - 1, start
+            while k + 4 <= end:
+                a, b, c, d = x[last, k], x[last, k + 1], x[last, k + 2], x[last, k + 3]
+                for n in range(width):
+                    sums[last, n] += a * weight_t[k, n] + b * weight_t[k + 1, n] + c * weight_t[k + 2, n] \
+                        + d * weight_t[k + 3, n]
+                k += 4
+            for tail in range(k, end):
+                sums[last] += x[last, tail] * weight_t[tail]
 
 
 @numba.njit(**_JIT)
