@@ -193,10 +193,12 @@ def test_numba_products_match_numpy(rows, inputs, outputs):
 
 
 @pytest.mark.parametrize("length", [1, 37, 300])
-def test_numba_attention_matches_numpy(length):
+@pytest.mark.parametrize("masked", [False, True])
+def test_numba_attention_matches_numpy(length, masked):
     """cpu.kernels.attend, 2 rows by 3 heads over the first `length` of 320 cached positions (the rest NaN, never
-    read), on every thread and on one: float64 softmax attention's output, within float32's rounding (1e-6 of the
-    largest value: the output is a weighted mean of values)."""
+    read), with no mask (the KV cache's) or an additive one (a text's: float32's min on padding), on every thread
+    and on one: float64 softmax attention's output, within float32's rounding (1e-6 of the largest value: the
+    output is a weighted mean of values)."""
     numba = pytest.importorskip("numba")
     from mlx_musicgen.cpu import kernels
 
@@ -204,15 +206,18 @@ def test_numba_attention_matches_numpy(length):
     q = rng.standard_normal((2, 3, 8), dtype=np.float32)
     keys, values = (np.full((2, 3, 320, 8), np.nan, np.float32) for _ in range(2))
     keys[:, :, :length], values[:, :, :length] = (rng.standard_normal((2, 3, length, 8)) for _ in range(2))
+    mask = np.zeros((2, length if masked else 0), np.float32)
+    if masked:
+        mask[0, length // 2:] = np.finfo(np.float32).min
     scores = np.einsum("bhpd,bhd->bhp", keys[:, :, :length].astype(np.float64), q)
+    scores += mask[:, None] if masked else 0
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("bhp,bhpd->bhd", weights / weights.sum(-1, keepdims=True), values[:, :, :length])
     for count in (numba.get_num_threads(), 1):
+        actual = np.empty_like(q)
         with kernels.threads(count):
-            actual = kernels.attend(q, keys, values, length)
+            kernels.attend(q, keys, values, length, mask, actual)
         np.testing.assert_allclose(actual, expected, atol=1e-6 * np.abs(values[:, :, :length]).max(), rtol=0)
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.attend(q, keys, values, 321)
     with pytest.raises(ValueError, match="does not fit"):
         kernels.times_weight(q[0], np.ones((4, 9), np.float32))
 
@@ -238,18 +243,57 @@ def test_numba_small_ops_match_float64():
     heads, positions, width = 3, 5, 300  # keys and values folded: (rows, heads * positions, width), 1 row of 2
     h = rng.standard_normal((2, width), dtype=np.float32)
     keys, values = (rng.standard_normal((1, heads * positions, width), dtype=np.float32) / 10 for _ in range(2))
-    mask = np.zeros((2, 1, positions), np.float32)
-    mask[0, 0, -2:] = np.finfo(np.float32).min  # the text's last two positions are padding, as decoder masks them
+    mask = np.zeros((2, positions), np.float32)
+    mask[0, -2:] = np.finfo(np.float32).min  # the text's last two positions are padding, as decoder masks them
     scores = (keys[0].astype(np.float64) @ h[0]).reshape(heads, positions) + mask[0]
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.zeros((2, width))
     expected[0] = (weights / weights.sum(-1, keepdims=True)).reshape(-1) @ values[0]
     np.testing.assert_allclose(kernels.folded_cross_attention(h, keys, values, mask, heads), expected, atol=1e-6,
                                rtol=0)
-    with pytest.raises(ValueError, match="do not fit"):
-        kernels.folded_cross_attention(h, keys, values, mask, heads + 1)
     with pytest.raises(ValueError, match="a norm of"):
         kernels.layer_norm(x, weight[:-1], bias[:-1])
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+@pytest.mark.parametrize("text_len, folded", [(5, True), (40, False)])
+def test_numba_decoder_layer_matches_the_numpy_layer(tiny, activation, text_len, folded):
+    """cpu.kernels.decoder_layer, a whole layer in one call, against the same layer op by op in numpy (the form
+    test_numpy_steps_match_reference holds to the reference), each text form and activation, at position 5 of a
+    cache whose later positions are NaN (never read): the same output within float32's rounding and the same
+    keys and values written. Shapes that do not fit are refused."""
+    kernels = numpy_decoder.numba_kernels()
+    if kernels is None:
+        pytest.skip("numba is not installed here, or runs on its own work queue")
+    loaded = MusicGen.from_pretrained(tiny.folder, portable=True)
+    optimize_decoder(loaded.decoder, split=False)
+    layer = loaded.decoder.layers[1]
+    layer.activation = activation
+    _, states, mask = random_inputs(seed=6, batch=2, text_len=text_len)
+    mask[1], states[1] = 0, 0  # guidance's layout
+    text = loaded.decoder.text_context(mx.array(states), mx.array(mask)).text[1]
+    assert text.folded == folded
+    numpy_layer = numpy_decoder.NumpyLayer(layer)
+    x = np.random.default_rng(1).standard_normal((2, layer.fc1.weight_t.shape[0]), dtype=np.float32)
+    outputs, caches = [], []
+    for weights in (numpy_layer.kernel_weights, None):
+        cache = NumpyCache(2, numpy_layer.heads, x.shape[1] // numpy_layer.heads, 9)
+        cache.keys[:] = cache.values[:] = np.nan
+        cache.keys[:, :, :5], cache.values[:, :, :5] = np.random.default_rng(2).standard_normal((2, 2, 1, 5, 1))
+        cache.offset, cache.text = 5, numpy_decoder.NumpyText.of(text)
+        cache.kernel_text = numpy_decoder.text_for_kernels(kernels, cache.text, 2)
+        numpy_layer.kernel_weights = weights
+        outputs.append(numpy_layer(x, cache))
+        caches.append(cache)
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+    for name in ("keys", "values"):
+        np.testing.assert_allclose(getattr(caches[0], name)[:, :, :6], getattr(caches[1], name)[:, :, :6], atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit a cache"):
+        kernels.decoder_layer(x, 9, caches[0].keys, caches[0].values, caches[0].kernel_text, numpy_layer.weights_for(
+            kernels))
+    with pytest.raises(ValueError, match="does not fit x"):
+        kernels.decoder_layer(x[:1], 5, caches[0].keys[:1], caches[0].values[:1], caches[0].kernel_text,
+                              numpy_layer.weights_for(kernels))
 
 
 def test_numba_thread_teams_follow_the_users_count(monkeypatch):
@@ -321,8 +365,7 @@ def test_numpy_steps_match_reference(tiny, text_len, folded, batch, products, mo
     loaded = MusicGen.from_pretrained(tiny.folder, portable=True)
     optimize_decoder(loaded.decoder, split=False)
     lm = NumpyDecoder(loaded.decoder)
-    assert (lm.layers[0].fc1.kernels is None) == (products != "numba")
-    assert (lm.layers[0].activation is numpy_decoder.gelu) == (products != "numba")
+    assert all((layer.kernel_weights is None) == (products != "numba") for layer in lm.layers)
     if products == "blas in 1 KB blocks":
         assert len(lm.layers[0].fc1.blocks) > 1 and len(lm.layers[0].q.blocks) == 16  # q: 4 rows of 64 a block
     codes, states, mask = random_inputs(seed=4, batch=2, frames=8, text_len=text_len)
@@ -338,6 +381,5 @@ def test_numpy_steps_match_reference(tiny, text_len, folded, batch, products, mo
     np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
     if products == "numba":  # the kernels' first calls (fast_threading_layer) compiled what the steps call
         kernels = numpy_decoder.numba_kernels()
-        jitted = [getattr(kernels, name) for name in ("_times_weight", "_times_weight_t", "_attend", "gelu",
-                                                      "_layer_norm", "_folded_cross_attention")]
-        assert [len(function.signatures) for function in jitted] == [1] * len(jitted)
+        entries = [kernels.linear, kernels._layer_norm, kernels._decoder_layer]  # called from Python: the others inside
+        assert [len(function.signatures) for function in entries] == [1] * len(entries)

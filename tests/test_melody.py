@@ -14,7 +14,7 @@ import reference
 from mlx_musicgen import MusicGen
 from mlx_musicgen.chroma import melody_at
 from mlx_musicgen.convert import convert
-from mlx_musicgen.cpu.numpy_decoder import NumpyDecoder
+from mlx_musicgen.cpu.numpy_decoder import NumpyDecoder, numba_kernels
 from mlx_musicgen.loading import CheckpointError
 from test_chroma import chord_progression, tune_over_noise
 from test_prompt import music
@@ -36,6 +36,8 @@ def model(tiny_melody, request):
         if not NumpyDecoder.supports(loaded.decoder):
             pytest.skip("the numpy step is the CPU's: compiled float32 layers")
         loaded.lm = NumpyDecoder(loaded.decoder)
+        if numba_kernels() is not None:  # Melody's layers (no cross-attention) in numba's decoder layer too
+            assert all(layer.kernel_weights is not None for layer in loaded.lm.layers)
     return loaded
 
 

@@ -1,9 +1,9 @@
-"""The numpy decoding step's products and attention over the KV cache as numba kernels: each reads its weight (or
-a head's keys and values) from memory once, at the rate memory streams it; and the small ops between them (layer
-norm, GELU, folded cross-attention), one pass each.
+"""The numpy decoding step's layers as numba kernels (decoder_layer): each product reads its weight (and the
+attention each head's keys and values) from memory once, at the rate memory streams it; the small ops between
+them (layer norms, GELU, folded cross-attention) take one pass each; and a whole layer is one call from Python.
 
 A decoding step with guidance multiplies 2 rows by every weight of the decoder. BLAS's matrix product repacks
-the weight for so few rows and its matrix-vector product takes one row: here every row of x is multiplied as
+the weight for so few rows and its matrix-vector product takes one row: here both rows of x are multiplied as
 each stretch of the weight arrives from memory, on numba's threads (docs/performance.md). numba, not a BLAS call
 or a C extension of our own: no BLAS has this product, and numba compiles it where the package is installed,
 with no compiler needed.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import numba
@@ -23,11 +24,12 @@ from .decoder import ERF_P, ERF_Q
 
 # Sums may be reordered (as BLAS does) and fused into FMAs, which lets LLVM vectorise them; numba's full fastmath
 # would also assume no inf or NaN, which a step's inputs may hold (the sampler reports them).
-_JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+_FAST = dict(fastmath={"reassoc", "contract"}, cache=True, nogil=True)  # on one thread: microseconds of work
+_JIT = dict(parallel=True, **_FAST)  # the loops split among numba's threads (numba.prange)
 
 
 @numba.njit(**_JIT)
-def _times_weight(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+def product(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
     """out (R, N) = x (R, K) @ weight (N, K)^T: weight's rows are split among the threads; each row, read from
     memory once, is multiplied by two rows of x at a time, each element loaded once for both (an odd row last,
     the weight's row then from the L1 cache)."""
@@ -48,7 +50,7 @@ def _times_weight(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(**_JIT)
-def _times_weight_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -> None:
+def product_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -> None:
     """partials (T, R, N), summed over T = x (R, K) @ weight_t (K, N): weight_t's rows (x's columns) are split
     into T runs, one a thread, each streamed from memory once into that thread's partial sums (in the cache),
     four of its rows a pass (a quarter of the partial sums' loads and stores) for two rows of x at a time, each
@@ -86,11 +88,13 @@ def _times_weight_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -
 
 
 @numba.njit(**_JIT)
-def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, out: np.ndarray) -> None:
-    """out (B, H, D) = softmax(keys[:, :, :length] . q) @ values[:, :, :length] for each row and head, q (B, H, D)
-    scaled already, keys and values (B, H, positions, D): the rows' heads are split among the threads, and each
-    head's keys and values are read from memory once."""
-    heads, width = q.shape[1], q.shape[2]
+def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, mask: np.ndarray,
+           out: np.ndarray) -> None:
+    """out (B, H, D) = softmax(keys[:, :, :length] . q + mask) @ values[:, :, :length] for each row and head: q
+    (B, H, D) scaled already; keys and values (B, H, positions, D), a KV cache's whole arrays or a text's; mask
+    (B, length) additive, or (B, 0) for none. The rows' heads are split among the threads, and each head's keys
+    and values are read from memory once."""
+    heads, width, masked = q.shape[1], q.shape[2], mask.shape[1] > 0
     for i in numba.prange(q.shape[0] * heads):
         b, h = i // heads, i % heads
         scores = np.empty(length, np.float32)
@@ -98,7 +102,7 @@ def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, ou
             score = np.float32(0)
             for d in range(width):
                 score += keys[b, h, p, d] * q[b, h, d]
-            scores[p] = score
+            scores[p] = score + mask[b, p] if masked else score
         top = scores.max()
         total = np.float32(0)
         for p in range(length):
@@ -118,10 +122,7 @@ _ERF_P = np.array(ERF_P[::-1], np.float32)
 _ERF_Q = np.array(ERF_Q[::-1], np.float32)
 
 
-_SMALL = dict(fastmath={"reassoc", "contract"}, cache=True, nogil=True)  # one thread: microseconds of work
-
-
-@numba.njit(**_SMALL)
+@numba.njit(**_FAST)
 def gelu(x: np.ndarray) -> np.ndarray:
     """The exact (erf) GELU of x (B, N) float32, with cpu.decoder's rational erf, in float32 and one pass (numpy
     makes ~25)."""
@@ -141,7 +142,7 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return out
 
 
-@numba.njit(**_SMALL)
+@numba.njit(**_FAST)
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     width, eps = np.float32(x.shape[1]), np.float32(1e-5)
@@ -159,9 +160,12 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarr
     return out
 
 
-@numba.njit(**_SMALL)
-def _folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray,
-                            heads: int) -> np.ndarray:
+@numba.njit(**_FAST)
+def folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray,
+                           heads: int) -> np.ndarray:
+    """Cross-attention with the text folded into the keys and values (cpu.decoder.fold_text): h (B, D); keys and
+    values (rows, heads * S, D) for the first `rows` of h (the others attend to no text: 0); mask (B, S),
+    additive -> (B, D)."""
     out = np.zeros_like(h)
     positions, width = keys.shape[1] // heads, h.shape[1]
     weights = np.empty(keys.shape[1], np.float32)
@@ -170,7 +174,7 @@ def _folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray,
             score = np.float32(0)
             for d in range(width):
                 score += keys[r, j, d] * h[r, d]
-            weights[j] = score + mask[r, 0, j % positions]
+            weights[j] = score + mask[r, j % positions]
         for head in range(heads):
             part = weights[head * positions:(head + 1) * positions]
             part[:] = np.exp(part - part.max())
@@ -179,6 +183,54 @@ def _folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray,
             for d in range(width):
                 out[r, d] += weights[j] * values[r, j, d]
     return out
+
+
+SELF_ONLY, FOLDED, TEXT = 0, 1, 2  # a layer's cross-attention: none (MusicGen-Melody), folded text, text by head
+ACTIVATIONS = {"gelu": 0, "relu": 1}
+
+
+@numba.njit(**_FAST)
+def linear(x: np.ndarray, weight: np.ndarray, transposed: bool, threads: int) -> np.ndarray:
+    """x (R, K) times a weight stored (N, K) (product), or transposed (K, N) (product_t, on `threads` threads: numba
+    cannot cache a function that asks numba.get_num_threads) -> (R, N)."""
+    if not transposed:
+        out = np.empty((x.shape[0], weight.shape[0]), np.float32)
+        product(x, weight, out)
+        return out
+    partials = np.empty((threads, x.shape[0], weight.shape[1]), np.float32)
+    product_t(x, weight, partials)
+    out = partials[0].copy()
+    for t in range(1, threads):
+        out += partials[t]
+    return out
+
+
+@numba.njit(**_FAST)
+def _decoder_layer(x, position, cache_keys, cache_values, cross, text_keys, text_values, folded_keys, folded_values,
+                   text_mask, norms, products, transposed, scale, activation, threads):
+    """decoder_layer's body: x += SelfAttn(LN(x)); x += CrossAttn(LN(x), text); x += fc2(act(fc1(LN(x))))."""
+    B, heads, _, width = cache_keys.shape
+    self_norm, cross_norm, final_norm = norms[0:2], norms[2:4], norms[4:6]
+    q, k, v, out, cross_q, cross_out, fc1, fc2 = products
+    h = _layer_norm(x, *self_norm)
+    queries = linear(h, q, transposed[0], threads) * scale
+    new_keys, new_values = linear(h, k, transposed[1], threads), linear(h, v, transposed[2], threads)
+    for b in range(B):
+        for head in range(heads):
+            for d in range(width):
+                cache_keys[b, head, position, d] = new_keys[b, head * width + d]
+                cache_values[b, head, position, d] = new_values[b, head * width + d]
+    attended, unmasked = np.empty((B, heads, width), np.float32), np.empty((B, 0), np.float32)
+    attend(queries.reshape(B, heads, width), cache_keys, cache_values, position + 1, unmasked, attended)
+    x = x + linear(attended.reshape(B, heads * width), out, transposed[3], threads)
+    if cross == FOLDED:
+        x = x + folded_cross_attention(_layer_norm(x, *cross_norm), folded_keys, folded_values, text_mask, heads)
+    elif cross == TEXT:
+        queries = linear(_layer_norm(x, *cross_norm), cross_q, transposed[4], threads) * scale
+        attend(queries.reshape(B, heads, width), text_keys, text_values, text_keys.shape[2], text_mask, attended)
+        x = x + linear(attended.reshape(B, heads * width), cross_out, transposed[5], threads)
+    h = linear(_layer_norm(x, *final_norm), fc1, transposed[6], threads)
+    return x + linear(gelu(h) if activation == 0 else np.maximum(h, np.float32(0)), fc2, transposed[7], threads)
 
 
 def _check(condition: bool, what: str) -> None:
@@ -190,27 +242,13 @@ def _check(condition: bool, what: str) -> None:
 def times_weight(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x (R, K) @ weight.T: weight (N, K), C-contiguous float32, as nn.Linear stores it -> (R, N)."""
     _check(x.ndim == 2 and x.shape[1] == weight.shape[1], f"x {x.shape} does not fit a weight {weight.shape}")
-    out = np.empty((x.shape[0], weight.shape[0]), np.float32)
-    _times_weight(np.ascontiguousarray(x, np.float32), weight, out)
-    return out
+    return linear(np.ascontiguousarray(x, np.float32), weight, False, numba.get_num_threads())
 
 
 def times_weight_t(x: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
     """x (R, K) @ weight_t: weight_t (K, N), C-contiguous float32 (a cpu.decoder.TransposedLinear's) -> (R, N)."""
     _check(x.ndim == 2 and x.shape[1] == weight_t.shape[0], f"x {x.shape} does not fit a weight_t {weight_t.shape}")
-    partials = np.empty((numba.get_num_threads(), x.shape[0], weight_t.shape[1]), np.float32)
-    _times_weight_t(np.ascontiguousarray(x, np.float32), weight_t, partials)
-    return np.add.reduce(partials, axis=0)
-
-
-def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int) -> np.ndarray:
-    """Attention of one position over the first `length` (>= 1) of a KV cache: q (B, H, D), scaled; keys, values
-    (B, H, positions, D), the cache's whole C-contiguous float32 arrays -> (B, H, D)."""
-    _check(keys.shape == values.shape and keys.shape[:2] + keys.shape[3:] == q.shape and 1 <= length <= keys.shape[2],
-           f"q {q.shape} and {length} positions do not fit keys {keys.shape} and values {values.shape}")
-    out = np.empty(q.shape, np.float32)
-    _attend(np.ascontiguousarray(q, np.float32), keys, values, int(length), out)
-    return out
+    return linear(np.ascontiguousarray(x, np.float32), weight_t, True, numba.get_num_threads())
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -219,27 +257,65 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarra
     return _layer_norm(x, weight, bias)
 
 
-def folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray,
-                           heads: int) -> np.ndarray:
-    """Cross-attention with the text folded into the keys and values (cpu.decoder.fold_text): h (B, D); keys and
-    values (rows, heads * S, D) for the first `rows` of h (the others attend to no text: 0); mask (B, 1, S),
-    additive -> (B, D)."""
-    _check(keys.shape == values.shape and keys.shape[0] <= h.shape[0] == mask.shape[0] and keys.shape[2] == h.shape[1]
-           and keys.shape[1] == heads * mask.shape[2],
-           f"h {h.shape}, mask {mask.shape} and {heads} heads do not fit keys {keys.shape} and values {values.shape}")
-    return _folded_cross_attention(h, keys, values, mask, heads)
+@dataclass(frozen=True)
+class LayerWeights:
+    """A decoder layer's weights as the kernels take them, C-contiguous float32: the (weight, bias) of its three
+    layer norms (self-attention, cross-attention, final) as six (D,) arrays; the products q, k, v, out, cross q,
+    cross out, fc1, fc2, each stored (out, in) or transposed (in, out) as `transposed` says; the attention's
+    scale; the activation (ACTIVATIONS). A layer without cross-attention has (0,)- and (0, 0)-arrays there."""
+
+    norms: tuple[np.ndarray, ...]
+    products: tuple[np.ndarray, ...]
+    transposed: tuple[bool, ...]
+    scale: float
+    activation: int
+
+
+@dataclass(frozen=True)
+class LayerText:
+    """A window's text for a layer's cross-attention as the kernels take it: `cross` (SELF_ONLY, FOLDED, TEXT);
+    keys and values by head (B, heads, S, head_dim) for TEXT; folded ones (rows, heads * S, D) for FOLDED; the
+    additive mask (B, S); unused arrays empty."""
+
+    cross: int
+    keys: np.ndarray
+    values: np.ndarray
+    folded_keys: np.ndarray
+    folded_values: np.ndarray
+    mask: np.ndarray
+
+
+def decoder_layer(x: np.ndarray, position: int, cache_keys: np.ndarray, cache_values: np.ndarray, text: LayerText,
+                  weights: LayerWeights) -> np.ndarray:
+    """One decoder layer's step of one position, in one call: x (B, D) -> (B, D). Writes the position's keys and
+    values into the KV cache (B, heads, max_length, head_dim, C-contiguous float32) and attends over every position
+    up to it; `weights` as cpu.numpy_decoder.NumpyLayer takes them from the layer (their shapes are the layer's)."""
+    (B, D), (heads, _, width), S = x.shape, cache_keys.shape[1:], text.mask.shape[1]
+    _check(cache_keys.shape == cache_values.shape and cache_keys.shape[0] == B and heads * width == D
+           and 0 <= position < cache_keys.shape[2],
+           f"x {x.shape} at position {position} does not fit a cache {cache_keys.shape}")
+    folded_rows = text.folded_keys.shape[0]
+    fits_folded = text.folded_keys.shape == text.folded_values.shape and (
+        folded_rows == 0 or folded_rows <= B and text.folded_keys.shape[1:] == (heads * S, D))
+    fits_text = text.keys.shape == text.values.shape == (B, heads, S, width)
+    _check(text.mask.shape[0] == B and {FOLDED: fits_folded, TEXT: fits_text}.get(text.cross, True),
+           f"a text of mask {text.mask.shape}, keys {text.keys.shape} and folded keys {text.folded_keys.shape} "
+           f"does not fit x {x.shape} with {heads} heads")
+    return _decoder_layer(np.ascontiguousarray(x, np.float32), position, cache_keys, cache_values, text.cross,
+                          text.keys, text.values, text.folded_keys, text.folded_values, text.mask, weights.norms,
+                          weights.products, weights.transposed, np.float32(weights.scale), weights.activation,
+                          numba.get_num_threads())
 
 
 def fast_threading_layer() -> bool:
     """Whether numba's threads come from TBB or OpenMP (a decoding step's products on them beat BLAS's
     matrix-vector products here) rather than numba's own work queue (on which they lose: docs/performance.md).
     Compiles every kernel (or loads it from numba's cache) and starts the threads, so that no step pays for it."""
-    one = np.ones((1, 1), np.float32)
-    times_weight(one, one)
-    times_weight_t(one, one)
-    attend(one[None], one[None, None], one[None, None], 1)
-    layer_norm(gelu(one), one[0], one[0])
-    folded_cross_attention(one, one[None], one[None], np.zeros((1, 1, 1, 1), np.float32)[:, 0], 1)
+    one, none = np.ones((1, 1), np.float32), np.empty((0, 0), np.float32)
+    layer_norm(times_weight_t(times_weight(one, one), one), one[0], one[0])
+    weights = LayerWeights((one[0],) * 6, (one,) * 8, (False,) * 8, 1.0, ACTIVATIONS["gelu"])
+    text = LayerText(FOLDED, none[None, None], none[None, None], one[None], one[None], one)
+    decoder_layer(one, 0, one[None, None], one[None, None], text, weights)
     return numba.threading_layer() != "workqueue"
 
 

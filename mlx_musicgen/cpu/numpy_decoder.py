@@ -4,11 +4,11 @@ numpy|compiled chooses.
 
 A step of guidance's two rows multiplies each row by every weight of the decoder. BLAS's matrix product repacks
 the weight for so few rows and runs at a third of the copy bandwidth, and so does MKL's on some CPUs
-(docs/performance.md). So each product here reads its weight from memory once for both rows: numba's kernels
-(cpu.kernels) where numba runs on TBB's or OpenMP's threads; else one BLAS matrix-vector product a row, the first
-row's reading the weight from memory and the next ones' from the cache. The ops between the products (attention
-over the KV cache, layer norms, GELU, folded cross-attention) are numba's too where it runs, else numpy's (tens
-of microseconds each; MLX's cost tens more).
+(docs/performance.md). So each product here reads its weight from memory once for both rows. Where numba runs on
+TBB's or OpenMP's threads, a whole layer is one call of its kernels (cpu.kernels.decoder_layer): the products, the
+attention over the KV cache, the layer norms, GELU and the folded cross-attention. Else the layer runs op by op
+in numpy, each product as one BLAS matrix-vector product a row, the first row's reading the weight from memory
+and the next ones' from the cache.
 
 The first step of a window (the start column, a prompt: many positions) runs the compiled decoder, whose keys
 and values are then copied into the numpy cache; every later step of one position runs here.
@@ -146,19 +146,35 @@ class NumpyText:
 
     @classmethod
     def of(cls, text: TextKV) -> NumpyText:
-        keys, values = (None if a is None else np.asarray(a) for a in (text.keys, text.values))
+        keys, values = (None if a is None else np.ascontiguousarray(a) for a in (text.keys, text.values))
         return cls(keys, values, np.ascontiguousarray(np.asarray(text.mask)[:, 0]), text.folded)
+
+
+
+def text_for_kernels(kernels: types.ModuleType, text: NumpyText | None, batch: int) -> object:
+    """A window's text for a layer of `batch` rows as numba's decoder layer takes it (cpu.kernels.LayerText):
+    none (MusicGen-Melody's layers), folded, or by head."""
+    none3, none4 = np.empty((0, 0, 0), np.float32), np.empty((0,) * 4, np.float32)
+    if text is None:
+        return kernels.LayerText(kernels.SELF_ONLY, none4, none4, none3, none3, np.empty((batch, 0), np.float32))
+    mask = text.mask[:, 0]
+    if not text.folded:
+        return kernels.LayerText(kernels.TEXT, text.keys, text.values, none3, none3, mask)
+    keys, values = (none3, none3) if text.keys is None else (text.keys, text.values)
+    return kernels.LayerText(kernels.FOLDED, none4, none4, keys, values, mask)
 
 
 class NumpyCache:
     """A layer's self-attention keys and values (B, heads, max_length, head_dim) in numpy; `offset` counts the
-    positions filled. `text`: the window's text for cross-attention, as numpy views made on its first step."""
+    positions filled. `text`: the window's text for cross-attention, as numpy views made on its first step, and
+    `kernel_text` the same as numba's layer takes it."""
 
     def __init__(self, batch: int, heads: int, head_dim: int, max_length: int):
         self.keys = np.zeros((batch, heads, max_length, head_dim), np.float32)
         self.values = np.zeros_like(self.keys)
         self.offset = 0
         self.text: NumpyText | None = None
+        self.kernel_text: object | None = None
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write the newest position's keys and values (B, heads, head_dim); return every position's so far."""
@@ -171,11 +187,11 @@ class NumpyCache:
 
 class NumpyLayer:
     """One CompiledDecoderLayer's step of one position, on views of its weights; with cross-attention (MusicGen) or
-    without (MusicGen-Melody, whose conditioning is a prefix in the KV cache)."""
+    without (MusicGen-Melody, whose conditioning is a prefix in the KV cache). One call of numba's kernels where
+    they run and take its weights (kernel_weights); else op by op in numpy."""
 
     def __init__(self, layer: CompiledDecoderLayer):
         sa = layer.self_attn
-        self.kernels = numba_kernels()  # attention over the cache, layer norms, GELU, folded cross-attention
         self.heads, self.scale = sa.heads, np.float32(sa.scale)
         self.self_norm, self.final_norm = norm_of(layer.self_attn_layer_norm), norm_of(layer.final_layer_norm)
         self.q, self.k, self.v, self.out = (RowwiseLinear(p) for p in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj))
@@ -185,27 +201,38 @@ class NumpyLayer:
             self.cross_norm = norm_of(layer.encoder_attn_layer_norm)
             self.cross_q, self.cross_out = RowwiseLinear(ca.q_proj), RowwiseLinear(ca.out_proj)
         self.fc1, self.fc2 = RowwiseLinear(layer.fc1), RowwiseLinear(layer.fc2)
-        self.layer_norm = layer_norm_of(self.kernels)  # numba's: one pass each, without numpy's per-op cost
-        use_kernel = self.kernels is not None and layer.activation == "gelu"
-        self.activation = self.kernels.gelu if use_kernel else ACTIVATIONS[layer.activation]
+        self.activation_name = layer.activation
+        self.activation = ACTIVATIONS[layer.activation]
+        self.kernels = numba_kernels()
+        self.kernel_weights = None if self.kernels is None else self.weights_for(self.kernels)
+
+    def weights_for(self, kernels: types.ModuleType) -> object | None:
+        """The layer's weights as numba's decoder layer takes them (cpu.kernels.LayerWeights), or None where one
+        is not C-contiguous float32 (a copy would double the memory)."""
+        none1, none2 = np.empty((0,), np.float32), np.empty((0, 0), np.float32)
+        cross_norm, cross = ((self.cross_norm, (self.cross_q, self.cross_out)) if self.cross
+                             else ((none1, none1), (None, None)))
+        products = (self.q, self.k, self.v, self.out, *cross, self.fc1, self.fc2)
+        norms = (*self.self_norm, *cross_norm, *self.final_norm)
+        arrays = tuple(none2 if p is None else p.array for p in products)
+        if not all(a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable for a in norms + arrays):
+            return None
+        return kernels.LayerWeights(norms, arrays, tuple(p is not None and p.transposed for p in products),
+                                    float(self.scale), kernels.ACTIVATIONS[self.activation_name])
 
     def self_attention(self, h: np.ndarray, cache: NumpyCache) -> np.ndarray:
         B = h.shape[0]
         q, k, v = (proj(h).reshape(B, self.heads, -1) for proj in (self.q, self.k, self.v))
         keys, values = cache.append(k, v)
-        if self.kernels is not None:  # the cache's whole arrays: a slice of positions is not C-contiguous
-            return self.out(self.kernels.attend(q * self.scale, cache.keys, cache.values, keys.shape[2]).reshape(B, -1))
         weights = softmax((keys @ q[..., None])[..., 0] * self.scale)  # (B, heads, positions)
         return self.out((weights[:, :, None] @ values).reshape(B, -1))
 
     def cross_attention(self, h: np.ndarray, text: NumpyText) -> np.ndarray:
         B, keys, values, mask = h.shape[0], text.keys, text.values, text.mask
         if text.folded:  # keys and values (rows, heads * S, D): cpu.decoder.fold_text
-            if keys is None:
-                return np.zeros_like(h)
-            if self.kernels is not None:
-                return self.kernels.folded_cross_attention(h, keys, values, mask, self.heads)
             out = np.zeros_like(h)
+            if keys is None:
+                return out
             rows = keys.shape[0]
             scores = np.stack([np.dot(keys[r], h[r]) for r in range(rows)]).reshape(rows, self.heads, -1)
             weights = softmax(scores + mask[:rows]).reshape(rows, -1)
@@ -217,10 +244,13 @@ class NumpyLayer:
 
     def __call__(self, x: np.ndarray, cache: NumpyCache) -> np.ndarray:
         """x (B, D), the newest position of each row -> the layer's output (B, D)."""
-        x = x + self.self_attention(self.layer_norm(x, self.self_norm), cache)
+        if self.kernel_weights is not None:
+            return self.kernels.decoder_layer(x, cache.offset, cache.keys, cache.values, cache.kernel_text,
+                                              self.kernel_weights)
+        x = x + self.self_attention(layer_norm(x, self.self_norm), cache)
         if self.cross:
-            x = x + self.cross_attention(self.layer_norm(x, self.cross_norm), cache.text)
-        return x + self.fc2(self.activation(self.fc1(self.layer_norm(x, self.final_norm))))
+            x = x + self.cross_attention(layer_norm(x, self.cross_norm), cache.text)
+        return x + self.fc2(self.activation(self.fc1(layer_norm(x, self.final_norm))))
 
 
 class NumpyDecoder(WeightViews):
@@ -303,8 +333,10 @@ class NumpyDecoder(WeightViews):
         compiled_cache = self.decoder.make_cache(codes.shape[0], context.length + codes.shape[-1])
         logits = self.decoder(codes, context, compiled_cache)
         mx.eval(logits, [c.state for c in compiled_cache])
+        kernels = numba_kernels()
         for source, target, text in zip(compiled_cache, cache, context.text or [None] * len(cache)):
             target.text = None if text is None else NumpyText.of(text)
+            target.kernel_text = None if kernels is None else text_for_kernels(kernels, target.text, codes.shape[0])
             target.keys[:, :, : source.offset] = np.asarray(source.state["keys"])
             target.values[:, :, : source.offset] = np.asarray(source.state["values"])
             target.offset = source.offset
