@@ -168,7 +168,7 @@ def test_position_table_is_the_references_to_float32_rounding(width):
     np.testing.assert_array_less(np.abs(ours - reference), np.concatenate([moved] * 2, axis=1) + 2**-23)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("inputs, outputs", [(64, 48), (130, 7), (5, 3)])
 def test_numba_products_match_numpy(rows, inputs, outputs):
     """cpu.kernels' products, both layouts, on every thread and on one: float64 numpy's within float32's rounding
@@ -190,12 +190,14 @@ def test_numba_products_match_numpy(rows, inputs, outputs):
                 assert actual.shape == expected.shape and actual.dtype == np.float32
                 assert (np.abs(actual - expected) <= tolerance).all()
         assert numba.get_num_threads() == before
+    with pytest.raises(ValueError, match="does not fit a weight"):
+        kernels.times_weight(x, weight[:, 1:])
 
 
 @pytest.mark.parametrize("length", [1, 37, 300])
 @pytest.mark.parametrize("masked", [False, True])
 def test_numba_attention_matches_numpy(length, masked):
-    """cpu.kernels.attend, 2 rows by 3 heads over the first `length` of 320 cached positions (the rest NaN, never
+    """cpu.kernels._attend (decoder_layer's), 2 rows by 3 heads over the first `length` of 320 cached positions (the rest NaN, never
     read), with no mask (the KV cache's) or an additive one (a text's: float32's min on padding), on every thread
     and on one: float64 softmax attention's output, within float32's rounding (1e-6 of the largest value: the
     output is a weighted mean of values)."""
@@ -216,10 +218,8 @@ def test_numba_attention_matches_numpy(length, masked):
     for count in (numba.get_num_threads(), 1):
         actual = np.empty_like(q)
         with kernels.threads(count):
-            kernels.attend(q, keys, values, length, mask, actual)
+            kernels._attend(q, keys, values, length, mask, actual)
         np.testing.assert_allclose(actual, expected, atol=1e-6 * np.abs(values[:, :, :length]).max(), rtol=0)
-    with pytest.raises(ValueError, match="does not fit"):
-        kernels.times_weight(q[0], np.ones((4, 9), np.float32))
 
 
 def test_numba_small_ops_match_float64():
@@ -249,7 +249,7 @@ def test_numba_small_ops_match_float64():
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.zeros((2, width))
     expected[0] = (weights / weights.sum(-1, keepdims=True)).reshape(-1) @ values[0]
-    np.testing.assert_allclose(kernels.folded_cross_attention(h, keys, values, mask, heads), expected, atol=1e-6,
+    np.testing.assert_allclose(kernels._folded_cross_attention(h, keys, values, mask, heads), expected, atol=1e-6,
                                rtol=0)
     with pytest.raises(ValueError, match="a norm of"):
         kernels.layer_norm(x, weight[:-1], bias[:-1])
@@ -288,12 +288,17 @@ def test_numba_decoder_layer_matches_the_numpy_layer(tiny, activation, text_len,
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
     for name in ("keys", "values"):
         np.testing.assert_allclose(getattr(caches[0], name)[:, :, :6], getattr(caches[1], name)[:, :, :6], atol=1e-6)
+    weights, cache = numpy_layer.weights_for(kernels), caches[0]
     with pytest.raises(ValueError, match="does not fit a cache"):
-        kernels.decoder_layer(x, 9, caches[0].keys, caches[0].values, caches[0].kernel_text, numpy_layer.weights_for(
-            kernels))
+        kernels.decoder_layer(x, 9, cache.keys, cache.values, cache.kernel_text, weights)
     with pytest.raises(ValueError, match="does not fit x"):
-        kernels.decoder_layer(x[:1], 5, caches[0].keys[:1], caches[0].values[:1], caches[0].kernel_text,
-                              numpy_layer.weights_for(kernels))
+        kernels.decoder_layer(x[:1], 5, cache.keys[:1], cache.values[:1], cache.kernel_text, weights)
+    without_text = numpy_decoder.text_for_kernels(kernels, None, 2)  # a Melody layer's: this layer has cross-attention
+    with pytest.raises(ValueError, match="does not fit x .* with cross-attention"):
+        kernels.decoder_layer(x, 5, cache.keys, cache.values, without_text, weights)
+    numpy_layer.fc2.array = numpy_layer.fc2.array.copy()
+    numpy_layer.fc2.array.flags.writeable = False  # another signature: the layer runs op by op instead
+    assert numpy_layer.weights_for(kernels) is None
 
 
 def test_numba_thread_teams_follow_the_users_count(monkeypatch):
@@ -338,7 +343,7 @@ def test_numba_that_cannot_load_its_kernels_says_so_and_leaves_them_to_blas(monk
     from mlx_musicgen.cpu import kernels
 
     def cannot_cache():
-        raise RuntimeError("cannot cache function '_times_weight': no locator available")
+        raise RuntimeError("cannot cache function '_product': no locator available")
 
     monkeypatch.setattr(kernels, "fast_threading_layer", cannot_cache)
     numpy_decoder.numba_kernels.cache_clear()
@@ -381,5 +386,5 @@ def test_numpy_steps_match_reference(tiny, text_len, folded, batch, products, mo
     np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
     if products == "numba":  # the kernels' first calls (fast_threading_layer) compiled what the steps call
         kernels = numpy_decoder.numba_kernels()
-        entries = [kernels.linear, kernels._layer_norm, kernels._decoder_layer]  # called from Python: the others inside
+        entries = [kernels._linear, kernels._layer_norm, kernels._decoder_layer]  # called from Python: the others inside
         assert [len(function.signatures) for function in entries] == [1] * len(entries)

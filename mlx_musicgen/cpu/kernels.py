@@ -6,7 +6,9 @@ A decoding step with guidance multiplies 2 rows by every weight of the decoder. 
 the weight for so few rows and its matrix-vector product takes one row: here both rows of x are multiplied as
 each stretch of the weight arrives from memory, on numba's threads (docs/performance.md). numba, not a BLAS call
 or a C extension of our own: no BLAS has this product, and numba compiles it where the package is installed,
-with no compiler needed.
+with no compiler needed. numba does not check bounds: the functions named with an underscore take the shapes
+that the public ones (times_weight, times_weight_t, layer_norm, decoder_layer) have checked, each with a plain
+condition (a message is formatted only for an error: a step makes ~30 calls).
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from .decoder import ERF_P, ERF_Q
 
 # Sums may be reordered (as BLAS does) and fused into FMAs, which lets LLVM vectorise them; numba's full fastmath
 # would also assume no inf or NaN, which a step's inputs may hold (the sampler reports them).
-_FAST = dict(fastmath={"reassoc", "contract"}, cache=True, nogil=True)  # on one thread: microseconds of work
-_JIT = dict(parallel=True, **_FAST)  # the loops split among numba's threads (numba.prange)
+_FAST = dict(fastmath={"reassoc", "contract"}, cache=True, nogil=True)
+_JIT = dict(parallel=True, **_FAST)  # loops split among numba's threads (numba.prange)
 
 
 @numba.njit(**_JIT)
-def product(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
+def _product(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
     """out (R, N) = x (R, K) @ weight (N, K)^T: weight's rows are split among the threads; each row, read from
-    memory once, is multiplied by two rows of x at a time, each element loaded once for both (an odd row last,
-    the weight's row then from the L1 cache)."""
+    memory once, is multiplied by two rows of x at a time, each element loaded once for both (an odd row, as a
+    step without guidance has, in a pass of its own)."""
     rows = x.shape[0]
     for n in numba.prange(weight.shape[0]):
         for r in range(0, rows - 1, 2):
@@ -50,11 +52,11 @@ def product(x: np.ndarray, weight: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(**_JIT)
-def product_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -> None:
+def _product_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -> None:
     """partials (T, R, N), summed over T = x (R, K) @ weight_t (K, N): weight_t's rows (x's columns) are split
     into T runs, one a thread, each streamed from memory once into that thread's partial sums (in the cache),
     four of its rows a pass (a quarter of the partial sums' loads and stores) for two rows of x at a time, each
-    element loaded once for both (an odd row last, the run then from the cache)."""
+    element loaded once for both (an odd row in a pass of its own)."""
     inputs, threads, rows, width = weight_t.shape[0], partials.shape[0], x.shape[0], weight_t.shape[1]
     run = (inputs + threads - 1) // threads
     for t in numba.prange(threads):
@@ -88,7 +90,7 @@ def product_t(x: np.ndarray, weight_t: np.ndarray, partials: np.ndarray) -> None
 
 
 @numba.njit(**_JIT)
-def attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, mask: np.ndarray,
+def _attend(q: np.ndarray, keys: np.ndarray, values: np.ndarray, length: int, mask: np.ndarray,
            out: np.ndarray) -> None:
     """out (B, H, D) = softmax(keys[:, :, :length] . q + mask) @ values[:, :, :length] for each row and head: q
     (B, H, D) scaled already; keys and values (B, H, positions, D), a KV cache's whole arrays or a text's; mask
@@ -161,7 +163,7 @@ def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarr
 
 
 @numba.njit(**_FAST)
-def folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray,
+def _folded_cross_attention(h: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray,
                            heads: int) -> np.ndarray:
     """Cross-attention with the text folded into the keys and values (cpu.decoder.fold_text): h (B, D); keys and
     values (rows, heads * S, D) for the first `rows` of h (the others attend to no text: 0); mask (B, S),
@@ -190,15 +192,15 @@ ACTIVATIONS = {"gelu": 0, "relu": 1}
 
 
 @numba.njit(**_FAST)
-def linear(x: np.ndarray, weight: np.ndarray, transposed: bool, threads: int) -> np.ndarray:
+def _linear(x: np.ndarray, weight: np.ndarray, transposed: bool, threads: int) -> np.ndarray:
     """x (R, K) times a weight stored (N, K) (product), or transposed (K, N) (product_t, on `threads` threads: numba
     cannot cache a function that asks numba.get_num_threads) -> (R, N)."""
     if not transposed:
         out = np.empty((x.shape[0], weight.shape[0]), np.float32)
-        product(x, weight, out)
+        _product(x, weight, out)
         return out
     partials = np.empty((threads, x.shape[0], weight.shape[1]), np.float32)
-    product_t(x, weight, partials)
+    _product_t(x, weight, partials)
     out = partials[0].copy()
     for t in range(1, threads):
         out += partials[t]
@@ -213,47 +215,44 @@ def _decoder_layer(x, position, cache_keys, cache_values, cross, text_keys, text
     self_norm, cross_norm, final_norm = norms[0:2], norms[2:4], norms[4:6]
     q, k, v, out, cross_q, cross_out, fc1, fc2 = products
     h = _layer_norm(x, *self_norm)
-    queries = linear(h, q, transposed[0], threads) * scale
-    new_keys, new_values = linear(h, k, transposed[1], threads), linear(h, v, transposed[2], threads)
+    queries = _linear(h, q, transposed[0], threads) * scale
+    new_keys, new_values = _linear(h, k, transposed[1], threads), _linear(h, v, transposed[2], threads)
     for b in range(B):
         for head in range(heads):
             for d in range(width):
                 cache_keys[b, head, position, d] = new_keys[b, head * width + d]
                 cache_values[b, head, position, d] = new_values[b, head * width + d]
     attended, unmasked = np.empty((B, heads, width), np.float32), np.empty((B, 0), np.float32)
-    attend(queries.reshape(B, heads, width), cache_keys, cache_values, position + 1, unmasked, attended)
-    x = x + linear(attended.reshape(B, heads * width), out, transposed[3], threads)
+    _attend(queries.reshape(B, heads, width), cache_keys, cache_values, position + 1, unmasked, attended)
+    x = x + _linear(attended.reshape(B, heads * width), out, transposed[3], threads)
     if cross == FOLDED:
-        x = x + folded_cross_attention(_layer_norm(x, *cross_norm), folded_keys, folded_values, text_mask, heads)
+        x = x + _folded_cross_attention(_layer_norm(x, *cross_norm), folded_keys, folded_values, text_mask, heads)
     elif cross == TEXT:
-        queries = linear(_layer_norm(x, *cross_norm), cross_q, transposed[4], threads) * scale
-        attend(queries.reshape(B, heads, width), text_keys, text_values, text_keys.shape[2], text_mask, attended)
-        x = x + linear(attended.reshape(B, heads * width), cross_out, transposed[5], threads)
-    h = linear(_layer_norm(x, *final_norm), fc1, transposed[6], threads)
-    return x + linear(gelu(h) if activation == 0 else np.maximum(h, np.float32(0)), fc2, transposed[7], threads)
-
-
-def _check(condition: bool, what: str) -> None:
-    """numba does not check bounds: shapes that disagree would read past an array."""
-    if not condition:
-        raise ValueError(f"cpu.kernels: {what}")
+        queries = _linear(_layer_norm(x, *cross_norm), cross_q, transposed[4], threads) * scale
+        _attend(queries.reshape(B, heads, width), text_keys, text_values, text_keys.shape[2], text_mask, attended)
+        x = x + _linear(attended.reshape(B, heads * width), cross_out, transposed[5], threads)
+    h = _linear(_layer_norm(x, *final_norm), fc1, transposed[6], threads)
+    return x + _linear(gelu(h) if activation == 0 else np.maximum(h, np.float32(0)), fc2, transposed[7], threads)
 
 
 def times_weight(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """x (R, K) @ weight.T: weight (N, K), C-contiguous float32, as nn.Linear stores it -> (R, N)."""
-    _check(x.ndim == 2 and x.shape[1] == weight.shape[1], f"x {x.shape} does not fit a weight {weight.shape}")
-    return linear(np.ascontiguousarray(x, np.float32), weight, False, numba.get_num_threads())
+    if not (x.ndim == 2 and x.shape[1] == weight.shape[1]):
+        raise ValueError(f"cpu.kernels: x {x.shape} does not fit a weight {weight.shape}")
+    return _linear(np.ascontiguousarray(x, np.float32), weight, False, numba.get_num_threads())
 
 
 def times_weight_t(x: np.ndarray, weight_t: np.ndarray) -> np.ndarray:
     """x (R, K) @ weight_t: weight_t (K, N), C-contiguous float32 (a cpu.decoder.TransposedLinear's) -> (R, N)."""
-    _check(x.ndim == 2 and x.shape[1] == weight_t.shape[0], f"x {x.shape} does not fit a weight_t {weight_t.shape}")
-    return linear(np.ascontiguousarray(x, np.float32), weight_t, True, numba.get_num_threads())
+    if not (x.ndim == 2 and x.shape[1] == weight_t.shape[0]):
+        raise ValueError(f"cpu.kernels: x {x.shape} does not fit a weight_t {weight_t.shape}")
+    return _linear(np.ascontiguousarray(x, np.float32), weight_t, True, numba.get_num_threads())
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """x (B, D) float32 normalised over D (eps 1e-5, nn.LayerNorm's), scaled by weight and shifted by bias (D,)."""
-    _check(x.ndim == 2 and weight.shape == bias.shape == x.shape[1:], f"a norm of {weight.shape} for x {x.shape}")
+    if not (x.ndim == 2 and weight.shape == bias.shape == x.shape[1:]):
+        raise ValueError(f"cpu.kernels: a norm of {weight.shape} for x {x.shape}")
     return _layer_norm(x, weight, bias)
 
 
@@ -291,16 +290,19 @@ def decoder_layer(x: np.ndarray, position: int, cache_keys: np.ndarray, cache_va
     values into the KV cache (B, heads, max_length, head_dim, C-contiguous float32) and attends over every position
     up to it; `weights` as cpu.numpy_decoder.NumpyLayer takes them from the layer (their shapes are the layer's)."""
     (B, D), (heads, _, width), S = x.shape, cache_keys.shape[1:], text.mask.shape[1]
-    _check(cache_keys.shape == cache_values.shape and cache_keys.shape[0] == B and heads * width == D
-           and 0 <= position < cache_keys.shape[2],
-           f"x {x.shape} at position {position} does not fit a cache {cache_keys.shape}")
+    if not (cache_keys.shape == cache_values.shape and cache_keys.shape[0] == B and heads * width == D
+            and 0 <= position < cache_keys.shape[2] and weights.norms[0].shape == (D,)):
+        raise ValueError(f"cpu.kernels: x {x.shape} at position {position} does not fit a cache {cache_keys.shape} "
+                         f"and a layer of width {weights.norms[0].shape}")
     folded_rows = text.folded_keys.shape[0]
-    fits_folded = text.folded_keys.shape == text.folded_values.shape and (
-        folded_rows == 0 or folded_rows <= B and text.folded_keys.shape[1:] == (heads * S, D))
-    fits_text = text.keys.shape == text.values.shape == (B, heads, S, width)
-    _check(text.mask.shape[0] == B and {FOLDED: fits_folded, TEXT: fits_text}.get(text.cross, True),
-           f"a text of mask {text.mask.shape}, keys {text.keys.shape} and folded keys {text.folded_keys.shape} "
-           f"does not fit x {x.shape} with {heads} heads")
+    fits = {SELF_ONLY: weights.norms[2].shape == (0,),  # a layer without cross-attention: its cross norm empty
+            FOLDED: weights.norms[2].shape == (D,) and text.folded_keys.shape == text.folded_values.shape and (
+                folded_rows == 0 or folded_rows <= B and text.folded_keys.shape[1:] == (heads * S, D)),
+            TEXT: weights.norms[2].shape == (D,) and text.keys.shape == text.values.shape == (B, heads, S, width)}
+    if not (text.mask.shape[0] == B and fits[text.cross]):
+        raise ValueError(f"cpu.kernels: a text of mask {text.mask.shape}, keys {text.keys.shape} and folded keys "
+                         f"{text.folded_keys.shape} does not fit x {x.shape} and a layer with {heads} heads "
+                         f"{'without' if weights.norms[2].shape == (0,) else 'with'} cross-attention")
     return _decoder_layer(np.ascontiguousarray(x, np.float32), position, cache_keys, cache_values, text.cross,
                           text.keys, text.values, text.folded_keys, text.folded_values, text.mask, weights.norms,
                           weights.products, weights.transposed, np.float32(weights.scale), weights.activation,

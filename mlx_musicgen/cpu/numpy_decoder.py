@@ -6,9 +6,10 @@ A step of guidance's two rows multiplies each row by every weight of the decoder
 the weight for so few rows and runs at a third of the copy bandwidth, and so does MKL's on some CPUs
 (docs/performance.md). So each product here reads its weight from memory once for both rows. Where numba runs on
 TBB's or OpenMP's threads, a whole layer is one call of its kernels (cpu.kernels.decoder_layer): the products, the
-attention over the KV cache, the layer norms, GELU and the folded cross-attention. Else the layer runs op by op
-in numpy, each product as one BLAS matrix-vector product a row, the first row's reading the weight from memory
-and the next ones' from the cache.
+attention over the KV cache (and over a long text by head), the layer norms, the activation and the folded
+cross-attention; the heads are numba's products too. Else the layer runs op by op in numpy, each product as one
+BLAS matrix-vector product a row, the first row's reading the weight from memory and the next ones' from the
+cache.
 
 The first step of a window (the start column, a prompt: many positions) runs the compiled decoder, whose keys
 and values are then copied into the numpy cache; every later step of one position runs here.
@@ -86,15 +87,17 @@ def layer_norm_of(kernels: types.ModuleType | None) -> Callable[[np.ndarray, Nor
 
 class RowwiseLinear:
     """A bias-free linear layer's weight as a numpy view, held as stored, (out, in), or transposed, (in, out) (a
-    cpu.decoder.TransposedLinear). Its product with a few rows reads the weight from memory once: numba's kernels
-    (cpu.kernels) where they run (numba_kernels) and the weight is C-contiguous; else one BLAS matrix-vector
-    product a row, in blocks of CHUNK_BYTES, each block read from memory by the first row's product and from the
-    cache by the others'."""
+    cpu.decoder.TransposedLinear): numba's decoder layer takes its array; called, it is a head's product, or a
+    layer's where numba's kernels do not run. Its product with a few rows reads the weight from memory once:
+    numba's kernels (cpu.kernels) where they run (numba_kernels) and the weight is C-contiguous and writeable
+    (another layout would be another compiled signature); else one BLAS matrix-vector product a row, in blocks of
+    CHUNK_BYTES, each block read from memory by the first row's product and from the cache by the others'."""
 
     def __init__(self, linear: nn.Module):
         self.transposed = isinstance(linear, TransposedLinear)
         self.array = np.asarray(linear.weight_t if self.transposed else linear.weight)
-        self.kernels = numba_kernels() if self.array.flags.c_contiguous else None
+        usable = self.array.dtype == np.float32 and self.array.flags.c_contiguous and self.array.flags.writeable
+        self.kernels = numba_kernels() if usable else None
         step = max(1, CHUNK_BYTES // self.array[0].nbytes)
         self.blocks = [slice(start, start + step) for start in range(0, self.array.shape[0], step)]
 
@@ -150,17 +153,18 @@ class NumpyText:
         return cls(keys, values, np.ascontiguousarray(np.asarray(text.mask)[:, 0]), text.folded)
 
 
-
 def text_for_kernels(kernels: types.ModuleType, text: NumpyText | None, batch: int) -> object:
     """A window's text for a layer of `batch` rows as numba's decoder layer takes it (cpu.kernels.LayerText):
     none (MusicGen-Melody's layers), folded, or by head."""
     none3, none4 = np.empty((0, 0, 0), np.float32), np.empty((0,) * 4, np.float32)
     if text is None:
         return kernels.LayerText(kernels.SELF_ONLY, none4, none4, none3, none3, np.empty((batch, 0), np.float32))
-    mask = text.mask[:, 0]
+    # C-contiguous, writeable float32, as the kernels were compiled for: a copy of a window's text at most
+    mask, keys, values = (None if a is None else np.require(a, np.float32, ("C", "W"))
+                          for a in (text.mask[:, 0], text.keys, text.values))
     if not text.folded:
-        return kernels.LayerText(kernels.TEXT, text.keys, text.values, none3, none3, mask)
-    keys, values = (none3, none3) if text.keys is None else (text.keys, text.values)
+        return kernels.LayerText(kernels.TEXT, keys, values, none3, none3, mask)
+    keys, values = (none3, none3) if keys is None else (keys, values)
     return kernels.LayerText(kernels.FOLDED, none4, none4, keys, values, mask)
 
 
@@ -208,7 +212,8 @@ class NumpyLayer:
 
     def weights_for(self, kernels: types.ModuleType) -> object | None:
         """The layer's weights as numba's decoder layer takes them (cpu.kernels.LayerWeights), or None where one
-        is not C-contiguous float32 (a copy would double the memory)."""
+        is not C-contiguous, writeable float32: another layout would be another compiled signature (compiled in a
+        step), and a copy would double the memory."""
         none1, none2 = np.empty((0,), np.float32), np.empty((0, 0), np.float32)
         cross_norm, cross = ((self.cross_norm, (self.cross_q, self.cross_out)) if self.cross
                              else ((none1, none1), (None, None)))
@@ -333,10 +338,10 @@ class NumpyDecoder(WeightViews):
         compiled_cache = self.decoder.make_cache(codes.shape[0], context.length + codes.shape[-1])
         logits = self.decoder(codes, context, compiled_cache)
         mx.eval(logits, [c.state for c in compiled_cache])
-        kernels = numba_kernels()
-        for source, target, text in zip(compiled_cache, cache, context.text or [None] * len(cache)):
+        for layer, source, target, text in zip(self.layers, compiled_cache, cache, context.text or [None] * len(cache)):
             target.text = None if text is None else NumpyText.of(text)
-            target.kernel_text = None if kernels is None else text_for_kernels(kernels, target.text, codes.shape[0])
+            if layer.kernel_weights is not None:
+                target.kernel_text = text_for_kernels(layer.kernels, target.text, codes.shape[0])
             target.keys[:, :, : source.offset] = np.asarray(source.state["keys"])
             target.values[:, :, : source.offset] = np.asarray(source.state["values"])
             target.offset = source.offset
@@ -347,7 +352,7 @@ _step_lock = threading.Lock()
 
 
 def product_teams() -> ThreadTeams | None:
-    """The thread teams that the products of a step (RowwiseLinear) can run on: numba's, or numpy's OpenBLAS's
+    """The thread teams that the products of a step can run on: numba's, or numpy's OpenBLAS's
     (threads.numpy_blas_teams)."""
     kernels = numba_kernels()
     if kernels is None:
