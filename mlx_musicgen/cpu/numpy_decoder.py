@@ -26,7 +26,7 @@ import time
 import types
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -40,6 +40,9 @@ from .._linux import usable_cores
 from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4, placeholder_context
 from .threads import ThreadTeams, TeamByTiming, fastest_team, numpy_blas_teams
 from .views import WeightViews
+
+if TYPE_CHECKING:  # numba's module, imported when the first NumpyDecoder is made (numba_kernels)
+    from .kernels import LayerText, LayerWeights
 
 CHUNK_BYTES = 4 << 20  # a block of a weight that the cache holds for the next row's product (docs/performance.md)
 STEP_CHOICES = ("numpy", "compiled")  # MLX_MUSICGEN_STEP
@@ -153,7 +156,7 @@ class NumpyText:
         return cls(keys, values, np.ascontiguousarray(np.asarray(text.mask)[:, 0]), text.folded)
 
 
-def text_for_kernels(kernels: types.ModuleType, text: NumpyText | None, batch: int) -> object:
+def text_for_kernels(kernels: types.ModuleType, text: NumpyText | None, batch: int) -> LayerText:
     """A window's text for a layer of `batch` rows as numba's decoder layer takes it (cpu.kernels.LayerText):
     none (MusicGen-Melody's layers), folded, or by head."""
     none3, none4 = np.empty((0, 0, 0), np.float32), np.empty((0,) * 4, np.float32)
@@ -178,7 +181,7 @@ class NumpyCache:
         self.values = np.zeros_like(self.keys)
         self.offset = 0
         self.text: NumpyText | None = None
-        self.kernel_text: object | None = None
+        self.kernel_text: LayerText | None = None
 
     def append(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Write the newest position's keys and values (B, heads, head_dim); return every position's so far."""
@@ -210,7 +213,7 @@ class NumpyLayer:
         self.kernels = numba_kernels()
         self.kernel_weights = None if self.kernels is None else self.weights_for(self.kernels)
 
-    def weights_for(self, kernels: types.ModuleType) -> object | None:
+    def weights_for(self, kernels: types.ModuleType) -> LayerWeights | None:
         """The layer's weights as numba's decoder layer takes them (cpu.kernels.LayerWeights), or None where one
         is not C-contiguous, writeable float32: another layout would be another compiled signature (compiled in a
         step), and a copy would double the memory."""
