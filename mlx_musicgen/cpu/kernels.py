@@ -266,7 +266,7 @@ class LayerWeights:
     norms: tuple[np.ndarray, ...]
     products: tuple[np.ndarray, ...]
     transposed: tuple[bool, ...]
-    scale: float
+    scale: np.float32
     activation: int
 
 
@@ -294,18 +294,22 @@ def decoder_layer(x: np.ndarray, position: int, cache_keys: np.ndarray, cache_va
             and 0 <= position < cache_keys.shape[2] and weights.norms[0].shape == (D,)):
         raise ValueError(f"cpu.kernels: x {x.shape} at position {position} does not fit a cache {cache_keys.shape} "
                          f"and a layer of width {weights.norms[0].shape}")
-    folded_rows = text.folded_keys.shape[0]
-    fits = {SELF_ONLY: weights.norms[2].shape == (0,),  # a layer without cross-attention: its cross norm empty
-            FOLDED: weights.norms[2].shape == (D,) and text.folded_keys.shape == text.folded_values.shape and (
-                folded_rows == 0 or folded_rows <= B and text.folded_keys.shape[1:] == (heads * S, D)),
-            TEXT: weights.norms[2].shape == (D,) and text.keys.shape == text.values.shape == (B, heads, S, width)}
-    if not (text.mask.shape[0] == B and fits[text.cross]):
+    with_cross = weights.norms[2].shape == (D,)  # a layer without cross-attention has an empty cross norm
+    if text.cross == SELF_ONLY:
+        fits = weights.norms[2].shape == (0,)
+    elif text.cross == FOLDED:
+        rows = text.folded_keys.shape[0]
+        fits = with_cross and text.folded_keys.shape == text.folded_values.shape and (
+            rows == 0 or rows <= B and text.folded_keys.shape[1:] == (heads * S, D))
+    else:
+        fits = with_cross and text.keys.shape == text.values.shape == (B, heads, S, width)
+    if not (text.mask.shape[0] == B and fits):
         raise ValueError(f"cpu.kernels: a text of mask {text.mask.shape}, keys {text.keys.shape} and folded keys "
                          f"{text.folded_keys.shape} does not fit x {x.shape} and a layer with {heads} heads "
-                         f"{'without' if weights.norms[2].shape == (0,) else 'with'} cross-attention")
+                         f"{'with' if with_cross else 'without'} cross-attention")
     return _decoder_layer(np.ascontiguousarray(x, np.float32), position, cache_keys, cache_values, text.cross,
                           text.keys, text.values, text.folded_keys, text.folded_values, text.mask, weights.norms,
-                          weights.products, weights.transposed, np.float32(weights.scale), weights.activation,
+                          weights.products, weights.transposed, weights.scale, weights.activation,
                           numba.get_num_threads())
 
 
@@ -315,7 +319,7 @@ def fast_threading_layer() -> bool:
     Compiles every kernel (or loads it from numba's cache) and starts the threads, so that no step pays for it."""
     one, none = np.ones((1, 1), np.float32), np.empty((0, 0), np.float32)
     layer_norm(times_weight_t(times_weight(one, one), one), one[0], one[0])
-    weights = LayerWeights((one[0],) * 6, (one,) * 8, (False,) * 8, 1.0, ACTIVATIONS["gelu"])
+    weights = LayerWeights((one[0],) * 6, (one,) * 8, (False,) * 8, np.float32(1), ACTIVATIONS["gelu"])
     text = LayerText(FOLDED, none[None, None], none[None, None], one[None], one[None], one)
     decoder_layer(one, 0, one[None, None], one[None, None], text, weights)
     return numba.threading_layer() != "workqueue"

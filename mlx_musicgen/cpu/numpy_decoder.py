@@ -26,7 +26,7 @@ import time
 import types
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -78,29 +78,24 @@ def numba_kernels() -> types.ModuleType | None:
         return None
 
 
-Norm = tuple[np.ndarray, np.ndarray]  # an nn.LayerNorm's (weight, bias), as numpy views
-
-
-def layer_norm_of(kernels: types.ModuleType | None) -> Callable[[np.ndarray, Norm], np.ndarray]:
-    """The layer norm of a step: numba's (kernels.layer_norm, one pass) where its kernels run, else numpy's."""
-    if kernels is None:
-        return layer_norm
-    return lambda x, norm: kernels.layer_norm(x, *norm)
+def fits_kernels(array: np.ndarray) -> bool:
+    """Whether numba's kernels take the array as they were compiled for (C-contiguous, writeable float32):
+    another layout would be another signature, compiled in a step; a copy of a weight would double its memory."""
+    return array.dtype == np.float32 and array.flags.c_contiguous and array.flags.writeable
 
 
 class RowwiseLinear:
     """A bias-free linear layer's weight as a numpy view, held as stored, (out, in), or transposed, (in, out) (a
     cpu.decoder.TransposedLinear): numba's decoder layer takes its array; called, it is a head's product, or a
     layer's where numba's kernels do not run. Its product with a few rows reads the weight from memory once:
-    numba's kernels (cpu.kernels) where they run (numba_kernels) and the weight is C-contiguous and writeable
-    (another layout would be another compiled signature); else one BLAS matrix-vector product a row, in blocks of
-    CHUNK_BYTES, each block read from memory by the first row's product and from the cache by the others'."""
+    numba's kernels (cpu.kernels) where they run (numba_kernels) and take the weight (fits_kernels); else one BLAS
+    matrix-vector product a row, in blocks of CHUNK_BYTES, each block read from memory by the first row's product
+    and from the cache by the others'."""
 
     def __init__(self, linear: nn.Module):
         self.transposed = isinstance(linear, TransposedLinear)
         self.array = np.asarray(linear.weight_t if self.transposed else linear.weight)
-        usable = self.array.dtype == np.float32 and self.array.flags.c_contiguous and self.array.flags.writeable
-        self.kernels = numba_kernels() if usable else None
+        self.kernels = numba_kernels() if fits_kernels(self.array) else None
         step = max(1, CHUNK_BYTES // self.array[0].nbytes)
         self.blocks = [slice(start, start + step) for start in range(0, self.array.shape[0], step)]
 
@@ -215,18 +210,17 @@ class NumpyLayer:
 
     def weights_for(self, kernels: types.ModuleType) -> LayerWeights | None:
         """The layer's weights as numba's decoder layer takes them (cpu.kernels.LayerWeights), or None where one
-        is not C-contiguous, writeable float32: another layout would be another compiled signature (compiled in a
-        step), and a copy would double the memory."""
+        does not fit them (fits_kernels)."""
         none1, none2 = np.empty((0,), np.float32), np.empty((0, 0), np.float32)
         cross_norm, cross = ((self.cross_norm, (self.cross_q, self.cross_out)) if self.cross
                              else ((none1, none1), (None, None)))
         products = (self.q, self.k, self.v, self.out, *cross, self.fc1, self.fc2)
         norms = (*self.self_norm, *cross_norm, *self.final_norm)
         arrays = tuple(none2 if p is None else p.array for p in products)
-        if not all(a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable for a in norms + arrays):
+        if not all(fits_kernels(a) for a in norms + arrays):
             return None
         return kernels.LayerWeights(norms, arrays, tuple(p is not None and p.transposed for p in products),
-                                    float(self.scale), kernels.ACTIVATIONS[self.activation_name])
+                                    self.scale, kernels.ACTIVATIONS[self.activation_name])
 
     def self_attention(self, h: np.ndarray, cache: NumpyCache) -> np.ndarray:
         B = h.shape[0]
@@ -272,7 +266,7 @@ class NumpyDecoder(WeightViews):
         self.layers = [NumpyLayer(layer) for layer in decoder.layers]
         self.embeddings = [np.asarray(embed.weight) for embed in decoder.embed_tokens]
         self.final_norm = norm_of(decoder.layer_norm)
-        self.layer_norm = layer_norm_of(numba_kernels())
+        self.kernels = numba_kernels()  # for the final layer norm (the heads are RowwiseLinear's)
         self.heads = [RowwiseLinear(head) for head in decoder.lm_heads]
         self.positions: np.ndarray | None = None  # the position table, from make_cache
         teams = product_teams()
@@ -329,7 +323,8 @@ class NumpyDecoder(WeightViews):
             x = layer(x, layer_cache)
         for layer_cache in cache:
             layer_cache.offset += 1
-        x = self.layer_norm(x, self.final_norm)
+        x = (layer_norm(x, self.final_norm) if self.kernels is None
+             else self.kernels.layer_norm(x, *self.final_norm))
         return np.stack([head(x) for head in self.heads], axis=1)[:, :, None]
 
     def first_step(self, codes: mx.array, context: Context, cache: list[NumpyCache]) -> mx.array:
