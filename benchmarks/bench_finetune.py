@@ -61,7 +61,7 @@ def ours(cfg: dict) -> dict:
     batch = training.Batch(mx.array(inputs), mx.array(labels), states, mx.array(tokens["attention_mask"]))
     predicted = int((batch.labels != 2048).sum())
     optimizer = training.FusedAdamW(learning_rate=1e-4, betas=[0.9, 0.95])  # the trainer's
-    step = training.compiled_loss_and_grad(model, cfg["checkpoint"])  # the trainer's
+    step = training.loss_and_grad_for_training(model, cfg["checkpoint"])  # the trainer's
 
     def one_step():
         loss, grads = step(model, batch)

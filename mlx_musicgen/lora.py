@@ -85,6 +85,7 @@ class LoRALinear(nn.Module):
         out_dims, in_dims = linear.weight.shape
         self.linear = linear
         self.scale = scale
+        self.dropout_rate = dropout  # what cpu.numpy_training reads: it trains LoRA without dropout only
         self.dropout = nn.Dropout(dropout)
         bound = 1 / math.sqrt(in_dims)  # kaiming-uniform with a = sqrt(5), as PEFT draws A
         self.lora_a = mx.random.uniform(-bound, bound, (rank, in_dims)).astype(linear.weight.dtype)

@@ -188,6 +188,17 @@ def compiled_loss_and_grad(model, checkpoint: bool = False) -> Callable[[object,
     return run
 
 
+def loss_and_grad_for_training(model, checkpoint: bool = False) -> Callable[[object, Batch], tuple]:
+    """What the trainer computes a micro-batch's loss and gradients with: on a CPU (unless
+    MLX_MUSICGEN_PORTABLE=1), LoRA's in numpy where cpu.numpy_training takes the model (about twice MLX's speed
+    there: docs/performance.md); else compiled_loss_and_grad."""
+    if mx.default_device() == mx.cpu and not cpu.portable_requested():
+        numpy_form = cpu.lora_loss_and_grad(model, checkpoint)
+        if numpy_form is not None:
+            return numpy_form
+    return compiled_loss_and_grad(model, checkpoint)
+
+
 # ---- the training loop
 
 
@@ -299,7 +310,7 @@ class Trainer:
         self.history: list[dict] = []
         self.plotting = True  # until matplotlib turns out to be missing
         self.pad = model.config.decoder.pad_token_id
-        self.loss_and_grad = compiled_loss_and_grad(model, config.grad_checkpoint)
+        self.loss_and_grad = loss_and_grad_for_training(model, config.grad_checkpoint)
 
     def trainable_count(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))

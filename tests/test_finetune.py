@@ -19,7 +19,7 @@ import torch
 from mlx.utils import tree_flatten
 
 from mlx_musicgen import MusicGen, _linux, cpu, lora, training
-from mlx_musicgen.cpu import training as cpu_training
+from mlx_musicgen.cpu import numpy_training, training as cpu_training
 from mlx_musicgen import audio
 from mlx_musicgen.cpu.numpy_t5 import NumpyT5
 from mlx_musicgen.dataset import encode_clip, load_examples, text_states
@@ -109,13 +109,14 @@ def test_melody_loss_is_the_references(tiny_melody, forms):
     assert abs(ours - expected) / expected < LOSS_RTOL
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-@pytest.mark.parametrize("forms", ["portable", "cpu"])
+@pytest.mark.parametrize("forms,compiled", [("portable", False), ("portable", True), ("cpu", False),
+                                            ("cpu", True), ("numpy", False)])
 def test_lora_gradients_match_torch_autograd(tiny, forms, compiled):
     """Every adapter on (rank 4, alpha 8), B drawn non-zero so that both matrices get gradients; the same
     LoRA built in plain torch around transformers' modules (forward hooks), its gradients by autograd. Ours as
-    the trainer computes them (training.compiled_loss_and_grad) and uncompiled."""
-    musicgen = portable(tiny.folder, forms)
+    the trainer computes them (training.compiled_loss_and_grad) and uncompiled, and in numpy (`forms` "numpy":
+    cpu.numpy_training, what the trainer takes on a CPU)."""
+    musicgen = portable(tiny.folder, "portable" if forms == "numpy" else forms)
     model = musicgen.model
     config = lora.AdapterConfig(rank=4, alpha=8.0)
     mx.random.seed(0)
@@ -129,7 +130,13 @@ def test_lora_gradients_match_torch_autograd(tiny, forms, compiled):
     model.load_weights(list(adapters.items()), strict=False)
     texts = ["80s pop track with bassy drums and synth", "jazz"]
     codes = clips(4)
-    loss_and_grad = training.compiled_loss_and_grad(model) if compiled else nn.value_and_grad(model, training.loss)
+    if forms == "numpy":
+        loss_and_grad = numpy_training.lora_loss_and_grad(model)
+        assert loss_and_grad is not None, numpy_training.unsupported(model)
+    elif compiled:
+        loss_and_grad = training.compiled_loss_and_grad(model)
+    else:
+        loss_and_grad = nn.value_and_grad(model, training.loss)
     loss, grads = loss_and_grad(model, our_batch(musicgen, texts, codes))
     grads = dict(tree_flatten(grads))
 
@@ -159,6 +166,70 @@ def test_lora_gradients_match_torch_autograd(tiny, forms, compiled):
             ours, theirs = np.array(grads[f"{name}.{suffix}"]), tensor.grad.numpy()
             error = np.abs(ours - theirs).max() / np.abs(theirs).max()
             assert error < GRAD_RTOL, (name, suffix, error)
+
+
+def lora_with_b_drawn(model, rank: int = 4, seed: int = 3, **settings) -> None:
+    """Adapters on every target, B drawn non-zero (both matrices then get gradients)."""
+    mx.random.seed(0)
+    lora.apply_lora(model, lora.AdapterConfig(rank=rank, alpha=8.0, **settings))
+    rng = np.random.default_rng(seed)
+    model.load_weights([(name, mx.array(rng.normal(0, 0.02, value.shape).astype(np.float32)))
+                        for name, value in lora.adapter_weights(model).items() if name.endswith("lora_b")],
+                       strict=False)
+
+
+@pytest.mark.parametrize("variant", ["stereo", "unconditioned", "text padding attended", "relu, scaled embeddings",
+                                     "no text projection", "checkpoint"])
+def test_numpy_lora_gradients_are_the_portable_models(tiny, tiny_stereo, variant):
+    """cpu.numpy_training against nn.value_and_grad of the portable model (itself against torch autograd above) on
+    what the test above does not reach: stereo's 8 codebooks, condition dropout (a row with its text masked
+    whole), audiocraft's attention to the text's padding, ReLU and scaled embeddings, T5 states at the decoder's
+    width, and the layers' forward passes run again in the backward pass (grad_checkpoint)."""
+    musicgen = portable((tiny_stereo if variant == "stereo" else tiny).folder)
+    model = musicgen.model
+    lora_with_b_drawn(model)
+    batch = our_batch(musicgen, ["80s pop track with bassy drums and synth", "jazz"],
+                      clips(model.config.decoder.num_codebooks))
+    if variant == "unconditioned":
+        batch.unconditioned = mx.array([0, 1])
+    elif variant == "text padding attended":
+        model.config.attend_text_padding = True
+    elif variant == "relu, scaled embeddings":
+        model.decoder.config.activation_function = "relu"
+        for layer in model.decoder.layers:
+            layer.activation = nn.relu
+        model.decoder.embed_scale = 1.5
+    elif variant == "no text projection":
+        model.config.project_text = False
+        del model["enc_to_dec_proj"]  # (models whose T5 is as wide as the decoder have none)
+        batch.text_states = mx.array(np.random.default_rng(4).normal(size=batch.text_states.shape[:2] + (
+            model.config.decoder.hidden_size,)).astype(np.float32))
+    numpy_form = numpy_training.lora_loss_and_grad(model, checkpoint=variant == "checkpoint")
+    assert numpy_form is not None, numpy_training.unsupported(model)
+    loss, grads = numpy_form(model, batch)
+    expected_loss, expected = nn.value_and_grad(model, training.loss)(model, batch)
+    assert abs(loss.item() - expected_loss.item()) / expected_loss.item() < LOSS_RTOL
+    expected = dict(tree_flatten(expected))
+    assert dict(tree_flatten(grads)).keys() == expected.keys()
+    for name, value in tree_flatten(grads):
+        theirs = np.array(expected[name])
+        assert np.abs(np.array(value) - theirs).max() / np.abs(theirs).max() < GRAD_RTOL, name
+
+
+def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melody, tmp_path):
+    """On a CPU the trainer computes plain LoRA in numpy; what numpy_training does not compute (LoRA dropout, a
+    full fine-tune, adapted embeddings, melody models) trains on MLX, as before."""
+    cases = [(tiny, lora.AdapterConfig(rank=4)), (tiny, lora.AdapterConfig(rank=4, dropout=0.1)),
+             (tiny, lora.AdapterConfig(full=True)), (tiny, lora.AdapterConfig(rank=4, targets=["fc1", "embed_tokens"])),
+             (tiny_melody, lora.AdapterConfig(rank=4))]
+    taken = []
+    for checkpoint, adapters in cases:
+        model = portable(checkpoint.folder).model
+        trainer = training.Trainer(model, [], [], tmp_path, training.TrainConfig(), adapters, "x")
+        taken.append(isinstance(trainer.loss_and_grad, numpy_training.NumpyLoRA))
+        assert taken[-1] == (numpy_training.unsupported(model) is None)
+    on_cpu = mx.default_device() == mx.cpu and not cpu.portable_requested()
+    assert taken == [on_cpu, False, False, False, False]
 
 
 def test_an_interrupted_trace_leaves_the_model_whole(tiny, monkeypatch):

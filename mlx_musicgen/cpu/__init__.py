@@ -2,7 +2,8 @@
 loaded model for ones with the same interface and the same outputs that run faster on a CPU, and returns what the
 step loop should decode with (see docs/performance.md); `text_encoder_for_cpu(encoder)` returns what should encode
 the texts (T5 in numpy, cpu.numpy_t5); `optimize_for_training(model)` swaps the decoder's modules for training
-(training.Trainer).
+(training.Trainer), and `lora_loss_and_grad(model)` computes a LoRA fine-tune's loss and gradients in numpy
+(cpu.numpy_training).
 
 MusicGen.from_pretrained calls optimize_for_cpu and text_encoder_for_cpu when MLX's default device is the CPU, unless
 MLX_MUSICGEN_PORTABLE=1.
@@ -24,11 +25,12 @@ from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
 from .numpy_decoder import fastest_lm
 from .numpy_t5 import NumpyT5
+from .numpy_training import lora_loss_and_grad
 from .threads import choose_blas_team, every_core_for_blas, portable_requested
 from .training import optimize_for_training
 
-__all__ = ["optimize_for_cpu", "text_encoder_for_cpu", "optimize_for_training", "warn_if_slow",
-           "portable_requested"]
+__all__ = ["optimize_for_cpu", "text_encoder_for_cpu", "optimize_for_training", "lora_loss_and_grad",
+           "warn_if_slow", "portable_requested"]
 
 
 def optimize_for_cpu(decoder: MusicgenDecoder, audio_encoder: EncodecModel) -> DelayedLM:
