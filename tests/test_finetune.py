@@ -179,12 +179,16 @@ def lora_with_b_drawn(model, rank: int = 4, seed: int = 3, **settings) -> None:
 
 
 @pytest.mark.parametrize("variant", ["stereo", "unconditioned", "text padding attended", "relu, scaled embeddings",
-                                     "no text projection", "checkpoint"])
-def test_numpy_lora_gradients_are_the_portable_models(tiny, tiny_stereo, variant):
+                                     "no text projection", "checkpoint", "causal blocks"])
+def test_numpy_lora_gradients_are_the_portable_models(tiny, tiny_stereo, variant, monkeypatch):
     """cpu.numpy_training against nn.value_and_grad of the portable model (itself against torch autograd above) on
     what the test above does not reach: stereo's 8 codebooks, condition dropout (a row with its text masked
     whole), audiocraft's attention to the text's padding, ReLU and scaled embeddings, T5 states at the decoder's
-    width, and the layers' forward passes run again in the backward pass (grad_checkpoint)."""
+    width, the layers' forward passes run again in the backward pass (grad_checkpoint), and causal attention in
+    blocks of queries (4 here: the clips are shorter than a block of 128)."""
+    if variant == "causal blocks":
+        monkeypatch.setattr(numpy_training, "BLOCK", 4)
+        assert numpy_training.attention_blocks(13, 13, True) == [(0, 4, 4), (4, 8, 8), (8, 12, 12), (12, 13, 13)]
     musicgen = portable((tiny_stereo if variant == "stereo" else tiny).folder)
     model = musicgen.model
     lora_with_b_drawn(model)
