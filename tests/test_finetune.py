@@ -218,6 +218,8 @@ def test_numpy_lora_gradients_are_the_portable_models(tiny, tiny_stereo, variant
     for name, value in tree_flatten(grads):
         theirs = np.array(expected[name])
         assert np.abs(np.array(value) - theirs).max() / np.abs(theirs).max() < GRAD_RTOL, name
+    # every kernel was compiled once, before the step (training_kernels.compile_all), for what the step gives it
+    assert [len(kernel.signatures) for kernel in numpy_training.training_kernels().KERNELS] == [1] * 7
 
 
 def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melody, tmp_path):

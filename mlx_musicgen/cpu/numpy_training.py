@@ -48,8 +48,7 @@ def training_kernels() -> types.ModuleType | None:
             warnings.warn(f"numba could not be imported ({error}); LoRA trains on MLX's CPU", stacklevel=2)
         return None
     try:
-        one = np.ones((1, 1, 1, 1), np.float32)
-        training_kernels.softmax(one, 1.0, one[0, 0], True)
+        training_kernels.compile_all()
         return training_kernels
     except Exception as error:  # numba's own: no cache it can write, a threading layer it cannot load
         warnings.warn(f"numba's training kernels could not be loaded ({error}); LoRA trains on MLX's CPU",
@@ -121,6 +120,7 @@ class Layer:
     fc2: Linear
 
 
+NO_MASK = np.zeros((1, 0), np.float32)  # softmax's mask where there is none (self-attention: causal)
 BLOCK = 128  # queries a block of causal attention: each block's scores stop at its own last position
 
 
@@ -221,7 +221,7 @@ class NumpyLoRA:
         h, saved["norm1"] = self.layer_norm(layer.norms[0], x)
         projected = [p.forward(h) for p in layer.self_attn[:3]]
         q, k, v = (split_heads(y, batch, H) for y, _ in projected)
-        out, weights = self.attend(q, k, v, text_mask[:, :0], True)
+        out, weights = self.attend(q, k, v, NO_MASK, True)
         merged = merge_heads(out)
         y, middle_o = layer.self_attn[3].forward(merged)
         saved["self"] = (h, [m for _, m in projected], q, k, v, weights, merged, middle_o)
