@@ -196,6 +196,10 @@ def loss_and_grad_for_training(model, checkpoint: bool = False) -> Callable[[obj
         numpy_form = cpu.lora_loss_and_grad(model, checkpoint)
         if numpy_form is not None:
             return numpy_form
+        refusal = cpu.numpy_training.unsupported(model)
+        if refusal is not None and any(isinstance(m, lora.LoRALinear) for _, m in model.named_modules()):
+            warnings.warn(f"LoRA trains on MLX here ({refusal}), about half as fast on a CPU as in numpy "
+                          f"(docs/finetuning.md)", stacklevel=2)
     return compiled_loss_and_grad(model, checkpoint)
 
 

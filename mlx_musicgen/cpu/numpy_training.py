@@ -69,6 +69,7 @@ class Linear:
 
     @property
     def lora(self) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """(A, B, s) as they are now, or None for a frozen layer without LoRA."""
         if not isinstance(self.module, LoRALinear):
             return None
         return np.asarray(self.module.lora_a), np.asarray(self.module.lora_b), self.module.scale
@@ -105,8 +106,18 @@ class Linear:
 
 @dataclass
 class LayerNorm:
+    """A LayerNorm's weight and bias (D,), its eps the decoder's 1e-5 (training_kernels.EPS)."""
+
     weight: np.ndarray
     bias: np.ndarray
+
+
+@dataclass
+class AttentionWeights:
+    q: Linear
+    k: Linear
+    v: Linear
+    out: Linear
 
 
 @dataclass
@@ -114,10 +125,36 @@ class Layer:
     """One decoder layer's weights (DecoderLayer's, by the same names)."""
 
     norms: tuple[LayerNorm, LayerNorm, LayerNorm]  # before self-attention, cross-attention, feed-forward
-    self_attn: tuple[Linear, Linear, Linear, Linear]  # q, k, v, out
-    cross_attn: tuple[Linear, Linear, Linear, Linear]
+    self_attn: AttentionWeights
+    cross_attn: AttentionWeights
     fc1: Linear
     fc2: Linear
+
+
+@dataclass
+class AttentionTape:
+    """What an attention's backward pass reads: its input h (N, D) (the text's for keys and values in
+    cross-attention), the LoRA middles of q, k, v and out, the heads' q, k, v (B, H, L or S, d), the weights P by
+    block of queries, and the heads' merged outputs (N, D)."""
+
+    h: np.ndarray
+    middles: tuple
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    weights: list[np.ndarray]
+    merged: np.ndarray
+
+
+@dataclass
+class LayerTape:
+    """What a layer's backward pass reads: each norm's (normalized, rstd), both attentions' tapes, and the
+    feed-forward's input h, pre-activation, activation and LoRA middles."""
+
+    norms: list[tuple[np.ndarray, np.ndarray]]
+    self_attn: AttentionTape
+    cross_attn: AttentionTape
+    ffn: tuple
 
 
 NO_MASK = np.zeros((1, 0), np.float32)  # softmax's mask where there is none (self-attention: causal)
@@ -145,6 +182,31 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(0, 2, 1, 3)).reshape(B * L, H * d)
 
 
+ACTIVATIONS = ("gelu", "relu")  # the decoder's activations NumpyLoRA computes
+
+
+def layer_paths(i: int) -> tuple[list[str], list[str]]:
+    """The paths of decoder layer i's linear layers and layer norms (DecoderLayer's names)."""
+    p = f"decoder.layers.{i}"
+    linears = [f"{p}.{attention}.{name}" for attention in ("self_attn", "encoder_attn")
+               for name in ("q_proj", "k_proj", "v_proj", "out_proj")] + [f"{p}.fc1", f"{p}.fc2"]
+    norms = [f"{p}.self_attn_layer_norm", f"{p}.encoder_attn_layer_norm", f"{p}.final_layer_norm"]
+    return linears, norms
+
+
+def model_paths(model) -> tuple[list[str], list[str], list[str]]:
+    """The paths of every linear layer, layer norm and embedding table NumpyLoRA reads."""
+    decoder = model.decoder
+    linears = [f"decoder.lm_heads.{k}" for k in range(len(decoder.lm_heads))]
+    linears += ["enc_to_dec_proj"] if model.config.project_text else []
+    norms = ["decoder.layer_norm"]
+    for i in range(len(decoder.layers)):
+        layer_linears, layer_norms = layer_paths(i)
+        linears += layer_linears
+        norms += layer_norms
+    return linears, norms, [f"decoder.embed_tokens.{k}" for k in range(len(decoder.embed_tokens))]
+
+
 class NumpyLoRA:
     """The loss and LoRA gradients of a MusicGen model (see the module's docstring) as one call of a batch."""
 
@@ -158,29 +220,26 @@ class NumpyLoRA:
         self.scale = (config.hidden_size // self.heads) ** -0.5
         modules = dict(model.named_modules())
 
-        def linear(name: str) -> Linear:
-            return Linear(name, modules[name])
-
         def norm(name: str) -> LayerNorm:
             return LayerNorm(np.asarray(modules[name].weight), np.asarray(modules[name].bias))
 
         self.layers = []
         for i in range(len(decoder.layers)):
-            p = f"decoder.layers.{i}"
-            self.layers.append(Layer(
-                (norm(f"{p}.self_attn_layer_norm"), norm(f"{p}.encoder_attn_layer_norm"), norm(f"{p}.final_layer_norm")),
-                tuple(linear(f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "out_proj")),
-                tuple(linear(f"{p}.encoder_attn.{n}") for n in ("q_proj", "k_proj", "v_proj", "out_proj")),
-                linear(f"{p}.fc1"), linear(f"{p}.fc2")))
+            linear_names, norm_names = layer_paths(i)
+            linears = [Linear(name, modules[name]) for name in linear_names]
+            self.layers.append(Layer(tuple(norm(name) for name in norm_names), AttentionWeights(*linears[:4]),
+                                     AttentionWeights(*linears[4:8]), *linears[8:]))
         self.final_norm = norm("decoder.layer_norm")
-        self.lm_heads = [linear(f"decoder.lm_heads.{k}") for k in range(config.num_codebooks)]
+        self.lm_heads = [Linear(f"decoder.lm_heads.{k}", head) for k, head in enumerate(decoder.lm_heads)]
         self.embeddings = [np.asarray(e.weight) for e in decoder.embed_tokens]
-        self.text_projection = linear("enc_to_dec_proj") if model.config.project_text else None
+        self.text_projection = Linear("enc_to_dec_proj", model.enc_to_dec_proj) if model.config.project_text \
+            else None
         self.names = [name for name, _ in tree_flatten(model.trainable_parameters())]
 
     # ---- pieces
 
-    def layer_norm(self, norm: LayerNorm, x: np.ndarray) -> tuple[np.ndarray, tuple]:
+    def layer_norm(self, norm: LayerNorm, x: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """x (N, D) -> LN(x), and (normalized, rstd) for the backward pass."""
         out, normalized = np.empty_like(x), np.empty_like(x)
         rstd = np.empty(x.shape[0], np.float32)
         self.kernels.layer_norm(x, norm.weight, norm.bias, out, normalized, rstd)
@@ -189,7 +248,7 @@ class NumpyLoRA:
     def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, causal: bool
                ) -> tuple[np.ndarray, list[np.ndarray]]:
         """q (B, H, L, d), k and v (B, H, S, d) -> the heads' outputs (B, H, L, d) and the weights P, by blocks of
-        queries (attention_blocks). mask (B, S) additive, or (B, 0)."""
+        queries (attention_blocks). mask (B, S) additive, or NO_MASK."""
         out, weights = np.empty_like(q), []
         for start, end, keys in attention_blocks(q.shape[2], k.shape[2], causal):
             block = q[:, :, start:end] @ k[:, :, :keys].transpose(0, 1, 3, 2)
@@ -198,11 +257,13 @@ class NumpyLoRA:
             weights.append(block)
         return out, weights
 
-    def attend_backward(self, q, k, v, weights: list[np.ndarray], grad_out, causal: bool
+    def attend_backward(self, tape: AttentionTape, grad_out: np.ndarray, causal: bool
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The gradients of q, k and v from the outputs', block by block as attend made the weights."""
+        """The gradients of the heads' q, k and v from their outputs' (B, H, L, d), block by block as attend made
+        the weights."""
+        q, k, v = tape.q, tape.k, tape.v
         grad_q, grad_k, grad_v = np.empty_like(q), np.zeros_like(k), np.zeros_like(v)
-        for (start, end, keys), block in zip(attention_blocks(q.shape[2], k.shape[2], causal), weights):
+        for (start, end, keys), block in zip(attention_blocks(q.shape[2], k.shape[2], causal), tape.weights):
             grad_block = grad_out[:, :, start:end]
             grad_v[:, :, :keys] += block.transpose(0, 1, 3, 2) @ grad_block
             grad_scores = grad_block @ v[:, :, :keys].transpose(0, 1, 3, 2)
@@ -211,34 +272,50 @@ class NumpyLoRA:
             grad_k[:, :, :keys] += grad_scores.transpose(0, 1, 3, 2) @ q[:, :, start:end]
         return grad_q, grad_k, grad_v
 
+    def attention(self, weights: AttentionWeights, h: np.ndarray, batch: int, text: np.ndarray | None = None,
+                  mask: np.ndarray = NO_MASK) -> tuple[np.ndarray, AttentionTape]:
+        """Self-attention of h (B * L, D), causal; or with `text` (B * S, D), cross-attention to it under the
+        additive mask (B, S) -> (B * L, D), and its tape."""
+        sources = h if text is None else text
+        (q, middle_q), (k, middle_k), (v, middle_v) = (weights.q.forward(h), weights.k.forward(sources),
+                                                       weights.v.forward(sources))
+        q, k, v = (split_heads(y, batch, self.heads) for y in (q, k, v))
+        out, attention_weights = self.attend(q, k, v, mask, text is None)
+        merged = merge_heads(out)
+        y, middle_out = weights.out.forward(merged)
+        return y, AttentionTape(h, (middle_q, middle_k, middle_v, middle_out), q, k, v, attention_weights, merged)
+
+    def attention_backward(self, weights: AttentionWeights, tape: AttentionTape, grad_y: np.ndarray, grads: dict,
+                           text: np.ndarray | None = None, grad_text: np.ndarray | None = None,
+                           input_grad: bool = True) -> np.ndarray | None:
+        """The gradient of h from the output's grad_y (B * L, D) (None if not `input_grad`); for cross-attention
+        the text's added into grad_text (B * S, D)."""
+        middle_q, middle_k, middle_v, middle_out = tape.middles
+        B, H = tape.q.shape[:2]
+        grad_out = split_heads(weights.out.backward(tape.merged, middle_out, grad_y, grads), B, H)
+        grad_q, grad_k, grad_v = (merge_heads(g) for g in self.attend_backward(tape, grad_out, text is None))
+        grad_h = weights.q.backward(tape.h, middle_q, grad_q, grads, input_grad)
+        if text is None:
+            grad_k = weights.k.backward(tape.h, middle_k, grad_k, grads, input_grad)
+            grad_v = weights.v.backward(tape.h, middle_v, grad_v, grads, input_grad)
+            return grad_h + grad_k + grad_v if input_grad else None
+        grad_text += weights.k.backward(text, middle_k, grad_k, grads)
+        grad_text += weights.v.backward(text, middle_v, grad_v, grads)
+        return grad_h
+
     # ---- one layer
 
     def layer_forward(self, layer: Layer, x: np.ndarray, batch: int, text: np.ndarray, text_mask: np.ndarray
-                      ) -> tuple[np.ndarray, dict]:
-        """x (B * L, D) -> the layer's output, and what its backward pass reads. text (B * S, D), text_mask
-        (B, S) additive."""
-        H, saved = self.heads, {}
-        h, saved["norm1"] = self.layer_norm(layer.norms[0], x)
-        projected = [p.forward(h) for p in layer.self_attn[:3]]
-        q, k, v = (split_heads(y, batch, H) for y, _ in projected)
-        out, weights = self.attend(q, k, v, NO_MASK, True)
-        merged = merge_heads(out)
-        y, middle_o = layer.self_attn[3].forward(merged)
-        saved["self"] = (h, [m for _, m in projected], q, k, v, weights, merged, middle_o)
+                      ) -> tuple[np.ndarray, LayerTape]:
+        """x (B * L, D) -> the layer's output (a new array), and its tape. text (B * S, D), text_mask (B, S)
+        additive."""
+        h, first = self.layer_norm(layer.norms[0], x)
+        y, self_tape = self.attention(layer.self_attn, h, batch)
         x = x + y
-
-        h, saved["norm2"] = self.layer_norm(layer.norms[1], x)
-        qy, middle_q = layer.cross_attn[0].forward(h)
-        ky, middle_k = layer.cross_attn[1].forward(text)
-        vy, middle_v = layer.cross_attn[2].forward(text)
-        q, k, v = split_heads(qy, batch, H), split_heads(ky, batch, H), split_heads(vy, batch, H)
-        out, weights = self.attend(q, k, v, text_mask, False)
-        merged = merge_heads(out)
-        y, middle_o = layer.cross_attn[3].forward(merged)
-        saved["cross"] = (h, (middle_q, middle_k, middle_v), q, k, v, weights, merged, middle_o)
+        h, second = self.layer_norm(layer.norms[1], x)
+        y, cross_tape = self.attention(layer.cross_attn, h, batch, text, text_mask)
         x += y
-
-        h, saved["norm3"] = self.layer_norm(layer.norms[2], x)
+        h, third = self.layer_norm(layer.norms[2], x)
         hidden, middle_1 = layer.fc1.forward(h)
         if self.activation == "gelu":
             activated = np.empty_like(hidden)
@@ -246,45 +323,36 @@ class NumpyLoRA:
         else:
             activated = np.maximum(hidden, 0)
         y, middle_2 = layer.fc2.forward(activated)
-        saved["ffn"] = (h, hidden, activated, middle_1, middle_2)
         x += y
-        return x, saved
+        return x, LayerTape([first, second, third], self_tape, cross_tape, (h, hidden, activated, middle_1, middle_2))
 
-    def layer_backward(self, layer: Layer, saved: dict, grad: np.ndarray, text: np.ndarray, grad_text: np.ndarray,
-                       grads: dict, input_grad: bool) -> np.ndarray:
-        """The gradient of the layer's input x from its output's, grad (B * L, D), updated in place (the
-        residual's path) and returned; the text's gradient added into grad_text (B * S, D)."""
+    def layer_backward(self, layer: Layer, tape: LayerTape, grad: np.ndarray, text: np.ndarray,
+                       grad_text: np.ndarray, grads: dict, input_grad: bool) -> np.ndarray:
+        """The gradient of the layer's input from its output's, grad (B * L, D), updated in place (the residual's
+        path) and returned (not `input_grad`: only as far as the self-attention's output, which is all the first
+        layer's LoRA needs); the text's gradient added into grad_text (B * S, D)."""
         kernels = self.kernels
-        h, hidden, activated, middle_1, middle_2 = saved["ffn"]
+        h, hidden, activated, middle_1, middle_2 = tape.ffn
         grad_activated = layer.fc2.backward(activated, middle_2, grad, grads)
         if self.activation == "gelu":
             kernels.gelu_backward(hidden, grad_activated)
         else:
             grad_activated *= hidden > 0
         grad_h = layer.fc1.backward(h, middle_1, grad_activated, grads)
-        kernels.layer_norm_backward(grad_h, *saved["norm3"], layer.norms[2].weight, grad)
-
-        h, (middle_q, middle_k, middle_v), q, k, v, weights, merged, middle_o = saved["cross"]
-        grad_out = split_heads(layer.cross_attn[3].backward(merged, middle_o, grad, grads), *q.shape[:2])
-        grad_q, grad_k, grad_v = self.attend_backward(q, k, v, weights, grad_out, False)
-        grad_text += layer.cross_attn[1].backward(text, middle_k, merge_heads(grad_k), grads)
-        grad_text += layer.cross_attn[2].backward(text, middle_v, merge_heads(grad_v), grads)
-        grad_h = layer.cross_attn[0].backward(h, middle_q, merge_heads(grad_q), grads)
-        kernels.layer_norm_backward(grad_h, *saved["norm2"], layer.norms[1].weight, grad)
-
-        h, middles, q, k, v, weights, merged, middle_o = saved["self"]
-        grad_out = split_heads(layer.self_attn[3].backward(merged, middle_o, grad, grads), *q.shape[:2])
-        grad_heads = self.attend_backward(q, k, v, weights, grad_out, True)
-        grad_h = [projection.backward(h, middle, merge_heads(grad_y), grads, input_grad)
-                  for projection, middle, grad_y in zip(layer.self_attn[:3], middles, grad_heads)]
-        if input_grad:  # (the first layer's input is the embeddings': frozen)
-            kernels.layer_norm_backward(grad_h[0] + grad_h[1] + grad_h[2], *saved["norm1"], layer.norms[0].weight,
-                                        grad)
+        kernels.layer_norm_backward(grad_h, *tape.norms[2], layer.norms[2].weight, grad)
+        grad_h = self.attention_backward(layer.cross_attn, tape.cross_attn, grad, grads, text, grad_text)
+        kernels.layer_norm_backward(grad_h, *tape.norms[1], layer.norms[1].weight, grad)
+        grad_h = self.attention_backward(layer.self_attn, tape.self_attn, grad, grads, input_grad=input_grad)
+        if input_grad:
+            kernels.layer_norm_backward(grad_h, *tape.norms[0], layer.norms[0].weight, grad)
         return grad
 
     # ---- the whole model
 
     def __call__(self, model, batch) -> tuple[mx.array, dict]:
+        """A training.Batch (inputs and labels (B, K, L), T5 states (B, S, d_model) and mask (B, S), the rows
+        trained unconditioned) -> (the loss, a scalar; the gradients of the trainable parameters, as
+        nn.value_and_grad gives them)."""
         if model is not self.model:
             raise ValueError("numpy_training: call it with the model it was made for")
         if batch.chroma is not None:
@@ -292,21 +360,24 @@ class NumpyLoRA:
         decoder = model.decoder
         inputs, labels = np.asarray(batch.inputs), np.asarray(batch.labels)
         B, K, L = inputs.shape
-        D = decoder.config.hidden_size
+        D, vocab = decoder.config.hidden_size, decoder.config.vocab_size
+        valid = labels != decoder.pad_token_id
+        if labels.min() < 0 or (labels[valid] >= vocab).any() or inputs.min() < 0 or inputs.max() > vocab:
+            raise ValueError(f"numpy_training: codes outside the vocabulary (0..{vocab - 1}, and the pad id {vocab})")
         grads: dict[str, np.ndarray] = {}
 
         # the text, as model.project_text and decoder_context make it
         states = np.asarray(batch.text_states.astype(mx.float32))
-        mask = np.asarray(batch.text_mask).astype(np.float32)
+        mask = np.asarray(batch.text_mask.astype(mx.float32))
         if batch.unconditioned is not None:
-            mask = mask * (1 - np.asarray(batch.unconditioned).astype(np.float32))[:, None]
+            mask = mask * (1 - np.asarray(batch.unconditioned.astype(mx.float32)))[:, None]
         S = states.shape[1]
-        states = np.ascontiguousarray(states.reshape(B * S, -1))
+        states = states.reshape(B * S, -1)
         middle_text = None
         if self.text_projection is not None:
             projected, middle_text = self.text_projection.forward(states)
         else:
-            projected = states.copy()
+            projected = states
         keep = mask.reshape(B * S, 1)
         text = projected * keep
         attended = np.ones_like(mask) if model.config.attend_text_padding else mask
@@ -314,26 +385,25 @@ class NumpyLoRA:
 
         # forward
         x = sum(table[inputs[:, k]] for k, table in enumerate(self.embeddings)) * np.float32(decoder.embed_scale)
-        x = (x + np.asarray(decoder.position_table(L, mx.float32))[:L]).reshape(B * L, D).astype(np.float32)
-        tape = []
+        x = (x + np.asarray(decoder.position_table(L, mx.float32))[:L]).reshape(B * L, D)
+        tapes = []
         for layer in self.layers:
-            tape.append(x if self.checkpoint else None)
-            x, saved = self.layer_forward(layer, x, B, text, text_mask)
-            if not self.checkpoint:
-                tape[-1] = saved
+            output, tape = self.layer_forward(layer, x, B, text, text_mask)
+            tapes.append(x if self.checkpoint else tape)  # checkpoint: the input, to run the layer again
+            x = output
+        del tape
         h, final = self.layer_norm(self.final_norm, x)
 
-        # the loss, and its gradient back to the final norm's output
-        valid = labels != decoder.pad_token_id
+        # the loss, each codebook's mean over its predicted codes, averaged; its gradient back to h
         total = 0.0
         grad_h = np.zeros_like(h)
         for k, head in enumerate(self.lm_heads):
             logits, middle = head.forward(h)
             codebook_valid = valid[:, k].reshape(-1)
-            weights = codebook_valid.astype(np.float32) / np.float32(max(codebook_valid.sum(), 1) * K)
+            row_weights = codebook_valid.astype(np.float32) / np.float32(max(codebook_valid.sum(), 1) * K)
             losses = np.empty(B * L, np.float32)
             targets = np.where(codebook_valid, labels[:, k].reshape(-1), 0).astype(np.int64)
-            self.kernels.cross_entropy(logits, targets, weights, losses)
+            self.kernels.cross_entropy(logits, targets, row_weights, losses)  # logits := their gradient
             total += float(losses.sum(dtype=np.float64))
             grad_h += head.backward(h, middle, logits, grads)
 
@@ -342,9 +412,11 @@ class NumpyLoRA:
         self.kernels.layer_norm_backward(grad_h, *final, self.final_norm.weight, grad)
         grad_text = np.zeros_like(text)
         for i in reversed(range(len(self.layers))):
-            saved = self.layer_forward(self.layers[i], tape[i], B, text, text_mask)[1] if self.checkpoint else tape[i]
-            grad = self.layer_backward(self.layers[i], saved, grad, text, grad_text, grads, input_grad=i > 0)
-            tape[i] = None  # its activations go as soon as they are read
+            tape = self.layer_forward(self.layers[i], tapes[i], B, text, text_mask)[1] if self.checkpoint \
+                else tapes[i]
+            tapes[i] = None  # its activations go as soon as they are read
+            grad = self.layer_backward(self.layers[i], tape, grad, text, grad_text, grads, input_grad=i > 0)
+            del tape
         if self.text_projection is not None:
             self.text_projection.backward(states, middle_text, grad_text * keep, grads, input_grad=False)
 
@@ -355,22 +427,35 @@ class NumpyLoRA:
 
 
 def unsupported(model) -> str | None:
-    """Why numpy_training does not take the model (None: it does): it takes MusicGen (no melody, not MAGNeT) in
-    float32 with GELU or ReLU, whose trainable weights are all LoRA's on linear layers, without LoRA dropout."""
+    """Why NumpyLoRA does not take the model (None: it does). It takes MusicGen (no melody, not MAGNeT) with GELU
+    or ReLU, whose linear layers, layer norms and embeddings it reads are MLX's own in float32 (a LoRALinear
+    around a Linear: without dropout), and whose trainable weights are all LoRALinear's A and B."""
     decoder = model.decoder
     if type(decoder) is not MusicgenDecoder or model.config.melody is not None:
         return "not a MusicGen decoder"
-    if decoder.dtype != mx.float32 or decoder.config.activation_function not in ("gelu", "relu"):
-        return "not float32 with GELU or ReLU"
+    if decoder.config.activation_function not in ACTIVATIONS:
+        return f"the activation {decoder.config.activation_function}"
     modules = dict(model.named_modules())
+    linears, norms, embeddings = model_paths(model)
+    for path in linears:
+        module = modules.get(path)
+        if isinstance(module, LoRALinear):
+            if module.dropout_rate:
+                return "LoRA dropout"
+            module = module.linear
+        if type(module) is not nn.Linear or module.weight.dtype != mx.float32:
+            return f"{path} is not a float32 Linear"
+    for path, kind in [(path, nn.LayerNorm) for path in norms] + [(path, nn.Embedding) for path in embeddings]:
+        module = modules.get(path)
+        if type(module) is not kind or module.weight.dtype != mx.float32:
+            return f"{path} is not a float32 {kind.__name__}"
+        if kind is nn.LayerNorm and (module.eps != 1e-5 or "bias" not in module):
+            return f"{path} is not the decoder's LayerNorm"
     names = [name for name, _ in tree_flatten(model.trainable_parameters())]
     for name in names:
         path, _, kind = name.rpartition(".")
-        module = modules.get(path)
-        if kind not in LORA or not isinstance(module, LoRALinear) or type(module.linear) is not nn.Linear:
+        if kind not in LORA or not isinstance(modules.get(path), LoRALinear):
             return f"{name} trains, and is not a LoRA of a linear layer"
-        if module.dropout_rate:
-            return "LoRA dropout"
     return None if names else "nothing trains"
 
 

@@ -14,7 +14,7 @@ import math
 import numba
 import numpy as np
 
-from .kernels import _ERF_P, _ERF_Q
+from .kernels import normal_cdf
 from .training import EXP_P, LN2_HIGH, LN2_LOW, LOG2E, LOWEST
 
 _JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)  # as cpu.kernels'
@@ -81,25 +81,12 @@ def layer_norm_backward(grad_out: np.ndarray, normalized: np.ndarray, rstd: np.n
             grad_x[r, d] += rstd[r] * (grad_out[r, d] * weight[d] - mean_g - normalized[r, d] * mean_gn)
 
 
-@numba.njit(inline="always", fastmath={"reassoc", "contract"})
-def _normal_cdf(x):
-    """Phi(x) with cpu.decoder's rational erf (as cpu.training's GELU)."""
-    z = min(max(x * np.float32(math.sqrt(0.5)), np.float32(-4)), np.float32(4))
-    z2 = z * z
-    p, q = _ERF_P[0], _ERF_Q[0]
-    for c in _ERF_P[1:]:
-        p = p * z2 + c
-    for c in _ERF_Q[1:]:
-        q = q * z2 + c
-    return (np.float32(1) + z * p / q) * np.float32(0.5)
-
-
 @numba.njit(**_JIT)
 def gelu(x: np.ndarray, out: np.ndarray) -> None:
     """out = x * Phi(x), the exact GELU, x (N, F)."""
     for r in numba.prange(x.shape[0]):
         for n in range(x.shape[1]):
-            out[r, n] = x[r, n] * _normal_cdf(x[r, n])
+            out[r, n] = x[r, n] * normal_cdf(x[r, n])
 
 
 @numba.njit(**_JIT)
@@ -113,7 +100,7 @@ def gelu_backward(x: np.ndarray, grad: np.ndarray) -> None:
         _exp_nonpositive(exponent, np.empty(x.shape[1], np.int32))
         for n in range(x.shape[1]):
             v = x[r, n]
-            grad[r, n] *= _normal_cdf(v) + v * density * exponent[n]
+            grad[r, n] *= normal_cdf(v) + v * density * exponent[n]
 
 
 @numba.njit(**_JIT)
@@ -126,7 +113,7 @@ def softmax(scores: np.ndarray, scale: float, mask: np.ndarray, causal: bool) ->
         b, i = g // (H * L), g % L
         row = scores[b, (g // L) % H, i]
         seen = S - L + i + 1 if causal else S
-        top = -np.inf
+        top = np.float32(-np.inf)
         for j in range(seen):
             value = row[j] * scale32
             if mask.shape[1]:
@@ -174,7 +161,7 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, l
             losses[r] = 0
             continue
         label = labels[r]
-        target, top = row[label], -np.inf
+        target, top = row[label], np.float32(-np.inf)
         for v in range(row.shape[0]):
             top = max(top, row[v])
         for v in range(row.shape[0]):
