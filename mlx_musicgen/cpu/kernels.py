@@ -147,19 +147,25 @@ def gelu(x: np.ndarray) -> np.ndarray:
     return out
 
 
+@numba.njit(inline="always", fastmath=_FAST["fastmath"])
+def mean_and_rstd(row: np.ndarray) -> tuple[np.float32, np.float32]:
+    """A row's mean and 1 / sqrt(variance + eps), eps the decoder's LayerNorms' 1e-5, in float32."""
+    width = np.float32(row.shape[0])
+    mean = np.float32(0)
+    for d in range(row.shape[0]):
+        mean += row[d]
+    mean /= width
+    variance = np.float32(0)
+    for d in range(row.shape[0]):
+        variance += (row[d] - mean) * (row[d] - mean)
+    return mean, np.float32(1) / np.sqrt(variance / width + np.float32(1e-5))
+
+
 @numba.njit(**_FAST)
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
-    width, eps = np.float32(x.shape[1]), np.float32(1e-5)
     for r in range(x.shape[0]):
-        mean = np.float32(0)
-        for d in range(x.shape[1]):
-            mean += x[r, d]
-        mean /= width
-        variance = np.float32(0)
-        for d in range(x.shape[1]):
-            variance += (x[r, d] - mean) * (x[r, d] - mean)
-        scale = np.float32(1) / np.sqrt(variance / width + eps)
+        mean, scale = mean_and_rstd(x[r])
         for d in range(x.shape[1]):
             out[r, d] = (x[r, d] - mean) * scale * weight[d] + bias[d]
     return out

@@ -106,7 +106,7 @@ class Linear:
 
 @dataclass
 class LayerNorm:
-    """A LayerNorm's weight and bias (D,), its eps the decoder's 1e-5 (training_kernels.EPS)."""
+    """A LayerNorm's weight and bias (D,), its eps the decoder's 1e-5 (kernels.mean_and_rstd)."""
 
     weight: np.ndarray
     bias: np.ndarray

@@ -4,7 +4,9 @@ between them are numpy's (BLAS's, on its own threads).
 
 MLX runs these passes on one core of a CPU, as a dozen element-wise kernels each; here each is one loop, on
 every core (docs/performance.md, Fine-tuning). numba does not check bounds: numpy_training gives every kernel
-the arrays it makes itself, of the shapes written below.
+the arrays it makes itself, of the shapes written below (and checks the codes against the vocabulary). numba's
+cache is keyed on this file: the constants and inlined helpers it imports (cpu.training's exp, cpu.kernels' erf
+and moments) are compiled in, so a change there needs the cache (__pycache__/*.nbi, *.nbc) cleared.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ import math
 import numba
 import numpy as np
 
-from .kernels import normal_cdf
+from .kernels import mean_and_rstd, normal_cdf
 from .training import EXP_P, LN2_HIGH, LN2_LOW, LOG2E, LOWEST
 
 _JIT = dict(parallel=True, fastmath={"reassoc", "contract"}, cache=True, nogil=True)  # as cpu.kernels'
-EPS = np.float32(1e-5)  # the decoder's LayerNorms'
 _EXP_P = np.array(EXP_P[::-1], np.float32)  # highest power first, for Horner's rule
 
 
@@ -44,18 +45,10 @@ def _exp_nonpositive(values: np.ndarray, bits: np.ndarray) -> None:
 @numba.njit(**_JIT)
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, out: np.ndarray, normalized: np.ndarray,
                rstd: np.ndarray) -> None:
-    """out (N, D) = normalized * weight + bias, normalized = (x - mean) * rstd, rstd = 1 / sqrt(var + eps), per
+    """out (N, D) = normalized * weight + bias, normalized = (x - mean) * rstd, rstd = 1 / sqrt(var + 1e-5), per
     row of x (N, D); normalized and rstd (N,) kept for the backward pass."""
-    width = np.float32(x.shape[1])
     for r in numba.prange(x.shape[0]):
-        mean = np.float32(0)
-        for d in range(x.shape[1]):
-            mean += x[r, d]
-        mean /= width
-        variance = np.float32(0)
-        for d in range(x.shape[1]):
-            variance += (x[r, d] - mean) * (x[r, d] - mean)
-        scale = np.float32(1) / np.sqrt(variance / width + EPS)
+        mean, scale = mean_and_rstd(x[r])
         rstd[r] = scale
         for d in range(x.shape[1]):
             n = (x[r, d] - mean) * scale
