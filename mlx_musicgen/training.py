@@ -315,6 +315,8 @@ class Trainer:
         self.plotting = True  # until matplotlib turns out to be missing
         self.pad = model.config.decoder.pad_token_id
         self.loss_and_grad = loss_and_grad_for_training(model, config.grad_checkpoint)
+        numpy_form = isinstance(self.loss_and_grad, cpu.numpy_training.NumpyLoRA)
+        self.loss_of = self.loss_and_grad.loss if numpy_form else loss  # for validation: the same form's loss
 
     def trainable_count(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
@@ -360,7 +362,7 @@ class Trainer:
         total, count = 0.0, 0
         for i in range(0, len(self.val_set), self.config.batch_size):
             examples = self.val_set[i : i + self.config.batch_size]
-            total += loss(self.model, make_batch(self.model, examples)).item() * len(examples)
+            total += self.loss_of(self.model, make_batch(self.model, examples)).item() * len(examples)
             count += len(examples)
         self.model.train()
         return total / count

@@ -294,8 +294,9 @@ def test_training_kernels_against_float64():
 
 
 def test_numpy_lora_trains_as_mlx_does(studio_data, tmp_path):
-    """Three optimizer steps of the trainer over micro-batches (grad_accum 2, condition dropout), the numpy form
-    against MLX's (compiled_loss_and_grad): the same losses, and the same adapters after AdamW and clipping (to
+    """Three optimizer steps of the trainer over micro-batches (grad_accum 2, condition dropout) and a validation,
+    the numpy form against MLX's (compiled_loss_and_grad, training.loss): the same losses, and the same adapters
+    after AdamW and clipping (to
     1e-4 of the learning rate: AdamW divides each gradient by its own size, so a weight whose gradient is near 0
     moves by a rounding's worth differently)."""
     pytest.importorskip("numba")
@@ -306,12 +307,13 @@ def test_numpy_lora_trains_as_mlx_does(studio_data, tmp_path):
     for form in ("numpy", "mlx"):
         model = portable(studio_data / "model").model
         mx.random.seed(0)  # the same A drawn for both
-        trainer = training.Trainer(model, examples, [], tmp_path / form, config, lora.AdapterConfig(rank=4), "x")
+        trainer = training.Trainer(model, examples, examples[:2], tmp_path / form, config,
+                                   lora.AdapterConfig(rank=4), "x")
         if form == "mlx":
-            trainer.loss_and_grad = training.compiled_loss_and_grad(model)
+            trainer.loss_and_grad, trainer.loss_of = training.compiled_loss_and_grad(model), training.loss
         elif not isinstance(trainer.loss_and_grad, numpy_training.NumpyLoRA):
             pytest.skip("the trainer computes LoRA in numpy on a CPU only")
-        losses = [trainer.train_step()[0] for _ in range(config.iters)]
+        losses = [trainer.train_step()[0] for _ in range(config.iters)] + [trainer.validation_loss()]
         results.append((losses, {k: np.array(v) for k, v in lora.adapter_weights(model).items()}))
     (numpy_losses, numpy_adapters), (mlx_losses, mlx_adapters) = results
     np.testing.assert_allclose(numpy_losses, mlx_losses, rtol=LOSS_RTOL)

@@ -353,6 +353,13 @@ class NumpyLoRA:
         """A training.Batch (inputs and labels (B, K, L), T5 states (B, S, d_model) and mask (B, S), the rows
         trained unconditioned) -> (the loss, a scalar; the gradients of the trainable parameters, as
         nn.value_and_grad gives them)."""
+        return self.run(model, batch, gradients=True)
+
+    def loss(self, model, batch) -> mx.array:
+        """The loss alone (the trainer's validation): the forward pass, keeping no activations."""
+        return self.run(model, batch, gradients=False)[0]
+
+    def run(self, model, batch, gradients: bool) -> tuple[mx.array, dict | None]:
         if model is not self.model:
             raise ValueError("numpy_training: call it with the model it was made for")
         if batch.chroma is not None:
@@ -389,7 +396,8 @@ class NumpyLoRA:
         tapes = []
         for layer in self.layers:
             output, tape = self.layer_forward(layer, x, B, text, text_mask)
-            tapes.append(x if self.checkpoint else tape)  # checkpoint: the input, to run the layer again
+            if gradients:
+                tapes.append(x if self.checkpoint else tape)  # checkpoint: the input, to run the layer again
             x = output
         del tape
         h, final = self.layer_norm(self.final_norm, x)
@@ -405,7 +413,10 @@ class NumpyLoRA:
             targets = np.where(codebook_valid, labels[:, k].reshape(-1), 0).astype(np.int64)
             self.kernels.cross_entropy(logits, targets, row_weights, losses)  # logits := their gradient
             total += float(losses.sum(dtype=np.float64))
-            grad_h += head.backward(h, middle, logits, grads)
+            if gradients:
+                grad_h += head.backward(h, middle, logits, grads)
+        if not gradients:
+            return mx.array(np.float32(total)), None
 
         # backward
         grad = np.zeros_like(x)
