@@ -244,6 +244,7 @@ def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melo
              (tiny, lora.AdapterConfig(rank=4), half), (tiny, lora.AdapterConfig(rank=4), quantized),
              (tiny, lora.AdapterConfig(rank=4), gelu_new), (tiny_melody, lora.AdapterConfig(rank=4), None)]
     numba_loads = numpy_training.training_kernels() is not None
+    on_cpu = mx.default_device() == mx.cpu and not cpu.portable_requested()
     taken = []
     for checkpoint, adapters, change in cases:
         model = portable(checkpoint.folder).model
@@ -251,8 +252,7 @@ def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melo
             change(model)
         trainer = training.Trainer(model, [], [], tmp_path, training.TrainConfig(), adapters, "x")
         taken.append(isinstance(trainer.loss_and_grad, numpy_training.NumpyLoRA))
-        assert taken[-1] == (numba_loads and numpy_training.unsupported(model) is None)
-    on_cpu = mx.default_device() == mx.cpu and not cpu.portable_requested()
+        assert taken[-1] == (on_cpu and numba_loads and numpy_training.unsupported(model) is None)
     assert taken == [on_cpu and numba_loads] + [False] * 7
     if on_cpu:  # a LoRA the numpy form would take but for the user's choice: the trainer says why it is slower
         with pytest.warns(UserWarning, match=r"LoRA trains on MLX here \(LoRA dropout\)"):
