@@ -42,7 +42,7 @@ def ours(cfg: dict) -> dict:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_musicgen import _linux, lora, training
+    from mlx_musicgen import _linux, lora, trainer, training
     from mlx_musicgen.loading import load_model
 
     if _linux.openblas_trains_faster():  # as finetune.py does
@@ -54,13 +54,13 @@ def ours(cfg: dict) -> dict:
         lora.unfreeze_for_full(model)
     else:
         lora.apply_lora(model, lora.AdapterConfig())
-    training.use_cpu_training_forms(model)  # as training.Trainer does
+    training.use_cpu_training_forms(model)  # as trainer.Trainer does
     tokens = tokenizer([TEXT] * cfg["batch"], return_tensors="np")
     states = model.text_encoder(mx.array(tokens["input_ids"]), mx.array(tokens["attention_mask"]))
     inputs, labels = training.delayed_sequences(codes_for(cfg), 2048, model.config.decoder.audio_channels)
     batch = training.Batch(mx.array(inputs), mx.array(labels), states, mx.array(tokens["attention_mask"]))
     predicted = int((batch.labels != 2048).sum())
-    optimizer = training.FusedAdamW(learning_rate=1e-4, betas=[0.9, 0.95])  # the trainer's
+    optimizer = trainer.FusedAdamW(learning_rate=1e-4, betas=[0.9, 0.95])  # the trainer's
     step = training.loss_and_grad_for_training(model, cfg["checkpoint"])  # the trainer's
 
     def one_step():

@@ -24,7 +24,7 @@ import mlx.core as mx
 
 from . import cli, lora
 from .dataset import load_examples, split
-from .training import CHECKPOINT, TrainConfig, Trainer, checkpoint_state
+from .trainer import CHECKPOINT, TrainConfig, Trainer, checkpoint_state
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

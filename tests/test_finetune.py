@@ -23,6 +23,7 @@ from mlx_musicgen.cpu import numpy_training, training as cpu_training
 from mlx_musicgen import audio
 from mlx_musicgen.cpu.numpy_t5 import NumpyT5
 from mlx_musicgen.dataset import encode_clip, load_examples, text_states
+from mlx_musicgen.trainer import FusedAdamW, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_RTOL = 1e-5
@@ -250,16 +251,16 @@ def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melo
         model = portable(checkpoint.folder).model
         if change is not None:
             change(model)
-        trainer = training.Trainer(model, [], [], tmp_path, training.TrainConfig(), adapters, "x")
+        trainer = Trainer(model, [], [], tmp_path, TrainConfig(), adapters, "x")
         taken.append(isinstance(trainer.loss_and_grad, numpy_training.NumpyLoRA))
         assert taken[-1] == (on_cpu and numba_loads and numpy_training.unsupported(model) is None)
     assert taken == [on_cpu and numba_loads] + [False] * 7
     if on_cpu:  # a LoRA the numpy form would take but for the user's choice: the trainer says why it is slower
         with pytest.warns(UserWarning, match=r"LoRA trains on MLX here \(LoRA dropout\)"):
-            training.Trainer(portable(tiny.folder).model, [], [], tmp_path, training.TrainConfig(),
+            Trainer(portable(tiny.folder).model, [], [], tmp_path, TrainConfig(),
                              lora.AdapterConfig(rank=4, dropout=0.1), "x")
     monkeypatch.setattr(numpy_training, "training_kernels", lambda: None)
-    trainer = training.Trainer(portable(tiny.folder).model, [], [], tmp_path, training.TrainConfig(),
+    trainer = Trainer(portable(tiny.folder).model, [], [], tmp_path, TrainConfig(),
                                lora.AdapterConfig(rank=4), "x")
     assert not isinstance(trainer.loss_and_grad, numpy_training.NumpyLoRA)
 
@@ -302,12 +303,12 @@ def test_numpy_lora_trains_as_mlx_does(studio_data, tmp_path):
     pytest.importorskip("numba")
     musicgen = portable(studio_data / "model")
     examples = load_examples(musicgen, studio_data / "data")
-    config = training.TrainConfig(iters=3, batch_size=2, grad_accum=2, learning_rate=1e-3, cond_dropout=0.5)
+    config = TrainConfig(iters=3, batch_size=2, grad_accum=2, learning_rate=1e-3, cond_dropout=0.5)
     results = []
     for form in ("numpy", "mlx"):
         model = portable(studio_data / "model").model
         mx.random.seed(0)  # the same A drawn for both
-        trainer = training.Trainer(model, examples, examples[:2], tmp_path / form, config,
+        trainer = Trainer(model, examples, examples[:2], tmp_path / form, config,
                                    lora.AdapterConfig(rank=4), "x")
         if form == "mlx":
             trainer.loss_and_grad, trainer.loss_of = training.compiled_loss_and_grad(model), training.loss
@@ -358,9 +359,9 @@ def test_an_interrupted_trace_leaves_the_model_whole(tiny, monkeypatch):
 
 def test_dropout_and_grad_checkpoint_are_refused_together(tiny, tmp_path):
     musicgen = portable(tiny.folder)
-    config = training.TrainConfig(grad_checkpoint=True)
+    config = TrainConfig(grad_checkpoint=True)
     with pytest.raises(ValueError, match="LoRA dropout and --grad-checkpoint do not go together"):
-        training.Trainer(musicgen.model, [], [], tmp_path, config, lora.AdapterConfig(rank=4, dropout=0.1), "x")
+        Trainer(musicgen.model, [], [], tmp_path, config, lora.AdapterConfig(rank=4, dropout=0.1), "x")
 
 
 def test_cpu_training_forms_compute_the_same_functions():
@@ -401,14 +402,14 @@ def test_cpu_training_forms_compute_the_same_functions():
 
 
 def test_fused_adamw_is_mlx_adamw():
-    """training.FusedAdamW: mlx.optimizers.AdamW's weights and state, step for step, with a schedule and decay."""
+    """trainer.FusedAdamW: mlx.optimizers.AdamW's weights and state, step for step, with a schedule and decay."""
     import mlx.optimizers as optim
 
     rng = np.random.default_rng(0)
     params = {"w": mx.array(rng.normal(0, 1, (7, 5)).astype(np.float32)), "b": [mx.array(np.ones(3, np.float32))]}
     schedule = optim.linear_schedule(1e-2, 1e-3, 5)
     ours, theirs = (kind(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=0.1)
-                    for kind in (training.FusedAdamW, optim.AdamW))
+                    for kind in (FusedAdamW, optim.AdamW))
     ours_params, theirs_params = params, params
     for _ in range(4):
         grads = {"w": mx.array(rng.normal(0, 1, (7, 5)).astype(np.float32)),
@@ -524,7 +525,6 @@ def test_a_resumed_run_continues_the_same_curve(studio_data, tmp_path):
     """Six steps straight, against three steps stopped by Ctrl-C (which saves a checkpoint) and --resume: the
     same losses, validation losses included (LoRA dropout on: its draws follow the step too)."""
     from mlx_musicgen.dataset import split
-    from mlx_musicgen.training import Trainer, TrainConfig
 
     common = ("--model", studio_data / "model", "--data", studio_data / "data", "--learning-rate", 1e-3,
               "--lora-rank", 4, "--lora-dropout", 0.1, "--log-every", 1, "--val-every", 2, "--val-fraction", 0.34,

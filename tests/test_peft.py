@@ -19,9 +19,10 @@ import pytest
 import torch
 
 import reference
-from mlx_musicgen import MusicGen, lora, training
+from mlx_musicgen import MusicGen, lora
 from mlx_musicgen.dataset import Example, text_states
 from mlx_musicgen.loading import CheckpointError
+from mlx_musicgen.trainer import TrainConfig, Trainer
 
 LOGITS_RTOL = 1e-4
 TEXTS = ["80s pop track with bassy drums and synth", "jazz"]
@@ -270,8 +271,8 @@ def test_adapters_trained_here_load_in_peft(tiny, tmp_path):
     out.mkdir()
     musicgen = MusicGen.from_pretrained(tiny.folder, portable=True)
     settings = lora.AdapterConfig(rank=4, alpha=8.0, targets=list(lora.TARGETS) + ["embed_tokens"])
-    config = training.TrainConfig(iters=3, learning_rate=1e-2, warmup=0, log_every=3, cond_dropout=0.0)
-    trainer = training.Trainer(musicgen.model, examples(musicgen), [], out, config, settings, str(tiny.folder))
+    config = TrainConfig(iters=3, learning_rate=1e-2, warmup=0, log_every=3, cond_dropout=0.0)
+    trainer = Trainer(musicgen.model, examples(musicgen), [], out, config, settings, str(tiny.folder))
     trainer.plotting = False
     trainer.run(log=lambda m: None)
     assert {p.name for p in out.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
@@ -311,8 +312,8 @@ def test_a_peft_adapter_trains_further_here(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     musicgen = MusicGen.from_pretrained(tiny.folder, portable=True)
-    config = training.TrainConfig(iters=3, learning_rate=1e-2, warmup=0, log_every=3, cond_dropout=0.0)
-    trainer = training.Trainer(musicgen.model, examples(musicgen), [], out, config, lora.AdapterConfig(rank=64),
+    config = TrainConfig(iters=3, learning_rate=1e-2, warmup=0, log_every=3, cond_dropout=0.0)
+    trainer = Trainer(musicgen.model, examples(musicgen), [], out, config, lora.AdapterConfig(rank=64),
                                str(tiny.folder), start_from=source)
     trainer.plotting = False
     assert trainer.trainable_count() == sum(v.size for v in tensors.values())

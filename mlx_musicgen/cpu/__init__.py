@@ -2,7 +2,7 @@
 loaded model for ones with the same interface and the same outputs that run faster on a CPU, and returns what the
 step loop should decode with (see docs/performance.md); `text_encoder_for_cpu(encoder)` returns what should encode
 the texts (T5 in numpy, cpu.numpy_t5); `optimize_for_training(model)` swaps the decoder's modules for training
-(training.Trainer), and `lora_loss_and_grad(model)` computes a LoRA fine-tune's loss and gradients in numpy
+(trainer.Trainer), and `lora_loss_and_grad(model)` computes a LoRA fine-tune's loss and gradients in numpy
 (cpu.numpy_training).
 
 MusicGen.from_pretrained calls optimize_for_cpu and text_encoder_for_cpu when MLX's default device is the CPU, unless
