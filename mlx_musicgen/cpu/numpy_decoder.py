@@ -18,6 +18,7 @@ and values are then copied into the numpy cache; every later step of one positio
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 import statistics
@@ -26,7 +27,7 @@ import time
 import types
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -57,25 +58,33 @@ def gelu(x: np.ndarray) -> np.ndarray:
 ACTIVATIONS = {"gelu": gelu, "relu": lambda x: np.maximum(x, 0)}
 
 
+def load_numba_kernels(name: str, ready: Callable[[types.ModuleType], bool], purpose: str, instead: str
+                       ) -> types.ModuleType | None:
+    """The module of numba's kernels cpu.<name>, once `ready(module)` has compiled them (or loaded them from
+    numba's cache) and found them worth running; None where numba is not installed (the `cpu` extra brings it on
+    Linux), or cannot import, compile or cache them here (said once: what they are for, `purpose`, and what runs
+    `instead`)."""
+    try:
+        kernels = importlib.import_module(f".{name}", __package__)
+    except ImportError as error:
+        if error.name != "numba":  # numba is there but cannot load (a numpy it does not support, say)
+            warnings.warn(f"numba could not be imported ({error}); {purpose} runs without its kernels",
+                          stacklevel=3)
+        return None
+    try:
+        return kernels if ready(kernels) else None
+    except Exception as error:  # numba's own: no cache it can write, a threading layer it cannot load
+        warnings.warn(f"numba's kernels for {purpose} could not be loaded ({error}); {instead}", stacklevel=3)
+        return None
+
+
 @functools.cache
 def numba_kernels() -> types.ModuleType | None:
     """cpu.kernels, compiled (or loaded from numba's cache) when the first NumpyDecoder is made, not with the
-    package (numba takes ~0.2 s to import). None where numba is not installed (the `cpu` extra brings it on
-    Linux), its threads are its own work queue's (kernels.fast_threading_layer), or it cannot compile or cache
-    the kernels here (said once)."""
-    try:
-        from . import kernels
-    except ImportError as error:
-        if error.name != "numba":  # numba is there but cannot load (a numpy it does not support, say)
-            warnings.warn(f"numba could not be imported ({error}); the CPU's decoding step runs without its "
-                          f"kernels", stacklevel=2)
-        return None
-    try:
-        return kernels if kernels.fast_threading_layer() else None
-    except Exception as error:  # numba's own: no cache it can write, a threading layer it cannot load
-        warnings.warn(f"numba's kernels for the CPU's decoding step could not be loaded ({error}); its products run "
-                      f"on BLAS instead", stacklevel=2)
-        return None
+    package (numba takes ~0.2 s to import); None also where numba's threads are its own work queue's
+    (kernels.fast_threading_layer)."""
+    return load_numba_kernels("kernels", lambda kernels: kernels.fast_threading_layer(), "the CPU's decoding step",
+                              "its products run on BLAS instead")
 
 
 def fits_kernels(array: np.ndarray) -> bool:

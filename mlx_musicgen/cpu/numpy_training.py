@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import types
-import warnings
 from typing import Callable
 
 import mlx.core as mx
@@ -32,6 +31,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..decoder import MusicgenDecoder
 from ..lora import LoRALinear
+from .numpy_decoder import load_numba_kernels
 from .numpy_training_parts import (AttentionTape, AttentionWeights, Layer, LayerNorm, LayerTape, Linear, layer_paths,
                                   merge_heads, model_paths, split_heads)
 
@@ -40,21 +40,10 @@ LORA = ("lora_a", "lora_b")
 
 @functools.cache
 def training_kernels() -> types.ModuleType | None:
-    """cpu.training_kernels, compiled (or loaded from numba's cache) on the first use; None where numba is not
-    installed or cannot compile or cache them here (said once)."""
-    try:
-        from . import training_kernels
-    except ImportError as error:
-        if error.name != "numba":
-            warnings.warn(f"numba could not be imported ({error}); LoRA trains on MLX's CPU", stacklevel=2)
-        return None
-    try:
-        training_kernels.compile_all()
-        return training_kernels
-    except Exception as error:  # numba's own: no cache it can write, a threading layer it cannot load
-        warnings.warn(f"numba's training kernels could not be loaded ({error}); LoRA trains on MLX's CPU",
-                      stacklevel=2)
-        return None
+    """cpu.training_kernels, compiled (or loaded from numba's cache) when the trainer starts; None where they do
+    not load (numpy_decoder.load_numba_kernels)."""
+    return load_numba_kernels("training_kernels", lambda kernels: kernels.compile_all(), "LoRA's training step",
+                              "LoRA trains on MLX instead")
 
 
 NO_MASK = np.zeros((1, 0), np.float32)  # softmax's mask where there is none (self-attention: causal)

@@ -173,9 +173,9 @@ def cross_entropy(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, l
 KERNELS = (layer_norm, layer_norm_backward, gelu, gelu_backward, softmax, softmax_backward, cross_entropy)
 
 
-def compile_all() -> None:
+def compile_all() -> bool:
     """Call every kernel once, with the argument types that numpy_training gives it (so each is compiled, or
-    loaded from numba's cache, once, before a step: ~9 s the first time on a machine, then ~0.4 s)."""
+    loaded from numba's cache, once, before a step: ~9 s the first time on a machine, then ~0.4 s); True."""
     one, row, rows = np.ones((1, 1, 1, 1), np.float32), np.ones(1, np.float32), np.ones((1, 1), np.float32)
     layer_norm(rows, row, row, rows.copy(), rows.copy(), row.copy())
     layer_norm_backward(rows, rows, row, row, rows.copy())
@@ -184,3 +184,4 @@ def compile_all() -> None:
     softmax(one.copy(), 1.0, rows, True)
     softmax_backward(one, one.copy(), 1.0)
     cross_entropy(rows.copy(), np.zeros(1, np.int64), row, row.copy())
+    return True
