@@ -2,14 +2,16 @@
 """Fine-tuning speed and memory: this MLX port against transformers + torch, same random weights, same batch
 (codes of --seconds of audio and a text), LoRA and full fine-tuning, in one run.
 
-    python benchmarks/bench_finetune.py --shape small --seconds 10 --steps 3 --json finetune.json
-    python benchmarks/bench_finetune.py --shape tiny --seconds 1 --steps 2                       # smoke run
+    python benchmarks/bench_finetune.py --shape small --seconds 10 --steps 3 --runs 3 --json finetune.json
+    python benchmarks/bench_finetune.py --shape tiny --seconds 1 --steps 2 --runs 1              # smoke run
 
-Each side and mode runs in a fresh child process: one warm-up step, then --steps timed optimizer steps (the
-loss, its gradients, clipping to norm 1 and an AdamW update). tokens/s counts the codes predicted (the
-reference's loss counts the same ones); peak RSS is the child's, the loaded model included. The reference's LoRA is the same update built
-with forward hooks around transformers' modules (rank 16, alpha 16, the same targets). The checkpoint is
-bench_generate.py's, built once and cached.
+Each side and mode runs in fresh child processes (--runs a side, taking turns): one warm-up step, then --steps
+timed optimizer steps (the loss, its gradients, clipping to norm 1 and an AdamW update); a side's figures are the
+medians over its processes, with the slowest and fastest, and each pair's ratio says how far this machine moves
+it. The report gives the machine, its copy bandwidth and the date. tokens/s counts the codes predicted (the
+reference's loss counts the same ones); peak RSS is the child's, the loaded model included. The reference's LoRA
+is the same update built with forward hooks around transformers' modules (rank 16, alpha 16, the same targets).
+The checkpoint is bench_generate.py's, built once and cached.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -25,7 +28,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import REPO, SHAPES, peak_rss_mb, prepare  # noqa: E402
+from bench_generate import (REPO, SHAPES, copy_bandwidth, cpu_model, peak_rss_mb, prepare,  # noqa: E402
+                            run_sides)
 
 TEXT = "80s pop track with bassy drums and synth"
 
@@ -130,8 +134,8 @@ def measure(one_step, predicted: int, cfg: dict) -> dict:
         losses.append(one_step())
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    return {"step_s": step_s, "step_times_s": times, "tokens_per_s": predicted / step_s, "peak_rss_mb": peak_rss_mb(), "losses": losses,
-            "predicted_tokens": predicted}
+    return {"step_s": step_s, "step_times_s": times, "tokens_per_s": predicted / step_s,
+            "peak_rss_mb": peak_rss_mb(), "losses": losses, "predicted_tokens": predicted}
 
 
 def child(kind: str, cfg: dict) -> dict:
@@ -148,12 +152,15 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="audio per example (frames at the codec's rate)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per child (after one warm-up)")
+    p.add_argument("--runs", type=int, default=3, help="fresh processes per side and mode, taking turns")
     p.add_argument("--modes", default="lora,full", help="comma-separated: lora, full")
     p.add_argument("--grad-checkpoint", action="store_true")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--cache-dir", type=Path, default=REPO / ".bench_cache")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
+    if min(args.runs, args.steps, args.batch) < 1 or args.seconds <= 0:
+        p.error("--runs, --steps and --batch take at least 1, --seconds more than 0")
 
     import hashlib
 
@@ -168,25 +175,33 @@ def main() -> None:
                        "q_group_size": 64})
     cfg = {"hf": folders["hf"], "batch": args.batch, "steps": args.steps, "checkpoint": args.grad_checkpoint,
            "frames": round(args.seconds * shape.sampling_rate / hop), "codebooks": shape.num_codebooks}
-    report = {"config": {**cfg, "shape": args.shape, "seconds": args.seconds}, "results": {}}
+    bandwidth = copy_bandwidth(512)
+    report = {"config": {**cfg, "shape": args.shape, "seconds": args.seconds, "runs": args.runs},
+              "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform()},
+              "bandwidth_gbps": bandwidth, "date": time.strftime("%Y-%m-%d"), "results": {}, "ratios": {}}
+    sides = ["reference", "ours"] if not args.skip_reference else ["ours"]
     for mode in args.modes.split(","):
-        sides = ["reference", "ours"] if not args.skip_reference else ["ours"]
-        for side in sides:
-            report["results"][f"{side}-{mode}"] = child(side, {**cfg, "mode": mode})
-    print(f"{'':16} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12}  BLAS")
+        runs = run_sides({side: lambda side=side: child(side, {**cfg, "mode": mode}) for side in sides}, args.runs)
+        report["results"].update({f"{side}-{mode}": result for side, result in runs.items()})
+        if "reference" in runs:
+            ours_r, ref = runs["ours"], runs["reference"]
+            report["ratios"][mode] = {
+                "tokens_per_s": ours_r["tokens_per_s"] / ref["tokens_per_s"],
+                "pairs": [o["tokens_per_s"] / r["tokens_per_s"]
+                          for r, o in zip(ref["process_runs"], ours_r["process_runs"])],
+                "peak_rss": ours_r["peak_rss_mb"] / ref["peak_rss_mb"]}
+    print(f"{report['machine']['cpu']} ({report['machine']['cpus']} cores), copy bandwidth {bandwidth:.1f} GB/s, "
+          f"{report['date']}; {args.runs} fresh processes a side, medians (slowest..fastest)")
+    print(f"{'':16} {'s/step':>20} {'tokens/s':>9} {'peak RSS MB':>12}  BLAS")
     for name, r in report["results"].items():
-        print(f"{name:16} {r['step_s']:8.2f} {r['tokens_per_s']:9.1f} {r['peak_rss_mb']:12.0f}  {r.get('blas', '')}")
-    for mode in args.modes.split(","):
-        if f"reference-{mode}" in report["results"]:
-            ours_r, ref = report["results"][f"ours-{mode}"], report["results"][f"reference-{mode}"]
-            ratio = ours_r["tokens_per_s"] / ref["tokens_per_s"]
-            report.setdefault("ratios", {})[mode] = {"tokens_per_s": ratio,
-                                                     "peak_rss": ours_r["peak_rss_mb"] / ref["peak_rss_mb"]}
-            print(f"{mode}: ours / reference tokens/s {ratio:.2f}x, peak RSS "
-                  f"{report['ratios'][mode]['peak_rss']:.2f}")
+        steps = sorted(run["step_s"] for run in r["process_runs"])
+        print(f"{name:16} {r['step_s']:6.2f} ({steps[0]:.2f}..{steps[-1]:.2f}) {r['tokens_per_s']:9.1f} "
+              f"{r['peak_rss_mb']:12.0f}  {r.get('blas', '')}")
+    for mode, ratio in report["ratios"].items():
+        print(f"{mode}: ours / reference tokens/s {ratio['tokens_per_s']:.2f}x (pairs: "
+              f"{', '.join(f'{x:.2f}' for x in ratio['pairs'])}), peak RSS {ratio['peak_rss']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":

@@ -1,8 +1,10 @@
-"""benchmarks/bench_generate.py end to end on the tiny shape, and benchmarks/step_bytes.py against sizes computed by
-hand. Not timing tests: the benchmark's numbers are only checked for being present, finite and positive."""
+"""benchmarks/bench_generate.py and bench_finetune.py end to end on the tiny shape, and benchmarks/step_bytes.py
+against sizes computed by hand. Not timing tests: the benchmarks' numbers are only checked for being present,
+finite and positive."""
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +79,8 @@ def test_bench_reports_both_sides_and_ratios(float32_report):
     assert f"copy bandwidth {report['bandwidth_gbps']:.1f} GB/s" in stdout and report["date"] in stdout
     assert "| | reference | ours | ours / reference |" in stdout
     assert f"| {report['ratios']['tokens_per_s']:.2f}x" not in stdout  # bold, as the headline
-    assert f"**{report['ratios']['tokens_per_s']:.2f}x**" in stdout and "pair by pair, ours / reference ran from" in stdout
+    assert f"**{report['ratios']['tokens_per_s']:.2f}x**" in stdout
+    assert "pair by pair, ours / reference ran from" in stdout
 
 
 def test_bench_quantized_portable_reports_drift(q8_report):
@@ -131,3 +134,20 @@ def test_bench_magnet_reports_the_three_sides(cache, tmp_path):
         assert all(positive(side[key]) for key in ("seconds", "s_per_pass", "frames_per_s"))
     assert positive(report["ratios"]["ours_vs_audiocraft"]) and positive(report["ratios"]["sooner"])
     assert "MAGNeT here" in stdout and "MAGNeT's clip arrives" in section.read_text()
+
+
+def test_finetune_bench_takes_turns_and_gives_each_pairs_ratio(cache, tmp_path):
+    out = tmp_path / "finetune.json"
+    stdout = run("bench_finetune.py", "--shape", "tiny", "--seconds", 0.5, "--steps", 1, "--runs", 2, "--modes",
+                 "lora", "--cache-dir", cache, "--json", out)
+    report = json.loads(out.read_text())
+    assert "copy bandwidth" in stdout and "lora: ours / reference" in stdout
+    assert positive(report["bandwidth_gbps"]) and report["config"]["runs"] == 2
+    for side in ("reference-lora", "ours-lora"):
+        result = report["results"][side]
+        assert len(result["process_runs"]) == 2
+        assert result["step_s"] == pytest.approx(statistics.median(run["step_s"] for run in result["process_runs"]))
+        assert all(positive(run["tokens_per_s"]) and all(map(math.isfinite, run["losses"]))
+                   for run in result["process_runs"])
+    ratio = report["ratios"]["lora"]
+    assert len(ratio["pairs"]) == 2 and all(map(positive, ratio["pairs"])) and positive(ratio["tokens_per_s"])
