@@ -131,7 +131,7 @@ class Trainer:
         self.plotting = True  # until matplotlib turns out to be missing
         self.pad = model.config.decoder.pad_token_id
         self.loss_and_grad = loss_and_grad_for_training(model, config.grad_checkpoint)
-        numpy_form = isinstance(self.loss_and_grad, cpu.numpy_training.NumpyLoRA)
+        numpy_form = isinstance(self.loss_and_grad, cpu.numpy_training.NumpyTraining)
         self.loss_of = self.loss_and_grad.loss if numpy_form else loss  # for validation: the same form's loss
 
     def trainable_count(self) -> int:

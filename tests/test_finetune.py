@@ -4,6 +4,7 @@ clip's codes), adapters saved, loaded, fused and resumed, and the CLI's errors."
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -134,7 +135,7 @@ def test_lora_gradients_match_torch_autograd(tiny, forms, compiled):
     texts = ["80s pop track with bassy drums and synth", "jazz"]
     codes = clips(4)
     if forms == "numpy":
-        loss_and_grad = numpy_training.lora_loss_and_grad(model)
+        loss_and_grad = numpy_training.loss_and_grad(model)
         assert loss_and_grad is not None, numpy_training.unsupported(model)
     elif compiled:
         loss_and_grad = training.compiled_loss_and_grad(model)
@@ -171,6 +172,43 @@ def test_lora_gradients_match_torch_autograd(tiny, forms, compiled):
             assert error < GRAD_RTOL, (name, suffix, error)
 
 
+@pytest.mark.parametrize("form", ["numpy", "compiled"])
+def test_full_fine_tune_gradients_match_torch_autograd(tiny, form):
+    """A full fine-tune (the decoder and its text projection train): the gradient of every weight, ours in numpy
+    (cpu.numpy_training, what the trainer takes on a CPU) and as MLX's compiled function (elsewhere), against
+    autograd's through transformers' model, weight by weight under the converter's names."""
+    if form == "numpy":
+        pytest.importorskip("numba")
+    musicgen = portable(tiny.folder)
+    model = musicgen.model
+    lora.unfreeze_for_full(model)
+    texts, codes = ["80s pop track with bassy drums and synth", "jazz"], clips(4)
+    loss_and_grad = numpy_training.loss_and_grad(model) if form == "numpy" else training.compiled_loss_and_grad(model)
+    assert loss_and_grad is not None, numpy_training.unsupported(model)
+    loss, grads = loss_and_grad(model, our_batch(musicgen, texts, codes))
+    grads = dict(tree_flatten(grads))
+
+    reference = tiny.reference
+    reference.config.decoder.decoder_start_token_id = 2048
+    reference.zero_grad(set_to_none=True)
+    try:
+        with torch.enable_grad():
+            inputs = tiny.processor(text=texts, padding=True, return_tensors="pt")
+            expected = reference(**inputs, labels=reference_labels(reference, codes)).loss
+            expected.backward()
+        theirs = {name: p.grad.numpy().copy() for name, p in reference.named_parameters()
+                  if not name.startswith(("text_encoder.", "audio_encoder."))}
+    finally:
+        reference.zero_grad(set_to_none=True)
+    assert abs(loss.item() - expected.item()) / expected.item() < LOSS_RTOL
+    hf_names = {name: re.sub(r"^decoder\.(embed_tokens|layers|layer_norm)", r"decoder.model.decoder.\1", name)
+                for name in grads}
+    assert sorted(hf_names.values()) == sorted(theirs)  # every weight that trains, and nothing else
+    for name, hf_name in hf_names.items():
+        error = np.abs(np.array(grads[name]) - theirs[hf_name]).max() / np.abs(theirs[hf_name]).max()
+        assert error < GRAD_RTOL, (name, error)
+
+
 def lora_with_b_drawn(model, rank: int = 4, seed: int = 3, **settings) -> None:
     """Adapters on every target, B drawn non-zero (both matrices then get gradients)."""
     mx.random.seed(0)
@@ -182,27 +220,32 @@ def lora_with_b_drawn(model, rank: int = 4, seed: int = 3, **settings) -> None:
 
 
 @pytest.mark.parametrize("variant", ["stereo", "unconditioned", "text padding attended", "relu, scaled embeddings",
-                                     "no text projection", "checkpoint", "causal blocks", "some targets"])
-def test_numpy_lora_gradients_are_the_portable_models(tiny, tiny_stereo, variant, monkeypatch):
+                                     "no text projection", "checkpoint", "causal blocks", "some targets", "full",
+                                     "full, relu, scaled embeddings, checkpoint"])
+def test_numpy_gradients_are_the_portable_models(tiny, tiny_stereo, variant, monkeypatch):
     """cpu.numpy_training against nn.value_and_grad of the portable model (itself against torch autograd above) on
     what the test above does not reach: stereo's 8 codebooks, condition dropout (a row with its text masked
     whole), audiocraft's attention to the text's padding, ReLU and scaled embeddings, T5 states at the decoder's
     width, the layers' forward passes run again in the backward pass (grad_checkpoint), causal attention in
-    blocks of queries (4 here: the clips are shorter than a block of 128), and LoRA on some layers only."""
+    blocks of queries (4 here: the clips are shorter than a block of 128), LoRA on some layers only, and a full
+    fine-tune (every weight of the decoder and its text projection, with a row unconditioned)."""
     pytest.importorskip("numba")
     if variant == "causal blocks":
         monkeypatch.setattr(numpy_training, "BLOCK", 4)
         assert numpy_training.attention_blocks(13, 13, True) == [(0, 4, 4), (4, 8, 8), (8, 12, 12), (12, 13, 13)]
     musicgen = portable((tiny_stereo if variant == "stereo" else tiny).folder)
     model = musicgen.model
-    lora_with_b_drawn(model, **({"targets": ["q_proj", "fc2"]} if variant == "some targets" else {}))
+    if variant.startswith("full"):
+        lora.unfreeze_for_full(model)
+    else:
+        lora_with_b_drawn(model, **({"targets": ["q_proj", "fc2"]} if variant == "some targets" else {}))
     batch = our_batch(musicgen, ["80s pop track with bassy drums and synth", "jazz"],
                       clips(model.config.decoder.num_codebooks))
-    if variant == "unconditioned":
+    if variant in ("unconditioned", "full"):
         batch.unconditioned = mx.array([0, 1])
     elif variant == "text padding attended":
         model.config.attend_text_padding = True
-    elif variant == "relu, scaled embeddings":
+    if "relu, scaled embeddings" in variant:
         model.decoder.config.activation_function = "relu"
         for layer in model.decoder.layers:
             layer.activation = nn.relu
@@ -212,7 +255,7 @@ def test_numpy_lora_gradients_are_the_portable_models(tiny, tiny_stereo, variant
         del model["enc_to_dec_proj"]  # (models whose T5 is as wide as the decoder have none)
         batch.text_states = mx.array(np.random.default_rng(4).normal(size=batch.text_states.shape[:2] + (
             model.config.decoder.hidden_size,)).astype(np.float32))
-    numpy_form = numpy_training.lora_loss_and_grad(model, checkpoint=variant == "checkpoint")
+    numpy_form = numpy_training.loss_and_grad(model, checkpoint=variant.endswith("checkpoint"))
     assert numpy_form is not None, numpy_training.unsupported(model)
     loss, grads = numpy_form(model, batch)
     expected_loss, expected = nn.value_and_grad(model, training.loss)(model, batch)
@@ -227,8 +270,8 @@ def test_numpy_lora_gradients_are_the_portable_models(tiny, tiny_stereo, variant
 
 
 def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melody, tmp_path, monkeypatch):
-    """On a CPU with numba the trainer computes plain LoRA in numpy; what numpy_training does not compute (LoRA
-    dropout, a full fine-tune, adapted embeddings, half precision, a quantized decoder, another activation, melody
+    """On a CPU with numba the trainer computes plain LoRA and full fine-tunes in numpy; what numpy_training does
+    not compute (LoRA dropout, adapted embeddings, half precision, a quantized decoder, another activation, melody
     models) trains on MLX, as before, and so does everything where numba's kernels do not load."""
     def half(model):
         model.set_dtype(mx.float16)
@@ -239,8 +282,8 @@ def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melo
     def gelu_new(model):
         model.decoder.config.activation_function = "gelu_new"
 
-    cases = [(tiny, lora.AdapterConfig(rank=4), None), (tiny, lora.AdapterConfig(rank=4, dropout=0.1), None),
-             (tiny, lora.AdapterConfig(full=True), None),
+    cases = [(tiny, lora.AdapterConfig(rank=4), None), (tiny, lora.AdapterConfig(full=True), None),
+             (tiny, lora.AdapterConfig(rank=4, dropout=0.1), None),
              (tiny, lora.AdapterConfig(rank=4, targets=["fc1", "embed_tokens"]), None),
              (tiny, lora.AdapterConfig(rank=4), half), (tiny, lora.AdapterConfig(rank=4), quantized),
              (tiny, lora.AdapterConfig(rank=4), gelu_new), (tiny_melody, lora.AdapterConfig(rank=4), None)]
@@ -252,9 +295,9 @@ def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melo
         if change is not None:
             change(model)
         trainer = Trainer(model, [], [], tmp_path, TrainConfig(), adapters, "x")
-        taken.append(isinstance(trainer.loss_and_grad, numpy_training.NumpyLoRA))
+        taken.append(isinstance(trainer.loss_and_grad, numpy_training.NumpyTraining))
         assert taken[-1] == (on_cpu and numba_loads and numpy_training.unsupported(model) is None)
-    assert taken == [on_cpu and numba_loads] + [False] * 7
+    assert taken == [on_cpu and numba_loads] * 2 + [False] * 6
     if on_cpu:  # a LoRA the numpy form would take but for the user's choice: the trainer says why it is slower
         with pytest.warns(UserWarning, match=r"LoRA trains on MLX here \(LoRA dropout\)"):
             Trainer(portable(tiny.folder).model, [], [], tmp_path, TrainConfig(),
@@ -262,7 +305,7 @@ def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melo
     monkeypatch.setattr(numpy_training, "training_kernels", lambda: None)
     trainer = Trainer(portable(tiny.folder).model, [], [], tmp_path, TrainConfig(),
                                lora.AdapterConfig(rank=4), "x")
-    assert not isinstance(trainer.loss_and_grad, numpy_training.NumpyLoRA)
+    assert not isinstance(trainer.loss_and_grad, numpy_training.NumpyTraining)
 
 
 def test_training_kernels_against_float64():
@@ -294,32 +337,36 @@ def test_training_kernels_against_float64():
     np.testing.assert_allclose(grad, row_weights[:, None] * expected, atol=1e-7)
 
 
-def test_numpy_lora_trains_as_mlx_does(studio_data, tmp_path):
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_numpy_training_trains_as_mlx_does(studio_data, tmp_path, full):
     """Three optimizer steps of the trainer over micro-batches (grad_accum 2, condition dropout) and a validation,
-    the numpy form against MLX's (compiled_loss_and_grad, training.loss): the same losses, and the same adapters
-    after AdamW and clipping (to
-    1e-4 of the learning rate: AdamW divides each gradient by its own size, so a weight whose gradient is near 0
-    moves by a rounding's worth differently)."""
+    the numpy form against MLX's (compiled_loss_and_grad, training.loss), LoRA and a full fine-tune: the same
+    losses, and the same trained weights after AdamW and clipping (to 1e-4 of the learning rate for LoRA, 1e-3 for
+    the full fine-tune: AdamW divides each gradient by its own size, so a weight whose gradient is near 0 moves
+    by a rounding's worth differently)."""
     pytest.importorskip("numba")
     musicgen = portable(studio_data / "model")
     examples = load_examples(musicgen, studio_data / "data")
     config = TrainConfig(iters=3, batch_size=2, grad_accum=2, learning_rate=1e-3, cond_dropout=0.5)
+    adapters = lora.AdapterConfig(full=True) if full else lora.AdapterConfig(rank=4)
     results = []
     for form in ("numpy", "mlx"):
         model = portable(studio_data / "model").model
         mx.random.seed(0)  # the same A drawn for both
-        trainer = Trainer(model, examples, examples[:2], tmp_path / form, config,
-                                   lora.AdapterConfig(rank=4), "x")
+        trainer = Trainer(model, examples, examples[:2], tmp_path / form, config, adapters, "x")
         if form == "mlx":
             trainer.loss_and_grad, trainer.loss_of = training.compiled_loss_and_grad(model), training.loss
-        elif not isinstance(trainer.loss_and_grad, numpy_training.NumpyLoRA):
-            pytest.skip("the trainer computes LoRA in numpy on a CPU only")
+        elif not isinstance(trainer.loss_and_grad, numpy_training.NumpyTraining):
+            pytest.skip("the trainer computes a fine-tune in numpy on a CPU only")
         losses = [trainer.train_step()[0] for _ in range(config.iters)] + [trainer.validation_loss()]
-        results.append((losses, {k: np.array(v) for k, v in lora.adapter_weights(model).items()}))
+        results.append((losses, {k: np.array(v) for k, v in lora.adapter_weights(model, full).items()}))
     (numpy_losses, numpy_adapters), (mlx_losses, mlx_adapters) = results
     np.testing.assert_allclose(numpy_losses, mlx_losses, rtol=LOSS_RTOL)
-    for name, value in numpy_adapters.items():  # AdamW's steps, each up to the learning rate, agree to ~2e-5 of it
-        np.testing.assert_allclose(value, mlx_adapters[name], rtol=0, atol=1e-4 * config.learning_rate, err_msg=name)
+    # AdamW's steps, each up to the learning rate, agree to ~2e-5 of it for LoRA; a full fine-tune's 1.2 million
+    # weights hold more whose gradient is near 0 (measured: up to 5e-4 of it)
+    atol = (1e-3 if full else 1e-4) * config.learning_rate
+    for name, value in numpy_adapters.items():
+        np.testing.assert_allclose(value, mlx_adapters[name], rtol=0, atol=atol, err_msg=name)
 
 
 def test_an_interrupted_trace_leaves_the_model_whole(tiny, monkeypatch):

@@ -2,8 +2,8 @@
 loaded model for ones with the same interface and the same outputs that run faster on a CPU, and returns what the
 step loop should decode with (see docs/performance.md); `text_encoder_for_cpu(encoder)` returns what should encode
 the texts (T5 in numpy, cpu.numpy_t5); `optimize_for_training(model)` swaps the decoder's modules for training
-(trainer.Trainer), and `lora_loss_and_grad(model)` computes a LoRA fine-tune's loss and gradients in numpy
-(cpu.numpy_training).
+(trainer.Trainer), and `numpy_loss_and_grad(model)` computes a fine-tune's loss and gradients (LoRA's or the whole
+decoder's) in numpy (cpu.numpy_training).
 
 MusicGen.from_pretrained calls optimize_for_cpu and text_encoder_for_cpu when MLX's default device is the CPU, unless
 MLX_MUSICGEN_PORTABLE=1.
@@ -25,11 +25,11 @@ from .decoder import optimize_decoder, timing_step, uses_blas
 from .encodec import optimize_encodec
 from .numpy_decoder import fastest_lm
 from .numpy_t5 import NumpyT5
-from .numpy_training import lora_loss_and_grad
+from .numpy_training import loss_and_grad as numpy_loss_and_grad
 from .threads import choose_blas_team, every_core_for_blas, portable_requested
 from .training import optimize_for_training
 
-__all__ = ["optimize_for_cpu", "text_encoder_for_cpu", "optimize_for_training", "lora_loss_and_grad",
+__all__ = ["optimize_for_cpu", "text_encoder_for_cpu", "optimize_for_training", "numpy_loss_and_grad",
            "warn_if_slow", "portable_requested"]
 
 

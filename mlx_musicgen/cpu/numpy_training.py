@@ -1,9 +1,11 @@
-"""A LoRA fine-tune's loss and gradients on a CPU, in numpy: `lora_loss_and_grad(model)` returns a function of
-(model, batch) -> (loss, gradients) that computes what nn.value_and_grad(model, training.loss) does for a
-MusicGen model whose only trainable weights are LoRA's, with the backward pass written out.
+"""A fine-tune's loss and gradients on a CPU, in numpy: `loss_and_grad(model)` returns a function of (model,
+batch) -> (loss, gradients) that computes what nn.value_and_grad(model, training.loss) does for a MusicGen model
+whose trainable weights are LoRA's, or the decoder's and its text projection's (a full fine-tune), with the
+backward pass written out.
 
-A LoRA step at musicgen-small's shape is ~700 GFLOP of products, the same ones MLX and torch run, and a few
-hundred passes over the activations between them (layer norms, softmax, GELU, residuals). MLX's CPU runs those
+A LoRA step at musicgen-small's shape is ~700 GFLOP of products (a full fine-tune's ~1000: each weight's gradient
+too), the same ones MLX and torch run, and a few hundred passes over the activations between them (layer norms,
+softmax, GELU, residuals). MLX's CPU runs those
 passes on one core, as a dozen element-wise kernels each, which left its step at ~0.75x torch's; here the
 products are numpy's BLAS on every core and each pass is one numba kernel on every core (cpu.training_kernels;
 docs/performance.md, Fine-tuning).
@@ -11,9 +13,13 @@ docs/performance.md, Fine-tuning).
 The forward pass is training.forward's, layer by layer (DecoderLayer: x += SelfAttn(LN(x));
 x += CrossAttn(LN(x), text); x += fc2(act(fc1(LN(x))))); the backward pass is its vector-Jacobian products:
 - a LoRA linear y = x W^T + b + s (x A^T) B^T: dB = dy^T (s x A^T), dA = s (dy B)^T x, dx = dy W + s (dy B) A;
+  a linear layer that trains whole: dW = dy^T x, db = sum(dy);
 - attention O = P V, P = softmax(s Q K^T + mask): dV = P^T dO, dS = s P (dO V^T - rowsum(dO * O)),
   dQ = dS K, dK = dS^T Q;
-- a layer norm y = n w + b, n = (x - mean) rstd: dx = rstd (g - mean(g) - n mean(g n)), g = dy w;
+- a layer norm y = n w + b, n = (x - mean) rstd: dx = rstd (g - mean(g) - n mean(g n)), g = dy w; dw = sum(dy n),
+  db = sum(dy);
+- the embeddings x = scale sum_k E_k[code_k] + positions: dE_k[c] = scale times the sum of dx over the positions
+  whose code k is c;
 - the exact GELU: Phi(x) + x phi(x); the cross-entropy: softmax - onehot, over each codebook's predicted codes.
 The gradients are compared with torch autograd's in the tests, as the portable model's are.
 """
@@ -60,11 +66,12 @@ def attention_blocks(queries: int, keys: int, causal: bool) -> list[tuple[int, i
             for end in [min(queries, start + BLOCK)]]
 
 
-ACTIVATIONS = ("gelu", "relu")  # the decoder's activations NumpyLoRA computes
+ACTIVATIONS = ("gelu", "relu")  # the decoder's activations NumpyTraining computes
 
 
-class NumpyLoRA:
-    """The loss and LoRA gradients of a MusicGen model (see the module's docstring) as one call of a batch."""
+class NumpyTraining:
+    """The loss and gradients of a MusicGen model's trainable weights (see the module's docstring) as one call of a
+    batch."""
 
     def __init__(self, model, kernels: types.ModuleType, checkpoint: bool = False):
         """`checkpoint`: keep each layer's input only, and run its forward pass again in the backward pass (the
@@ -75,22 +82,24 @@ class NumpyLoRA:
         self.heads, self.activation = config.num_attention_heads, config.activation_function
         self.scale = (config.hidden_size // self.heads) ** -0.5
         modules = dict(model.named_modules())
+        self.names = [name for name, _ in tree_flatten(model.trainable_parameters())]
+        trainable = set(self.names)
 
         def norm(name: str) -> LayerNorm:
-            return LayerNorm(np.asarray(modules[name].weight), np.asarray(modules[name].bias))
+            return LayerNorm(name, modules[name], f"{name}.weight" in trainable)
 
         self.layers = []
         for i in range(len(decoder.layers)):
             linear_names, norm_names = layer_paths(i)
-            linears = [Linear(name, modules[name]) for name in linear_names]
+            linears = [Linear(name, modules[name], trainable) for name in linear_names]
             self.layers.append(Layer(tuple(norm(name) for name in norm_names), AttentionWeights(*linears[:4]),
                                      AttentionWeights(*linears[4:8]), *linears[8:]))
         self.final_norm = norm("decoder.layer_norm")
-        self.lm_heads = [Linear(f"decoder.lm_heads.{k}", head) for k, head in enumerate(decoder.lm_heads)]
-        self.embeddings = [np.asarray(e.weight) for e in decoder.embed_tokens]
-        self.text_projection = Linear("enc_to_dec_proj", model.enc_to_dec_proj) if model.config.project_text \
-            else None
-        self.names = [name for name, _ in tree_flatten(model.trainable_parameters())]
+        self.lm_heads = [Linear(f"decoder.lm_heads.{k}", head, trainable) for k, head in enumerate(decoder.lm_heads)]
+        self.embeddings = [f"decoder.embed_tokens.{k}.weight" for k in range(len(decoder.embed_tokens))]
+        self.embeddings_train = any(name in trainable for name in self.embeddings)
+        self.text_projection = Linear("enc_to_dec_proj", model.enc_to_dec_proj, trainable) \
+            if model.config.project_text else None
 
     # ---- pieces
 
@@ -100,6 +109,13 @@ class NumpyLoRA:
         rstd = np.empty(x.shape[0], np.float32)
         self.kernels.layer_norm(x, norm.weight, norm.bias, out, normalized, rstd)
         return out, (normalized, rstd)
+
+    def layer_norm_backward(self, norm: LayerNorm, saved: tuple[np.ndarray, np.ndarray], grad_out: np.ndarray,
+                            grad_x: np.ndarray, grads: dict) -> None:
+        """grad_x (N, D) += the input's gradient from the output's grad_out; the norm's own into `grads` if it
+        trains. `saved`: layer_norm's (normalized, rstd)."""
+        norm.parameter_grads(grad_out, saved[0], grads)
+        self.kernels.layer_norm_backward(grad_out, *saved, norm.weight, grad_x)
 
     def attend(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, causal: bool
                ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -188,6 +204,7 @@ class NumpyLoRA:
         path) and returned (not `input_grad`: only as far as the self-attention's output, which is all the first
         layer's LoRA needs); the text's gradient added into grad_text (B * S, D)."""
         kernels = self.kernels
+        norms = layer.norms
         h, hidden, activated, middle_1, middle_2 = tape.ffn
         grad_activated = layer.fc2.backward(activated, middle_2, grad, grads)
         if self.activation == "gelu":
@@ -195,12 +212,12 @@ class NumpyLoRA:
         else:
             grad_activated *= hidden > 0
         grad_h = layer.fc1.backward(h, middle_1, grad_activated, grads)
-        kernels.layer_norm_backward(grad_h, *tape.norms[2], layer.norms[2].weight, grad)
+        self.layer_norm_backward(norms[2], tape.norms[2], grad_h, grad, grads)
         grad_h = self.attention_backward(layer.cross_attn, tape.cross_attn, grad, grads, text, grad_text)
-        kernels.layer_norm_backward(grad_h, *tape.norms[1], layer.norms[1].weight, grad)
+        self.layer_norm_backward(norms[1], tape.norms[1], grad_h, grad, grads)
         grad_h = self.attention_backward(layer.self_attn, tape.self_attn, grad, grads, input_grad=input_grad)
         if input_grad:
-            kernels.layer_norm_backward(grad_h, *tape.norms[0], layer.norms[0].weight, grad)
+            self.layer_norm_backward(norms[0], tape.norms[0], grad_h, grad, grads)
         return grad
 
     # ---- the whole model
@@ -247,7 +264,8 @@ class NumpyLoRA:
         text_mask = np.where(attended > 0, np.float32(0), np.finfo(np.float32).min).astype(np.float32)
 
         # forward
-        x = sum(table[inputs[:, k]] for k, table in enumerate(self.embeddings)) * np.float32(decoder.embed_scale)
+        scale = np.float32(decoder.embed_scale)
+        x = sum(np.asarray(table.weight)[inputs[:, k]] for k, table in enumerate(decoder.embed_tokens)) * scale
         x = (x + np.asarray(decoder.position_table(L, mx.float32))[:L]).reshape(B * L, D)
         tapes = []
         for layer in self.layers:
@@ -276,27 +294,38 @@ class NumpyLoRA:
 
         # backward
         grad = np.zeros_like(x)
-        self.kernels.layer_norm_backward(grad_h, *final, self.final_norm.weight, grad)
+        self.layer_norm_backward(self.final_norm, final, grad_h, grad, grads)
         grad_text = np.zeros_like(text)
+        # the first layer's input gradient: only for the embeddings' (or its first norm's, on its way)
+        first_input_grad = self.embeddings_train or self.layers[0].norms[0].trains
         for i in reversed(range(len(self.layers))):
             tape = self.layer_forward(self.layers[i], tapes[i], B, text, text_mask)[1] if self.checkpoint \
                 else tapes[i]
             tapes[i] = None  # its activations go as soon as they are read
-            grad = self.layer_backward(self.layers[i], tape, grad, text, grad_text, grads, input_grad=i > 0)
+            grad = self.layer_backward(self.layers[i], tape, grad, text, grad_text, grads,
+                                       input_grad=i > 0 or first_input_grad)
             del tape
+        if self.embeddings_train:
+            grad *= scale
+            for k, name in enumerate(self.embeddings):
+                table = np.zeros_like(np.asarray(decoder.embed_tokens[k].weight))
+                np.add.at(table, inputs[:, k].reshape(-1), grad)
+                grads[name] = table
         if self.text_projection is not None:
             self.text_projection.backward(states, middle_text, grad_text * keep, grads, input_grad=False)
 
         missing = [name for name in self.names if name not in grads]
         if missing:
             raise ValueError(f"numpy_training: no gradient for {missing[:3]}")
-        return mx.array(np.float32(total)), tree_unflatten([(name, mx.array(grads[name])) for name in self.names])
+        # each as MLX's, the numpy one dropped at once (a full fine-tune's are the decoder's size)
+        return mx.array(np.float32(total)), tree_unflatten([(name, mx.array(grads.pop(name))) for name in self.names])
 
 
 def unsupported(model) -> str | None:
-    """Why NumpyLoRA does not take the model (None: it does). It takes MusicGen (no melody, not MAGNeT) with GELU
-    or ReLU, whose linear layers, layer norms and embeddings it reads are MLX's own in float32 (a LoRALinear
-    around a Linear: without dropout), and whose trainable weights are all LoRALinear's A and B."""
+    """Why NumpyTraining does not take the model (None: it does). It takes MusicGen (no melody, not MAGNeT) with
+    GELU or ReLU, whose linear layers, layer norms and embeddings it reads are MLX's own in float32 (a LoRALinear
+    around a Linear: without dropout), and whose trainable weights are all among LoRALinear's A and B and the
+    weights and biases of those linear layers (not under a LoRA), layer norms and embeddings."""
     decoder = model.decoder
     if type(decoder) is not MusicgenDecoder or model.config.melody is not None:
         return "not a MusicGen decoder"
@@ -319,17 +348,20 @@ def unsupported(model) -> str | None:
         if kind is nn.LayerNorm and (module.eps != 1e-5 or "bias" not in module):
             return f"{path} is not the decoder's LayerNorm"
     names = [name for name, _ in tree_flatten(model.trainable_parameters())]
+    linears, norms, embeddings = set(linears), set(norms), set(embeddings)
     for name in names:
         path, _, kind = name.rpartition(".")
-        if kind not in LORA or not isinstance(modules.get(path), LoRALinear):
-            return f"{name} trains, and is not a LoRA of a linear layer"
+        lora = kind in LORA and isinstance(modules.get(path), LoRALinear)
+        whole = kind in ("weight", "bias") and (path in norms or path in linears and type(modules[path]) is nn.Linear)
+        if not (lora or whole or kind == "weight" and path in embeddings):
+            return f"{name} trains, and is not a LoRA, linear layer, layer norm or embedding of the decoder's"
     return None if names else "nothing trains"
 
 
-def lora_loss_and_grad(model, checkpoint: bool = False) -> Callable | None:
-    """The model's loss and LoRA gradients in numpy (NumpyLoRA), or None where numba's kernels do not load or
-    the model is not one it takes (unsupported)."""
+def loss_and_grad(model, checkpoint: bool = False) -> Callable | None:
+    """The model's loss and gradients in numpy (NumpyTraining), or None where numba's kernels do not load or the
+    model is not one it takes (unsupported)."""
     if unsupported(model) is not None:
         return None
     kernels = training_kernels()
-    return None if kernels is None else NumpyLoRA(model, kernels, checkpoint)
+    return None if kernels is None else NumpyTraining(model, kernels, checkpoint)

@@ -1,6 +1,7 @@
 """The parts of numpy_training's step, as numpy: a linear layer with its LoRA, forward and backward (`Linear`),
 one decoder layer's weights by DecoderLayer's names (`Layer`, read at `layer_paths`), what each layer's backward
-pass reads (`LayerTape`), and the heads' layout (split_heads, merge_heads)."""
+pass reads (`LayerTape`), and the heads' layout (split_heads, merge_heads). Each part knows which of its weights
+train (a LoRA's A and B; a full fine-tune's weights and biases) and gives their gradients."""
 
 from __future__ import annotations
 
@@ -13,15 +14,23 @@ from ..lora import LoRALinear
 
 
 class Linear:
-    """A linear layer as numpy views: its frozen weight (out, in) and bias, and its LoRA A (r, in), B (out, r)
-    and scale s if it has one (read again at every call: the optimizer replaces them); `name` is its module's
-    path, its gradients' prefix."""
+    """A linear layer as numpy views: its weight (out, in) and bias, and its LoRA A (r, in), B (out, r) and
+    scale s if it has one (each read again at every call: the optimizer replaces what trains); `name` is its
+    module's path, its gradients' prefix; `trainable`: the model's trainable parameters' names (a full
+    fine-tune's include the weight and bias of a plain Linear)."""
 
-    def __init__(self, name: str, module: nn.Module):
+    def __init__(self, name: str, module: nn.Module, trainable: set[str]):
         self.name, self.module = name, module
-        linear = module.linear if isinstance(module, LoRALinear) else module
-        self.weight = np.asarray(linear.weight)
-        self.bias = np.asarray(linear.bias) if "bias" in linear else None
+        self.linear = module.linear if isinstance(module, LoRALinear) else module
+        self.trains = self.linear is module and f"{name}.weight" in trainable
+
+    @property
+    def weight(self) -> np.ndarray:
+        return np.asarray(self.linear.weight)
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        return np.asarray(self.linear.bias) if "bias" in self.linear else None
 
     @property
     def lora(self) -> tuple[np.ndarray, np.ndarray, float] | None:
@@ -46,8 +55,13 @@ class Linear:
 
     def backward(self, x: np.ndarray, middle: np.ndarray | None, grad_y: np.ndarray, grads: dict,
                  input_grad: bool = True) -> np.ndarray | None:
-        """The gradient of x (N, in) from grad_y (N, out) (None if not `input_grad`); LoRA's into `grads`."""
+        """The gradient of x (N, in) from grad_y (N, out) (None if not `input_grad`); the trainable weights' into
+        `grads`: dW = dy^T x, db = sum(dy) (a full fine-tune), or LoRA's."""
         grad_x = grad_y @ self.weight if input_grad else None
+        if self.trains:
+            grads[f"{self.name}.weight"] = grad_y.T @ x
+            if self.bias is not None:
+                grads[f"{self.name}.bias"] = grad_y.sum(axis=0)
         lora = self.lora
         if lora is not None:
             a, b, scale = lora
@@ -62,10 +76,27 @@ class Linear:
 
 @dataclass
 class LayerNorm:
-    """A LayerNorm's weight and bias (D,), its eps the decoder's 1e-5 (kernels.mean_and_rstd)."""
+    """A LayerNorm (its eps the decoder's 1e-5: kernels.mean_and_rstd) by its module's path; `trains`: its weight
+    and bias are trainable (a full fine-tune)."""
 
-    weight: np.ndarray
-    bias: np.ndarray
+    name: str
+    module: nn.LayerNorm
+    trains: bool
+
+    @property
+    def weight(self) -> np.ndarray:
+        return np.asarray(self.module.weight)
+
+    @property
+    def bias(self) -> np.ndarray:
+        return np.asarray(self.module.bias)
+
+    def parameter_grads(self, grad_out: np.ndarray, normalized: np.ndarray, grads: dict) -> None:
+        """If it trains, the gradients of its weight, sum(dy * normalized), and bias, sum(dy), over the rows of
+        its output's grad_out (N, D) into `grads`."""
+        if self.trains:
+            grads[f"{self.name}.weight"] = np.einsum("nd,nd->d", grad_out, normalized)
+            grads[f"{self.name}.bias"] = grad_out.sum(axis=0)
 
 
 @dataclass
@@ -134,7 +165,7 @@ def layer_paths(i: int) -> tuple[list[str], list[str]]:
 
 
 def model_paths(model) -> tuple[list[str], list[str], list[str]]:
-    """The paths of every linear layer, layer norm and embedding table NumpyLoRA reads."""
+    """The paths of every linear layer, layer norm and embedding table NumpyTraining reads."""
     decoder = model.decoder
     linears = [f"decoder.lm_heads.{k}" for k in range(len(decoder.lm_heads))]
     linears += ["enc_to_dec_proj"] if model.config.project_text else []
