@@ -44,7 +44,6 @@ def codes_for(cfg: dict):
 def ours(cfg: dict) -> dict:
     import mlx_musicgen  # noqa: F401  (BLAS before mlx)
     import mlx.core as mx
-    import mlx.optimizers as optim
 
     from mlx_musicgen import _linux, lora, trainer, training
     from mlx_musicgen.loading import load_model
@@ -69,8 +68,7 @@ def ours(cfg: dict) -> dict:
 
     def one_step():
         loss, grads = step(model, batch)
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        optimizer.update(model, grads)
+        optimizer.clip_and_update(model, grads, 1.0)  # as the trainer clips and updates
         mx.eval(model.trainable_parameters(), optimizer.state, loss)
         return loss.item()
 

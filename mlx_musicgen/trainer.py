@@ -30,10 +30,11 @@ NO_PLOT = 'loss.png needs matplotlib: pip install "mlx-musicgen[train]" (trainin
 
 
 @partial(mx.compile, shapeless=True)
-def adamw_step(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.array, lr: mx.array, b1: float,
-               b2: float, eps: float, weight_decay: float) -> tuple[mx.array, mx.array, mx.array]:
-    """One weight's AdamW update (decoupled decay, no bias correction: mlx.optimizers.AdamW's by default)
-    -> the weight, m and v."""
+def adamw_step(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.array, lr: mx.array, scale: mx.array,
+               b1: float, b2: float, eps: float, weight_decay: float) -> tuple[mx.array, mx.array, mx.array]:
+    """One weight's AdamW update (decoupled decay, no bias correction: mlx.optimizers.AdamW's by default) with
+    the gradient times `scale` (a scalar: clipping's) -> the weight, m and v."""
+    gradient = gradient * scale
     m = b1 * m + (1 - b1) * gradient
     v = b2 * v + (1 - b2) * mx.square(gradient)
     return parameter * (1 - lr * weight_decay) - lr * m / (mx.sqrt(v) + eps), m, v
@@ -41,15 +42,30 @@ def adamw_step(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.array
 
 class FusedAdamW(optim.AdamW):
     """mlx.optimizers.AdamW (the same state, the same update) with each weight's update one compiled function:
-    one pass over the weight and its state instead of a dozen element-wise ones. A full fine-tune updates every
-    weight of the decoder (docs/performance.md)."""
+    one pass over the weight and its state instead of a dozen element-wise ones; `clip_and_update` folds the
+    gradients' clipping (and an average's division) into that pass. A full fine-tune updates every weight of the
+    decoder (docs/performance.md)."""
+
+    gradient_scale: mx.array | None = None  # what clip_and_update multiplies the gradients by, during its update
+
+    def clip_and_update(self, model, gradients: dict, max_norm: float, divisor: int = 1) -> None:
+        """self.update(model, optim.clip_grad_norm(gradients / divisor, max_norm)[0]), the same update, with the
+        division and the clipping applied inside each weight's update instead of in passes of their own."""
+        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(gradients))) / divisor
+        self.gradient_scale = mx.where(norm < max_norm, 1.0, max_norm / (norm + 1e-6)) / divisor
+        try:
+            self.update(model, gradients)
+        finally:
+            self.gradient_scale = None
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        scale = mx.array(1.0) if self.gradient_scale is None else self.gradient_scale
+        scale = scale.astype(gradient.dtype)
         if self.bias_correction:
-            return super().apply_single(gradient, parameter, state)
+            return super().apply_single(gradient * scale, parameter, state)
         b1, b2 = self.betas
         parameter, state["m"], state["v"] = adamw_step(gradient, parameter, state["m"], state["v"],
-                                                       self.learning_rate.astype(gradient.dtype), b1, b2,
+                                                       self.learning_rate.astype(gradient.dtype), scale, b1, b2,
                                                        self.eps, self.weight_decay)
         return parameter
 
@@ -163,9 +179,8 @@ class Trainer:
             loss_sum = loss_sum + value
             mx.eval(grads_sum, loss_sum)  # one micro-batch's activations alive at a time
             tokens += predicted_tokens(batch, self.pad)
-        grads = tree_map(lambda g: g / config.grad_accum, grads_sum) if config.grad_accum > 1 else grads_sum
-        grads, _ = optim.clip_grad_norm(grads, config.max_grad_norm)
-        self.optimizer.update(self.model, grads)
+        # the micro-batches' mean, clipped: in AdamW's own pass over each weight
+        self.optimizer.clip_and_update(self.model, grads_sum, config.max_grad_norm, config.grad_accum)
         self.step += 1  # with the update: a Ctrl-C from here on saves the updated weights with this step
         mx.eval(self.model.trainable_parameters(), self.optimizer.state)
         return loss_sum.item() / config.grad_accum, tokens

@@ -467,6 +467,34 @@ def test_fused_adamw_is_mlx_adamw():
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_clip_and_update_is_clipping_then_adamw(bias_correction):
+    """FusedAdamW.clip_and_update (the trainer's step: the mean of 2 micro-batches, clipped inside AdamW's pass)
+    against optim.clip_grad_norm of the mean, then mlx's AdamW: steps clipped and steps not (norms around 2.5)."""
+    import mlx.optimizers as optim
+
+    rng = np.random.default_rng(1)
+    model = nn.Linear(5, 7)
+    theirs_model = nn.Linear(5, 7)
+    theirs_model.update(model.parameters())
+    ours, theirs = (kind(learning_rate=1e-2, betas=[0.9, 0.95], weight_decay=0.1, bias_correction=bias_correction)
+                    for kind in (FusedAdamW, optim.AdamW))
+    clipped = []
+    for size in (0.5, 2.0, 0.2, 3.0):
+        grads = {"weight": mx.array(rng.normal(0, size, (7, 5)).astype(np.float32)),
+                 "bias": mx.array(rng.normal(0, size, 7).astype(np.float32))}
+        ours.clip_and_update(model, grads, max_norm=2.5, divisor=2)
+        mean, norm = optim.clip_grad_norm({k: g / 2 for k, g in grads.items()}, 2.5)
+        theirs.update(theirs_model, mean)
+        clipped.append(norm.item() > 2.5)
+        mx.eval(model.parameters(), theirs_model.parameters())
+        assert ours.gradient_scale is None  # the next plain update is not scaled
+    assert 0 < sum(clipped) < len(clipped)
+    for (name, a), (_, b) in zip(tree_flatten([model.parameters(), ours.state]),
+                                 tree_flatten([theirs_model.parameters(), theirs.state])):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
 # ---- training end to end (a codec at 50 frames/s, as the Hub's: 1 s is 50 frames)
 
 
