@@ -181,9 +181,8 @@ def compiled_loss_and_grad(model, checkpoint: bool = False) -> Callable[[object,
 
 def loss_and_grad_for_training(model, checkpoint: bool = False) -> Callable[[object, Batch], tuple]:
     """What the trainer computes a micro-batch's loss and gradients with: on a CPU (unless
-    MLX_MUSICGEN_PORTABLE=1), in numpy where cpu.numpy_training takes the model, a LoRA or a full fine-tune (about
-    twice MLX's speed for LoRA there, 1.5x for the whole decoder: docs/performance.md); else
-    compiled_loss_and_grad."""
+    MLX_MUSICGEN_PORTABLE=1), in numpy where cpu.numpy_training takes the model, a LoRA or a full fine-tune
+    (faster there: docs/performance.md); else compiled_loss_and_grad."""
     if mx.default_device() == mx.cpu and not cpu.portable_requested():
         numpy_form = cpu.numpy_loss_and_grad(model, checkpoint)
         if numpy_form is not None:
