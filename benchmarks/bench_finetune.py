@@ -189,7 +189,7 @@ def main() -> None:
                           for r, o in zip(ref["process_runs"], ours_r["process_runs"])],
                 "peak_rss": ours_r["peak_rss_mb"] / ref["peak_rss_mb"]}
     print(f"{report['machine']['cpu']} ({report['machine']['cpus']} cores), copy bandwidth {bandwidth:.1f} GB/s, "
-          f"{report['date']}; {args.runs} fresh processes a side, medians (slowest..fastest)")
+          f"{report['date']}; {args.runs} fresh processes a side, medians (fastest..slowest)")
     print(f"{'':16} {'s/step':>20} {'tokens/s':>9} {'peak RSS MB':>12}  BLAS")
     for name, r in report["results"].items():
         steps = sorted(run["step_s"] for run in r["process_runs"])
@@ -200,6 +200,7 @@ def main() -> None:
               f"{', '.join(f'{x:.2f}' for x in ratio['pairs'])}), peak RSS {ratio['peak_rss']:.2f}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":

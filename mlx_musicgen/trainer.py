@@ -33,8 +33,9 @@ NO_PLOT = 'loss.png needs matplotlib: pip install "mlx-musicgen[train]" (trainin
 def adamw_step(gradient: mx.array, parameter: mx.array, m: mx.array, v: mx.array, lr: mx.array, scale: mx.array,
                b1: float, b2: float, eps: float, weight_decay: float) -> tuple[mx.array, mx.array, mx.array]:
     """One weight's AdamW update (decoupled decay, no bias correction: mlx.optimizers.AdamW's by default) with
-    the gradient times `scale` (a scalar: clipping's) -> the weight, m and v."""
-    gradient = gradient * scale
+    the gradient times `scale` (a float32 scalar: clipping's; the product cast back, as clip_grad_norm's) -> the
+    weight, m and v."""
+    gradient = (gradient * scale).astype(gradient.dtype)
     m = b1 * m + (1 - b1) * gradient
     v = b2 * v + (1 - b2) * mx.square(gradient)
     return parameter * (1 - lr * weight_decay) - lr * m / (mx.sqrt(v) + eps), m, v
@@ -50,8 +51,12 @@ class FusedAdamW(optim.AdamW):
 
     def clip_and_update(self, model, gradients: dict, max_norm: float, divisor: int = 1) -> None:
         """self.update(model, optim.clip_grad_norm(gradients / divisor, max_norm)[0]), the same update, with the
-        division and the clipping applied inside each weight's update instead of in passes of their own."""
-        norm = mx.sqrt(sum(mx.sum(mx.square(g)) for _, g in tree_flatten(gradients))) / divisor
+        division and the clipping applied inside each weight's update instead of in passes of their own. The norm
+        is summed in float32 (as clip_grad_norm's: half-precision squares underflow)."""
+        if not max_norm > 0:
+            raise ValueError(f"the gradients' largest norm must be above 0, got {max_norm}")
+        squares = sum(mx.sum(mx.square(g.astype(mx.float32))) for _, g in tree_flatten(gradients))
+        norm = mx.sqrt(squares) / divisor
         self.gradient_scale = mx.where(norm < max_norm, 1.0, max_norm / (norm + 1e-6)) / divisor
         try:
             self.update(model, gradients)
@@ -60,9 +65,8 @@ class FusedAdamW(optim.AdamW):
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
         scale = mx.array(1.0) if self.gradient_scale is None else self.gradient_scale
-        scale = scale.astype(gradient.dtype)
         if self.bias_correction:
-            return super().apply_single(gradient * scale, parameter, state)
+            return super().apply_single((gradient * scale).astype(gradient.dtype), parameter, state)
         b1, b2 = self.betas
         parameter, state["m"], state["v"] = adamw_step(gradient, parameter, state["m"], state["v"],
                                                        self.learning_rate.astype(gradient.dtype), scale, b1, b2,
@@ -94,6 +98,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}.")
         if not (math.isfinite(self.learning_rate) and 0 < self.learning_rate <= 1):
             raise ValueError(f"--learning-rate must be above 0 and at most 1, got {self.learning_rate}.")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm (the gradients' clipping) must be above 0, got {self.max_grad_norm}.")
         if not 0 <= self.cond_dropout <= 1:
             raise ValueError(f"--cond-dropout must be from 0 to 1, got {self.cond_dropout}.")
         if not 0 <= self.val_fraction < 1:

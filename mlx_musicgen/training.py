@@ -22,7 +22,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from . import cpu, delay, lora
+from . import cpu, delay
 from .dataset import Example
 from .decoder import TextKV
 from .melody import null_chroma
@@ -188,8 +188,8 @@ def loss_and_grad_for_training(model, checkpoint: bool = False) -> Callable[[obj
         if numpy_form is not None:
             return numpy_form
         refusal = cpu.numpy_training.unsupported(model)
-        if refusal is not None and any(isinstance(m, lora.LoRALinear) for _, m in model.named_modules()):
-            warnings.warn(f"LoRA trains on MLX here ({refusal}), about half as fast on a CPU as in numpy "
+        if refusal is not None and refusal != "nothing trains":
+            warnings.warn(f"this fine-tune trains on MLX here ({refusal}), slower on a CPU than in numpy "
                           f"(docs/finetuning.md)", stacklevel=2)
     return compiled_loss_and_grad(model, checkpoint)
 

@@ -221,14 +221,15 @@ def lora_with_b_drawn(model, rank: int = 4, seed: int = 3, **settings) -> None:
 
 @pytest.mark.parametrize("variant", ["stereo", "unconditioned", "text padding attended", "relu, scaled embeddings",
                                      "no text projection", "checkpoint", "causal blocks", "some targets", "full",
-                                     "full, relu, scaled embeddings, checkpoint"])
+                                     "full, relu, scaled embeddings, checkpoint", "some targets, norms, a bias"])
 def test_numpy_gradients_are_the_portable_models(tiny, tiny_stereo, variant, monkeypatch):
     """cpu.numpy_training against nn.value_and_grad of the portable model (itself against torch autograd above) on
     what the test above does not reach: stereo's 8 codebooks, condition dropout (a row with its text masked
     whole), audiocraft's attention to the text's padding, ReLU and scaled embeddings, T5 states at the decoder's
     width, the layers' forward passes run again in the backward pass (grad_checkpoint), causal attention in
-    blocks of queries (4 here: the clips are shorter than a block of 128), LoRA on some layers only, and a full
-    fine-tune (every weight of the decoder and its text projection, with a row unconditioned)."""
+    blocks of queries (4 here: the clips are shorter than a block of 128), LoRA on some layers only, a full
+    fine-tune (every weight of the decoder and its text projection, with a row unconditioned), and LoRA with some
+    norms and the text projection's bias alone trained too."""
     pytest.importorskip("numba")
     if variant == "causal blocks":
         monkeypatch.setattr(numpy_training, "BLOCK", 4)
@@ -238,7 +239,11 @@ def test_numpy_gradients_are_the_portable_models(tiny, tiny_stereo, variant, mon
     if variant.startswith("full"):
         lora.unfreeze_for_full(model)
     else:
-        lora_with_b_drawn(model, **({"targets": ["q_proj", "fc2"]} if variant == "some targets" else {}))
+        lora_with_b_drawn(model, **({"targets": ["q_proj", "fc2"]} if variant.startswith("some targets") else {}))
+    if variant == "some targets, norms, a bias":  # the first norm: the first layer's input gradient is needed
+        model.decoder.layers[0].self_attn_layer_norm.unfreeze()
+        model.decoder.layers[1].final_layer_norm.unfreeze(keys=["bias"])
+        model.enc_to_dec_proj.unfreeze(keys=["bias"])
     batch = our_batch(musicgen, ["80s pop track with bassy drums and synth", "jazz"],
                       clips(model.config.decoder.num_codebooks))
     if variant in ("unconditioned", "full"):
@@ -269,7 +274,7 @@ def test_numpy_gradients_are_the_portable_models(tiny, tiny_stereo, variant, mon
     assert [len(kernel.signatures) for kernel in numpy_training.training_kernels().KERNELS] == [1] * 7
 
 
-def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melody, tmp_path, monkeypatch):
+def test_the_trainer_takes_numpy_where_it_computes_the_same(tiny, tiny_melody, tmp_path, monkeypatch):
     """On a CPU with numba the trainer computes plain LoRA and full fine-tunes in numpy; what numpy_training does
     not compute (LoRA dropout, adapted embeddings, half precision, a quantized decoder, another activation, melody
     models) trains on MLX, as before, and so does everything where numba's kernels do not load."""
@@ -299,7 +304,7 @@ def test_the_trainer_takes_numpy_lora_where_it_computes_the_same(tiny, tiny_melo
         assert taken[-1] == (on_cpu and numba_loads and numpy_training.unsupported(model) is None)
     assert taken == [on_cpu and numba_loads] * 2 + [False] * 6
     if on_cpu:  # a LoRA the numpy form would take but for the user's choice: the trainer says why it is slower
-        with pytest.warns(UserWarning, match=r"LoRA trains on MLX here \(LoRA dropout\)"):
+        with pytest.warns(UserWarning, match=r"this fine-tune trains on MLX here \(LoRA dropout\)"):
             Trainer(portable(tiny.folder).model, [], [], tmp_path, TrainConfig(),
                              lora.AdapterConfig(rank=4, dropout=0.1), "x")
     monkeypatch.setattr(numpy_training, "training_kernels", lambda: None)
@@ -467,32 +472,43 @@ def test_fused_adamw_is_mlx_adamw():
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
 @pytest.mark.parametrize("bias_correction", [False, True])
-def test_clip_and_update_is_clipping_then_adamw(bias_correction):
+def test_clip_and_update_is_clipping_then_adamw(bias_correction, dtype):
     """FusedAdamW.clip_and_update (the trainer's step: the mean of 2 micro-batches, clipped inside AdamW's pass)
-    against optim.clip_grad_norm of the mean, then mlx's AdamW: steps clipped and steps not (norms around 2.5)."""
+    against optim.clip_grad_norm of the mean, then mlx's AdamW: steps clipped and steps not (norms around 2.5),
+    in float32 and float16 (whose squares of gradients under ~2e-4 are 0: the last step's norm needs float32's
+    sum to be clipped at all)."""
     import mlx.optimizers as optim
 
     rng = np.random.default_rng(1)
-    model = nn.Linear(5, 7)
-    theirs_model = nn.Linear(5, 7)
+    model = nn.Linear(50, 70)
+    model.set_dtype(dtype)
+    theirs_model = nn.Linear(50, 70)
     theirs_model.update(model.parameters())
     ours, theirs = (kind(learning_rate=1e-2, betas=[0.9, 0.95], weight_decay=0.1, bias_correction=bias_correction)
                     for kind in (FusedAdamW, optim.AdamW))
     clipped = []
-    for size in (0.5, 2.0, 0.2, 3.0):
-        grads = {"weight": mx.array(rng.normal(0, size, (7, 5)).astype(np.float32)),
-                 "bias": mx.array(rng.normal(0, size, 7).astype(np.float32))}
-        ours.clip_and_update(model, grads, max_norm=2.5, divisor=2)
-        mean, norm = optim.clip_grad_norm({k: g / 2 for k, g in grads.items()}, 2.5)
+    for size, max_norm in ((0.05, 2.5), (0.12, 2.5), (0.03, 2.5), (0.2, 2.5), (1e-4, 1e-3)):  # norms: size * 30
+        grads = {"weight": mx.array(rng.normal(0, size, (70, 50))).astype(dtype),
+                 "bias": mx.array(rng.normal(0, size, 70)).astype(dtype)}
+        ours.clip_and_update(model, grads, max_norm=max_norm, divisor=2)
+        mean, norm = optim.clip_grad_norm({k: g / 2 for k, g in grads.items()}, max_norm)
         theirs.update(theirs_model, mean)
-        clipped.append(norm.item() > 2.5)
-        mx.eval(model.parameters(), theirs_model.parameters())
+        clipped.append(norm.item() > max_norm)
+        mx.eval(model.parameters(), theirs_model.parameters(), ours.state, theirs.state)
         assert ours.gradient_scale is None  # the next plain update is not scaled
-    assert 0 < sum(clipped) < len(clipped)
+    assert clipped == [False, True, False, True, True]
+    tolerance = {"rtol": 1e-6, "atol": 1e-7} if dtype == mx.float32 else {"rtol": 2e-3, "atol": 1e-6}
     for (name, a), (_, b) in zip(tree_flatten([model.parameters(), ours.state]),
                                  tree_flatten([theirs_model.parameters(), theirs.state])):
-        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-6, atol=1e-7, err_msg=name)
+        assert a.dtype == b.dtype, name
+        np.testing.assert_allclose(np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32)), err_msg=name,
+                                   **tolerance)
+    with pytest.raises(ValueError, match="largest norm must be above 0"):
+        ours.clip_and_update(model, grads, max_norm=-1.0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        TrainConfig(max_grad_norm=0.0).check()
 
 
 # ---- training end to end (a codec at 50 frames/s, as the Hub's: 1 s is 50 frames)

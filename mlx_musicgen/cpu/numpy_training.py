@@ -1,7 +1,7 @@
 """A fine-tune's loss and gradients on a CPU, in numpy: `loss_and_grad(model)` returns a function of (model,
 batch) -> (loss, gradients) that computes what nn.value_and_grad(model, training.loss) does for a MusicGen model
-whose trainable weights are LoRA's, or the decoder's and its text projection's (a full fine-tune), with the
-backward pass written out.
+whose trainable weights are LoRA's, or the decoder's and its text projection's (a full fine-tune), or any mix of
+those (`unsupported` says what it takes), with the backward pass written out.
 
 A LoRA step at musicgen-small's shape is ~700 GFLOP of products (a full fine-tune's ~1000: each weight's gradient
 too), the same ones MLX and torch run, and a few hundred passes over the activations between them (layer norms,
@@ -39,7 +39,7 @@ from ..decoder import MusicgenDecoder
 from ..lora import LoRALinear
 from .numpy_decoder import load_numba_kernels
 from .numpy_training_parts import (AttentionTape, AttentionWeights, Layer, LayerNorm, LayerTape, Linear, layer_paths,
-                                  merge_heads, model_paths, split_heads)
+                                  merge_heads, model_paths, split_heads, trained)
 
 LORA = ("lora_a", "lora_b")
 
@@ -48,8 +48,8 @@ LORA = ("lora_a", "lora_b")
 def training_kernels() -> types.ModuleType | None:
     """cpu.training_kernels, compiled (or loaded from numba's cache) when the trainer starts; None where they do
     not load (numpy_decoder.load_numba_kernels)."""
-    return load_numba_kernels("training_kernels", lambda kernels: kernels.compile_all(), "LoRA's training step",
-                              "LoRA trains on MLX instead")
+    return load_numba_kernels("training_kernels", lambda kernels: kernels.compile_all(), "the CPU's training step",
+                              "fine-tunes train on MLX instead")
 
 
 NO_MASK = np.zeros((1, 0), np.float32)  # softmax's mask where there is none (self-attention: causal)
@@ -86,7 +86,7 @@ class NumpyTraining:
         trainable = set(self.names)
 
         def norm(name: str) -> LayerNorm:
-            return LayerNorm(name, modules[name], f"{name}.weight" in trainable)
+            return LayerNorm(name, modules[name], trained(name, trainable))
 
         self.layers = []
         for i in range(len(decoder.layers)):
@@ -297,7 +297,7 @@ class NumpyTraining:
         self.layer_norm_backward(self.final_norm, final, grad_h, grad, grads)
         grad_text = np.zeros_like(text)
         # the first layer's input gradient: only for the embeddings' (or its first norm's, on its way)
-        first_input_grad = self.embeddings_train or self.layers[0].norms[0].trains
+        first_input_grad = self.embeddings_train or bool(self.layers[0].norms[0].trains)
         for i in reversed(range(len(self.layers))):
             tape = self.layer_forward(self.layers[i], tapes[i], B, text, text_mask)[1] if self.checkpoint \
                 else tapes[i]
@@ -327,7 +327,9 @@ def unsupported(model) -> str | None:
     around a Linear: without dropout), and whose trainable weights are all among LoRALinear's A and B and the
     weights and biases of those linear layers (not under a LoRA), layer norms and embeddings."""
     decoder = model.decoder
-    if type(decoder) is not MusicgenDecoder or model.config.melody is not None:
+    if model.config.melody is not None:
+        return "a melody model"
+    if type(decoder) is not MusicgenDecoder:
         return "not a MusicGen decoder"
     if decoder.config.activation_function not in ACTIVATIONS:
         return f"the activation {decoder.config.activation_function}"

@@ -13,6 +13,11 @@ import numpy as np
 from ..lora import LoRALinear
 
 
+def trained(path: str, trainable: set[str]) -> frozenset[str]:
+    """Which of the module at `path`'s "weight" and "bias" are among the `trainable` parameters' names."""
+    return frozenset(kind for kind in ("weight", "bias") if f"{path}.{kind}" in trainable)
+
+
 class Linear:
     """A linear layer as numpy views: its weight (out, in) and bias, and its LoRA A (r, in), B (out, r) and
     scale s if it has one (each read again at every call: the optimizer replaces what trains); `name` is its
@@ -22,7 +27,7 @@ class Linear:
     def __init__(self, name: str, module: nn.Module, trainable: set[str]):
         self.name, self.module = name, module
         self.linear = module.linear if isinstance(module, LoRALinear) else module
-        self.trains = self.linear is module and f"{name}.weight" in trainable
+        self.trains = trained(name, trainable) if self.linear is module else frozenset()
 
     @property
     def weight(self) -> np.ndarray:
@@ -58,10 +63,10 @@ class Linear:
         """The gradient of x (N, in) from grad_y (N, out) (None if not `input_grad`); the trainable weights' into
         `grads`: dW = dy^T x, db = sum(dy) (a full fine-tune), or LoRA's."""
         grad_x = grad_y @ self.weight if input_grad else None
-        if self.trains:
+        if "weight" in self.trains:
             grads[f"{self.name}.weight"] = grad_y.T @ x
-            if self.bias is not None:
-                grads[f"{self.name}.bias"] = grad_y.sum(axis=0)
+        if "bias" in self.trains:
+            grads[f"{self.name}.bias"] = grad_y.sum(axis=0)
         lora = self.lora
         if lora is not None:
             a, b, scale = lora
@@ -76,12 +81,12 @@ class Linear:
 
 @dataclass
 class LayerNorm:
-    """A LayerNorm (its eps the decoder's 1e-5: kernels.mean_and_rstd) by its module's path; `trains`: its weight
-    and bias are trainable (a full fine-tune)."""
+    """A LayerNorm (its eps the decoder's 1e-5: kernels.mean_and_rstd) by its module's path; `trains`: which of
+    "weight" and "bias" are trainable (a full fine-tune's both)."""
 
     name: str
     module: nn.LayerNorm
-    trains: bool
+    trains: frozenset[str]
 
     @property
     def weight(self) -> np.ndarray:
@@ -92,10 +97,11 @@ class LayerNorm:
         return np.asarray(self.module.bias)
 
     def parameter_grads(self, grad_out: np.ndarray, normalized: np.ndarray, grads: dict) -> None:
-        """If it trains, the gradients of its weight, sum(dy * normalized), and bias, sum(dy), over the rows of
-        its output's grad_out (N, D) into `grads`."""
-        if self.trains:
+        """The gradients of its weight, sum(dy * normalized), and bias, sum(dy), over the rows of its output's
+        grad_out (N, D), those that train, into `grads`."""
+        if "weight" in self.trains:
             grads[f"{self.name}.weight"] = np.einsum("nd,nd->d", grad_out, normalized)
+        if "bias" in self.trains:
             grads[f"{self.name}.bias"] = grad_out.sum(axis=0)
 
 
