@@ -55,6 +55,7 @@ class JobQueue:
         self.model_info: dict = {}
         self.load_error: BaseException | None = None
         self.ready = threading.Event()
+        self.worker_done = threading.Event()  # the worker ran its last job (its thread stays: see stop)
         self.worker = threading.Thread(target=self.work, args=(load_model,), name="studio-worker", daemon=True)
 
     # ---- the API's side
@@ -156,10 +157,13 @@ class JobQueue:
         self.waiters.wake()
 
     def stop(self) -> None:
-        """request_stop, then wait for the worker."""
+        """request_stop, then wait for the worker to end its last job. Its thread is left parked, not ended: MLX
+        keeps a compile cache per thread, and a thread's end releases the Python objects its entries hold (the
+        compiled functions this thread traced), which needs the interpreter; an end that races the interpreter's
+        own shutdown aborts the process (std::terminate), after a clean stop."""
         self.request_stop()
         if self.worker.is_alive():
-            self.worker.join(timeout=60)
+            self.worker_done.wait(timeout=60)
 
     def pending(self) -> int:
         """Jobs accepted and not ended: they run at the next start."""
@@ -207,6 +211,13 @@ class JobQueue:
             self.ready.set()
             return
         self.ready.set()
+        self.serve_jobs()
+        self.model = None  # the model's own compiled layers go now, while the interpreter runs
+        self.worker_done.set()
+        threading.Event().wait()  # parked until the process ends (stop says why)
+
+    def serve_jobs(self) -> None:
+        """Run each job as it comes, until the studio stops."""
         while (job := self.next_job()) is not None:
             try:
                 take = self.run(job)
