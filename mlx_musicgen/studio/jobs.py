@@ -211,9 +211,11 @@ class JobQueue:
             self.ready.set()
             return
         self.ready.set()
-        self.serve_jobs()
-        self.model = None  # the model's own compiled layers go now, while the interpreter runs
-        self.worker_done.set()
+        try:
+            self.serve_jobs()
+        finally:  # (an error of the worker's own ends its thread, as before: stop does not wait for it)
+            self.model = None  # the model's own compiled layers go now, while the interpreter runs
+            self.worker_done.set()
         threading.Event().wait()  # parked until the process ends (stop says why)
 
     def serve_jobs(self) -> None:
