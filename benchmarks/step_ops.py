@@ -9,8 +9,11 @@ own body, uncompiled: the graph every step built before.)
 
 On Metal and CUDA every primitive that computes is a kernel launch (views are not), so that count is the
 device-neutral cost of a step beyond its bytes; on a CPU each primitive is a task of MLX's scheduler (a few
-microseconds each). On a CPU, inside a compiled function, MLX's fast layer norm and attention are their
-composite ops (a handful each), which on Metal and CUDA are one kernel each: the CPU's count is the larger.
+microseconds each). On a CPU, MLX's fast layer norm and attention are their composite ops (11 and 5 computing
+primitives op by op, 5 and 5 compiled), which on a GPU are one kernel each: the layer norm on Metal and CUDA,
+the attention of one query on Metal (MLX's CUDA backend has no fused kernel for one query with a mask array, and
+composes it as a CPU does). "metal" and "cuda" are the computing count with those composites taken as one
+kernel each: an estimate from MLX's source, until a GPU counts it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import mlx_musicgen  # noqa: F401  (first: loads an optimized BLAS before mlx on
 import mlx.core as mx
 
 from mlx_musicgen import MusicGen, delay, generation
+from mlx_musicgen.decoder import Attention
 from mlx_musicgen.cpu.numpy_decoder import NumpyDecoder
 from mlx_musicgen.settings import GenerationConfig
 
@@ -42,12 +46,59 @@ def primitives(*outputs: mx.array) -> dict[str, int]:
     return {"all": len(names), "computing": sum(name not in VIEWS for name in names)}
 
 
+def fast_calls(build) -> list[str]:
+    """The fast ops that `build()` calls as it builds a graph: "layer_norm", "attention" (no mask array) or
+    "masked attention"."""
+    calls, layer_norm, attend = [], mx.fast.layer_norm, Attention.attend
+
+    def recorded_layer_norm(*args, **kwargs):
+        calls.append("layer_norm")
+        return layer_norm(*args, **kwargs)
+
+    def recorded_attend(*args, mask=None, **kwargs):
+        calls.append("masked attention" if isinstance(mask, mx.array) else "attention")
+        return attend(*args, mask=mask, **kwargs)
+
+    mx.fast.layer_norm, Attention.attend = recorded_layer_norm, staticmethod(recorded_attend)
+    try:
+        build()
+    finally:
+        mx.fast.layer_norm, Attention.attend = layer_norm, staticmethod(attend)
+    return calls
+
+
+def composite_sizes(compiled: bool) -> dict[str, int]:
+    """The computing primitives of each fast op of a step as a CPU builds it (compiled or op by op): a layer
+    norm, and the attention of one query to 8 keys, with and without a mask."""
+    x, weight, bias = mx.ones((2, 1, 64)), mx.ones((64,)), mx.zeros((64,))
+    q, kv, mask = mx.ones((2, 4, 1, 64)), mx.ones((2, 4, 8, 64)), mx.ones((8,), dtype=mx.bool_)
+    mx.eval(x, weight, bias, q, kv, mask)
+    ops = {"layer_norm": (lambda x: mx.fast.layer_norm(x, weight, bias, 1e-5), (x,)),
+           "attention": (lambda q, kv: mx.fast.scaled_dot_product_attention(q, kv, kv, scale=0.125), (q, kv)),
+           "masked attention": (lambda q, kv, mask: mx.fast.scaled_dot_product_attention(
+               q, kv, kv, scale=0.125, mask=mask), (q, kv, mask))}
+    return {name: primitives((mx.compile(op) if compiled else op)(*inputs))["computing"]
+            for name, (op, inputs) in ops.items()}
+
+
+# the fast ops that are one kernel there (MLX 0.32's sources): CUDA's fused attention of one query takes no
+# mask array (neither its vector kernel nor cuDNN's, which also wants float16 or bfloat16)
+FUSED = {"metal": {"layer_norm", "attention", "masked attention"}, "cuda": {"layer_norm", "attention"}}
+
+
+def gpu_estimates(computing: int, calls: list[str], compiled: bool) -> dict[str, int]:
+    """The computing count with each fast op that is one kernel on Metal and on CUDA taken as one."""
+    size = composite_sizes(compiled)
+    return {device: computing - sum(size[call] - 1 for call in calls if call in fused)
+            for device, fused in FUSED.items()}
+
+
 def count(folder: str, portable: bool, compiled: bool, numpy_step: bool = False) -> dict[str, int]:
     """The primitives of the eleventh decoding step of a guided generation, compiled or op by op; `numpy_step`:
     the CPU's numpy step (cpu.numpy_decoder), whose MLX graph is guidance and sampling only."""
     musicgen = MusicGen.from_pretrained(folder, portable=portable)
     states, mask = musicgen.conditioning([TEXT], 1, guided=True)
-    context = musicgen.model.decoder_context(states, mask, guided=True)
+    context = musicgen.model.decoder_context(states, mask, guided=True, skip_needless_mask=True)  # as generation
     decoder = NumpyDecoder(musicgen.decoder) if numpy_step else musicgen.decoder
     cache = decoder.make_cache(2, 64 + context.length)
     sampler = generation.make_sampler(GenerationConfig().for_model("musicgen"))
@@ -62,7 +113,12 @@ def count(folder: str, portable: bool, compiled: bool, numpy_step: bool = False)
         mx.eval(column, key)
         codes = column[:, :, None]
     column, key = (step if compiled else op_by_op)(codes, forced, key)
-    return primitives(column, key)
+    counted = primitives(column, key)
+    if portable and not numpy_step:  # the same step's fast ops, as a new one builds (or traces) its graph
+        again = generation.decoding_step(decoder, context, 3.0, sampler, cache, compiled=compiled)
+        calls = fast_calls(lambda: again(column[:, :, None], forced, key))
+        counted.update(gpu_estimates(counted["computing"], calls, compiled))
+    return counted
 
 
 def main() -> None:
@@ -74,7 +130,7 @@ def main() -> None:
         for mode, compiled in (("eager", False), ("compiled", True)):
             result[f"{form}_{mode}"] = count(args.folder, portable, compiled)
         result[f"{form}_ratio"] = {kind: result[f"{form}_compiled"][kind] / result[f"{form}_eager"][kind]
-                                   for kind in ("all", "computing")}
+                                   for kind in result[f"{form}_compiled"]}
     result["cpu_numpy_step"] = count(args.folder, False, False, numpy_step=True)
     print(json.dumps(result, indent=2))
 

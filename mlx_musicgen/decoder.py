@@ -8,7 +8,7 @@ the past (self-attention) and to the text (cross-attention), and predicts the ne
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -116,6 +116,15 @@ def additive_mask(mask: mx.array, dtype: mx.Dtype = mx.float32) -> mx.array:
     return mx.where(mask[:, None, None, :].astype(mx.bool_), mx.array(0.0, dtype=dtype), big_negative)
 
 
+def plus_linear(residual: mx.array, linear: nn.Module, x: mx.array) -> mx.array:
+    """residual + linear(x), (B, L, out): for a plain linear layer without a bias as one product that adds as it
+    writes (addmm: one kernel instead of two on Metal and CUDA, BLAS's beta = 1 on a CPU); any other layer (a
+    LoRA, a quantized one) as a product and an add."""
+    if type(linear) is nn.Linear and "bias" not in linear:
+        return mx.addmm(residual, x, linear.weight.T)
+    return residual + linear(x)
+
+
 SPAN = 128  # a compiled step attends over the cache in multiples of this many positions (see KVCache.at)
 CAUSAL = "causal"  # the self-attention's mask: causal over the new positions, as the cache has them
 
@@ -185,6 +194,7 @@ class TextKV:
     values: mx.array | None
     mask: mx.array
     folded: bool = False
+    masked: bool = True  # False: the mask changes nothing (text_mask_matters), and attention goes without it
 
 
 @dataclass
@@ -222,10 +232,26 @@ class Attention(nn.Module):
                  ) -> mx.array:
         """x (B, L, D), the L newest positions -> (B, L, D); `mask` CAUSAL (over the cache, see
         cached_keys_values), or without a cache None (every position) or an additive (L, L) mask (MAGNeT's)."""
+        return self.out_proj(self.heads_out(x, cache, mask))
+
+    def heads_out(self, x: mx.array, cache: KVCache | None = None, mask: mx.array | str | None = CAUSAL
+                  ) -> mx.array:
+        """The heads' outputs, concatenated (B, L, D): what out_proj projects."""
         queries, keys, values = (split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         keys, values, causal = cached_keys_values(cache, keys, values)
         out = self.attend(queries, keys, values, scale=self.scale, mask=causal if mask is CAUSAL else mask)
-        return self.out_proj(merge_heads(out))
+        return merge_heads(out)
+
+
+def text_mask_matters(states: mx.array, mask: mx.array) -> bool:
+    """Whether the (B, S) key mask changes cross-attention to the text states (B, S, D): whether some row is
+    part text, part padding, or has no text but states that are not 0. Otherwise each row is all text (the mask
+    adds 0) or none with states of 0 (guidance's unconditional rows), whose keys and values are then 0 and whose
+    output is 0 with or without the mask. Without it, attention of one query is one fused kernel on CUDA too
+    (docs/performance.md). Reads the arrays on the host: not for a traced function."""
+    rows = mask.astype(mx.bool_)
+    empty = ~rows.any(axis=1)
+    return not bool((rows.all(axis=1) | (empty & (states == 0).reshape(states.shape[0], -1).all(axis=1))).all())
 
 
 def text_kv(k_proj: nn.Module, v_proj: nn.Module, heads: int, states: mx.array, mask: mx.array) -> TextKV:
@@ -241,9 +267,12 @@ class CrossAttention(Attention):
         return text_kv(self.k_proj, self.v_proj, self.heads, states, mask)
 
     def __call__(self, x: mx.array, text: TextKV) -> mx.array:
+        return self.out_proj(self.heads_out(x, text))
+
+    def heads_out(self, x: mx.array, text: TextKV) -> mx.array:
         queries = split_heads(self.q_proj(x), self.heads)
-        out = self.attend(queries, text.keys, text.values, scale=self.scale, mask=text.mask)
-        return self.out_proj(merge_heads(out))
+        out = self.attend(queries, text.keys, text.values, scale=self.scale, mask=text.mask if text.masked else None)
+        return merge_heads(out)
 
 
 class DecoderLayer(nn.Module):
@@ -273,10 +302,13 @@ class DecoderLayer(nn.Module):
 
     def __call__(self, x: mx.array, text: TextKV | None = None, cache: KVCache | None = None,
                  mask: mx.array | str | None = CAUSAL) -> mx.array:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cache, mask)
+        # each branch's last product adds the residual as it writes (plus_linear)
+        attn = self.self_attn
+        x = plus_linear(x, attn.out_proj, attn.heads_out(self.self_attn_layer_norm(x), cache, mask))
         if self.cross_attention:
-            x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), text)
-        return x + self.fc2(self.activation(self.fc1(self.final_layer_norm(x))))
+            cross = self.encoder_attn
+            x = plus_linear(x, cross.out_proj, cross.heads_out(self.encoder_attn_layer_norm(x), text))
+        return plus_linear(x, self.fc2, self.activation(self.fc1(self.final_layer_norm(x))))
 
 
 class MusicgenDecoder(nn.Module):
@@ -312,11 +344,13 @@ class MusicgenDecoder(nn.Module):
     def pad_token_id(self) -> int:
         return self.config.pad_token_id
 
-    def text_context(self, states: mx.array, mask: mx.array) -> Context:
+    def text_context(self, states: mx.array, mask: mx.array, skip_needless_mask: bool = False) -> Context:
         """Each layer's view of the text (B, S, D) with its (B, S) padding mask, computed once per generation
-        rather than once per step."""
+        rather than once per step; `skip_needless_mask`: attend without the mask where it changes nothing
+        (text_mask_matters, which reads the arrays: not while they are traced)."""
         states = states.astype(self.dtype)
-        return Context(text=[layer.text_kv(states, mask) for layer in self.layers])
+        masked = not skip_needless_mask or text_mask_matters(states, mask)
+        return Context(text=[replace(layer.text_kv(states, mask), masked=masked) for layer in self.layers])
 
     def make_cache(self, batch: int, max_length: int) -> list:
         self.position_table(max_length, self.dtype)  # made here: a compiled step reads it, it cannot grow it

@@ -138,13 +138,14 @@ class MusicGenModel(nn.Module):
         return states * mask[..., None].astype(states.dtype)
 
     def decoder_context(self, states: mx.array, mask: mx.array, chroma: np.ndarray | None = None,
-                        guided: bool = False) -> Context:
+                        guided: bool = False, skip_needless_mask: bool = False) -> Context:
         """What the decoder is conditioned on, from the text rows (B, S, D) and their mask (with guidance, the
         unconditional rows follow): each layer's keys and values of the text (MusicGen), or the prefix of
         chroma and text (MusicGen-Melody; `chroma` (B, frames, num_chroma) one-hot of the conditional rows, None:
-        the null melody)."""
+        the null melody). `skip_needless_mask`: see MusicgenDecoder.text_context (generation, not training)."""
         if self.config.melody is None:
-            return self.decoder.text_context(states, mx.ones_like(mask) if self.config.attend_text_padding else mask)
+            mask = mx.ones_like(mask) if self.config.attend_text_padding else mask
+            return self.decoder.text_context(states, mask, skip_needless_mask)
         rows = states.shape[0] // (2 if guided else 1)
         features = mx.array(chroma_rows(chroma, rows, guided, self.config.melody.num_chroma))
         if "audio_enc_to_dec_proj" in self:

@@ -209,7 +209,8 @@ class MusicGen:
         # as the reference: no guidance without text or melody
         guided = (request.texts is not None or request.melody is not None) and config.guidance_scale > 1.0
         states, mask = self.conditioning(request.texts, request.num_samples, guided)
-        fixed = self.model.decoder_context(states, mask, guided=guided) if request.melody is None else None
+        fixed = (self.model.decoder_context(states, mask, guided=guided, skip_needless_mask=True)
+                 if request.melody is None else None)
 
         def context(window: Window) -> Context:
             if fixed is not None:
@@ -233,7 +234,8 @@ class MusicGen:
                             top_p=config.top_p, max_cfg=config.max_cfg, min_cfg=config.min_cfg,
                             decoding_steps=tuple(config.decoding_steps), span_arrangement=config.span_arrangement,
                             seed=config.seed)
-        codes = generate_clip(self.decoder, self.model.decoder_context(states, mask), guided, request.num_samples,
+        context = self.model.decoder_context(states, mask, skip_needless_mask=True)
+        codes = generate_clip(self.decoder, context, guided, request.num_samples,
                               self.config.magnet.frames, decoding, request.prompt_codes, progress)
         return codes[..., : request.total_frames]
 

@@ -14,7 +14,7 @@ from mlx_musicgen import MusicGen
 from mlx_musicgen.cpu.decoder import CompiledDecoderLayer, SplitDecoderLayer, optimize_decoder
 from mlx_musicgen.cpu import numpy_decoder
 from mlx_musicgen.cpu.numpy_decoder import NumpyCache, NumpyDecoder
-from mlx_musicgen.decoder import DecoderLayer
+from mlx_musicgen.decoder import DecoderLayer, text_mask_matters
 from mlx_musicgen.sampling import apply_guidance
 
 ATOL = 1e-4  # float32 logits
@@ -97,6 +97,31 @@ def test_both_cross_attention_forms_match(model, tiny, text_len, folded):
         assert text.text[0].folded == folded
     actual = np.array(model.decoder(mx.array(codes), text))
     np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
+
+
+def test_text_mask_matters_only_where_it_changes_attention():
+    states = mx.array(np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32))
+    zero_second = states * mx.array([[[1.0]], [[0.0]]])
+    assert not text_mask_matters(states, mx.ones((2, 3)))  # all text: the mask adds 0
+    assert not text_mask_matters(zero_second, mx.array([[1, 1, 1], [0, 0, 0]]))  # guidance's layout
+    assert text_mask_matters(states, mx.array([[1, 1, 1], [0, 0, 0]]))  # no text, but states that are not 0
+    assert text_mask_matters(zero_second, mx.array([[1, 1, 0], [0, 0, 0]]))  # a padded row
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_cross_attention_without_a_needless_mask_matches(model, tiny, padded):
+    """Generation attends to the text without its mask where that changes nothing (guidance's layout, no
+    padding): the same logits as the reference's and as with the mask; a padded row keeps it."""
+    codes, states, mask = random_inputs(seed=4)
+    mask[0] = 1
+    mask[1], states[1] = (1, 0, 0, 0, 0) if padded else 0, 0
+    decoder = model.decoder
+    skipped = decoder.text_context(mx.array(states), mx.array(mask), skip_needless_mask=True)
+    assert all(text.masked == padded for text in skipped.text)
+    actual = np.array(decoder(mx.array(codes), skipped))
+    np.testing.assert_allclose(actual, reference_logits(tiny, codes, states, mask), atol=ATOL, rtol=0)
+    with_mask = np.array(decoder(mx.array(codes), decoder.text_context(mx.array(states), mx.array(mask))))
+    np.testing.assert_allclose(actual, with_mask, atol=1e-6, rtol=0)
 
 
 def test_guided_logits_match_reference_scores(model, tiny):
