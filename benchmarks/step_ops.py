@@ -9,11 +9,12 @@ own body, uncompiled: the graph every step built before.)
 
 On Metal and CUDA every primitive that computes is a kernel launch (views are not), so that count is the
 device-neutral cost of a step beyond its bytes; on a CPU each primitive is a task of MLX's scheduler (a few
-microseconds each). On a CPU, MLX's fast layer norm and attention are their composite ops (11 and 5 computing
-primitives op by op, 5 and 5 compiled), which on a GPU are one kernel each: the layer norm on Metal and CUDA,
-the attention of one query on Metal (MLX's CUDA backend has no fused kernel for one query with a mask array, and
-composes it as a CPU does). "metal" and "cuda" are the computing count with those composites taken as one
-kernel each: an estimate from MLX's source, until a GPU counts it.
+microseconds each). On a CPU, MLX's fast layer norm and attention are composite ops (a layer norm 11 computing
+primitives op by op and 5 compiled, an attention of one query 4, or 5 with a mask array), which on a GPU are one
+kernel each: the layer norm on Metal and CUDA, the attention of one query on Metal, and on CUDA only without a
+mask array (MLX 0.32's sources). On a CPU, "metal" and "cuda" are the computing count with those composites
+taken as one kernel each: an estimate, for want of a GPU. Where MLX's default device is a GPU, every count is
+that GPU's own (the estimates then equal it), and the CPU forms and the numpy step are left out.
 """
 
 from __future__ import annotations
@@ -125,13 +126,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folder", help="a converted or Hub-layout folder")
     args = p.parse_args()
-    result = {}
-    for form, portable in (("portable", True), ("cpu", False)):
+    result = {"device": str(mx.default_device())}
+    on_cpu = mx.default_device() == mx.cpu  # the CPU forms and the numpy step are a CPU's alone
+    for form, portable in (("portable", True), ("cpu", False))[: 2 if on_cpu else 1]:
         for mode, compiled in (("eager", False), ("compiled", True)):
             result[f"{form}_{mode}"] = count(args.folder, portable, compiled)
         result[f"{form}_ratio"] = {kind: result[f"{form}_compiled"][kind] / result[f"{form}_eager"][kind]
                                    for kind in result[f"{form}_compiled"]}
-    result["cpu_numpy_step"] = count(args.folder, False, False, numpy_step=True)
+    if on_cpu:
+        result["cpu_numpy_step"] = count(args.folder, False, False, numpy_step=True)
     print(json.dumps(result, indent=2))
 
 

@@ -8,6 +8,7 @@ as soon as all their codebooks are decoded. Codes stay MLX arrays throughout.
 
 from __future__ import annotations
 
+import os
 import secrets
 from functools import partial
 from typing import Callable, Iterator, Protocol
@@ -54,6 +55,20 @@ def make_sampler(config: GenerationConfig) -> Sampler:
 
 
 Step = Callable[[mx.array, mx.array, mx.array], tuple[mx.array, mx.array]]
+
+
+STEP_CHOICES = ("numpy", "compiled", "op-by-op")  # MLX_MUSICGEN_STEP
+
+
+def requested_step() -> str | None:
+    """MLX_MUSICGEN_STEP: "numpy" (a CPU's numpy step, cpu.numpy_decoder), "compiled" (decoding_step's compiled
+    step) or "op-by-op" (the same step, uncompiled: where the compiled step's mask over its span costs kernels, as
+    on CUDA, docs/performance.md); unset or empty: chosen by timing on a CPU, compiled elsewhere."""
+    choice = os.environ.get("MLX_MUSICGEN_STEP", "")
+    if choice not in ("", *STEP_CHOICES):
+        raise ValueError(f"MLX_MUSICGEN_STEP={choice!r} is not one of {', '.join(STEP_CHOICES)}: set one, or unset it "
+                         f"to choose by timing")
+    return choice or None
 
 
 def decoding_step(lm: DelayedLM, context: Context, guidance_scale: float | None, sampler: Sampler,
@@ -142,7 +157,7 @@ def generate_window(
         emitted = ready
         return frames
 
-    step = decoding_step(lm, context, guidance_scale, sampler, cache)
+    step = decoding_step(lm, context, guidance_scale, sampler, cache, compiled=requested_step() != "op-by-op")
     inputs = known[:, :, :start]
     try:
         for position in range(start, length):

@@ -109,9 +109,8 @@ def test_max_new_tokens_is_a_whole_number(model):
 @pytest.mark.parametrize("portable", [False, True])
 def test_the_compiled_step_is_the_step_op_by_op(checkpoint, portable, request, monkeypatch):
     """Sampled codes (top-k and top-p, seeded, guided), a prompt's first step of many positions, and steps across
-    two spans of the compiled step's cache (decoder.SPAN): the same codes, every one, as every step run op by op."""
-    from functools import partial
-
+    two spans of the compiled step's cache (decoder.SPAN): the same codes, every one, as every step run op by op
+    (MLX_MUSICGEN_STEP=op-by-op)."""
     from mlx_musicgen import decoder, generation
 
     ckpt = request.getfixturevalue(checkpoint)
@@ -123,9 +122,13 @@ def test_the_compiled_step_is_the_step_op_by_op(checkpoint, portable, request, m
     settings = dict(max_new_tokens=decoder.SPAN + 40, seed=3, top_k=50, top_p=0.9, guidance_scale=3.0, **extra)
     compiled = musicgen.generate_tokens(["calm piano"], **settings)
     prompted = musicgen.generate_tokens(["calm piano"], prompt_codes=prompt, **settings)
-    monkeypatch.setattr(generation, "decoding_step", partial(generation.decoding_step, compiled=False))
+    monkeypatch.setenv("MLX_MUSICGEN_STEP", "op-by-op")  # every step as it is
+    made, flags = generation.decoding_step, []
+    monkeypatch.setattr(generation, "decoding_step",
+                        lambda *args, compiled: flags.append(compiled) or made(*args, compiled=compiled))
     np.testing.assert_array_equal(compiled, musicgen.generate_tokens(["calm piano"], **settings))
     np.testing.assert_array_equal(prompted, musicgen.generate_tokens(["calm piano"], prompt_codes=prompt, **settings))
+    assert flags == [False, False]
 
 
 def numpy_form(checkpoint) -> MusicGen:
@@ -196,8 +199,9 @@ def test_the_decoding_step_is_timed_once_or_chosen(tiny, monkeypatch):
     assert numpy_decoder.fastest_lm(decoder) is decoder and len(timed) == 4
     monkeypatch.setenv("MLX_MUSICGEN_STEP", "numpy")
     assert isinstance(numpy_decoder.fastest_lm(decoder), NumpyDecoder)
-    monkeypatch.setenv("MLX_MUSICGEN_STEP", "compiled")
-    assert numpy_decoder.fastest_lm(decoder) is decoder and len(timed) == 4
+    for choice in ("compiled", "op-by-op"):
+        monkeypatch.setenv("MLX_MUSICGEN_STEP", choice)
+        assert numpy_decoder.fastest_lm(decoder) is decoder and len(timed) == 4
     monkeypatch.setenv("MLX_MUSICGEN_STEP", "fast")
-    with pytest.raises(ValueError, match="MLX_MUSICGEN_STEP='fast' is not one of numpy, compiled"):
+    with pytest.raises(ValueError, match="MLX_MUSICGEN_STEP='fast' is not one of numpy, compiled, op-by-op"):
         numpy_decoder.fastest_lm(decoder)

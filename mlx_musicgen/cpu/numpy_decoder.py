@@ -1,6 +1,6 @@
 """A decoding step in numpy, on views of the compiled decoder's weights (NumpyDecoder): on CPUs where it streams
-the weights faster than MKL does through MLX, chosen by timing at load (fastest_lm) unless MLX_MUSICGEN_STEP=
-numpy|compiled chooses.
+the weights faster than MKL does through MLX, chosen by timing at load (fastest_lm) unless MLX_MUSICGEN_STEP
+chooses (generation.requested_step).
 
 A step of guidance's two rows multiplies each row by every weight of the decoder. BLAS's matrix product repacks
 the weight for so few rows and runs at a third of the copy bandwidth, and so does MKL's on some CPUs
@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-import os
 import statistics
 import threading
 import time
@@ -35,7 +34,7 @@ import numpy as np
 
 from .. import delay
 from ..decoder import Context, KVCache, MusicgenDecoder, TextKV
-from ..generation import DelayedLM, decoding_step
+from ..generation import DelayedLM, decoding_step, requested_step
 from ..melody import MelodyDecoder
 from .._linux import usable_cores
 from .decoder import CompiledDecoderLayer, TransposedLinear, erf_within_4, placeholder_context
@@ -46,7 +45,6 @@ if TYPE_CHECKING:  # numba's module, imported when the first NumpyDecoder is mad
     from .kernels import LayerText, LayerWeights
 
 CHUNK_BYTES = 4 << 20  # a block of a weight that the cache holds for the next row's product (docs/performance.md)
-STEP_CHOICES = ("numpy", "compiled")  # MLX_MUSICGEN_STEP
 MAX_ROWS = 2  # guidance's two rows: more rows read the weights from the cache more times than a matrix product
 
 
@@ -393,15 +391,6 @@ def step_seconds(lm: DelayedLM, context: Context, steps: int, skip: int) -> floa
     return statistics.median(seconds[skip:])
 
 
-def requested_step() -> str | None:
-    """MLX_MUSICGEN_STEP: "numpy" or "compiled" (unset or empty: chosen by timing)."""
-    choice = os.environ.get("MLX_MUSICGEN_STEP", "")
-    if choice not in ("", *STEP_CHOICES):
-        raise ValueError(f"MLX_MUSICGEN_STEP={choice!r} is not one of {', '.join(STEP_CHOICES)}: set one, or unset it "
-                         f"to choose by timing")
-    return choice or None
-
-
 _chosen: dict[tuple, str] = {}
 
 
@@ -412,7 +401,7 @@ def fastest_lm(decoder: MusicgenDecoder, steps: int = 7, margin: float = 0.05) -
     compiled step's trace, and the numpy form's tries of each thread team). The numpy form's lead grows with the
     position (docs/performance.md): the first steps are where it is least."""
     choice = requested_step()
-    if not NumpyDecoder.supports(decoder) or choice == "compiled":
+    if not NumpyDecoder.supports(decoder) or choice in ("compiled", "op-by-op"):
         return decoder
     numpy_lm = NumpyDecoder(decoder)
     config = decoder.config
