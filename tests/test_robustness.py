@@ -521,7 +521,10 @@ def start(script: str, args: list, tmp: Path, log: Path, code: str | None = None
         command = [sys.executable, str(ROOT / script), *map(str, args)]
     else:
         command = [sys.executable, "-c", runner(code, script=str(ROOT / script)), *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=ROOT, env=env(tmp))
+    # Ctrl-C as in a terminal: a shell without job control starts background commands with SIGINT ignored, and
+    # a child that inherits that ignores it too (as it should)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log.open("w"), cwd=ROOT, env=env(tmp),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(log: Path, text: str, process: subprocess.Popen, timeout: float = 60) -> None:
