@@ -48,8 +48,9 @@ def ours(cfg: dict) -> dict:
     from mlx_musicgen import _linux, lora, trainer, training
     from mlx_musicgen.loading import load_model
 
-    if _linux.openblas_trains_faster():  # as finetune.py does
-        _linux.restart_with_openblas()
+    variables = _linux.training_environment()  # as finetune.py restarts
+    if variables:
+        _linux.restart_with(variables)
     _linux.use_all_cores_for_blas()  # as finetune.py does
 
     model, tokenizer = load_model(cfg["hf"])  # the portable model, as finetune.py trains it

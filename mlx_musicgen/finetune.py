@@ -126,7 +126,8 @@ def run_fuse(args: argparse.Namespace, out: Path) -> None:
 
 def run(args: argparse.Namespace, may_restart: bool = False) -> None:
     """The command. `may_restart`: this process is the finetune command, which may replace itself with a run of the
-    same command line on OpenBLAS (_linux.restart_with_openblas) before it loads anything."""
+    same command line with the variables a CPU trains faster with (_linux.training_environment: OpenBLAS, its
+    threads' timeout) before it loads anything."""
     from . import _linux
     from .musicgen import MusicGen
 
@@ -145,10 +146,12 @@ def run(args: argparse.Namespace, may_restart: bool = False) -> None:
     if (not args.resume or start_from not in (None, out)) and lora.holds_adapters(out):
         raise FileExistsError(f"{out} already holds adapters: --resume to continue them, or choose another "
                               f"--adapter-path.")
-    if may_restart and _linux.openblas_trains_faster():
-        print(f"MKL has no optimised code for this CPU ({_linux.cpu_vendor()}): running again with OpenBLAS as MLX's "
-              f"BLAS (MLX_MUSICGEN_BLAS=mkl keeps MKL)", file=sys.stderr)
-        _linux.restart_with_openblas()
+    variables = _linux.training_environment() if may_restart and mx.default_device() == mx.cpu else {}
+    if variables:
+        if "MLX_MUSICGEN_BLAS" in variables:
+            print(f"MKL has no optimised code for this CPU ({_linux.cpu_vendor()}): running again with OpenBLAS as "
+                  f"MLX's BLAS (MLX_MUSICGEN_BLAS=mkl keeps MKL)", file=sys.stderr)
+        _linux.restart_with(variables)
     _linux.use_all_cores_for_blas()  # training's products are large: every core helps (generation keeps one free)
     musicgen = MusicGen.from_pretrained(args.model, portable=True, checkpoint_format=args.checkpoint_format,
                                         text_encoder=args.text_encoder)  # the CPU forms are for generation

@@ -155,10 +155,20 @@ def test_openblas_trains_faster_only_where_mkl_runs_its_generic_code(monkeypatch
     assert _linux.cpu_vendor() is None or _linux.cpu_vendor().isprintable()
 
 
+def test_a_fine_tune_restarts_with_openblas_threads_that_sleep_at_once_unless_the_user_chose(monkeypatch):
+    monkeypatch.setattr(_linux, "openblas_trains_faster", lambda: False)
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    assert _linux.training_environment() == {"OPENBLAS_THREAD_TIMEOUT": "4"}
+    monkeypatch.setattr(_linux, "openblas_trains_faster", lambda: True)
+    assert _linux.training_environment() == {"OPENBLAS_THREAD_TIMEOUT": "4", "MLX_MUSICGEN_BLAS": "openblas"}
+    monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")
+    assert _linux.training_environment() == {"MLX_MUSICGEN_BLAS": "openblas"}  # the user's choice stays
+
+
 @pytest.mark.skipif(not openblas_installed() or _linux.LOADED != _linux.MKL,
                     reason="restarting with OpenBLAS: MKL loaded first, and OpenBLAS (libopenblas0-pthread) installed")
 def test_restarting_with_openblas_runs_the_command_again_with_every_core_for_training(tmp_path):
-    """restart_with_openblas runs the same command line (`-m` included) again in its process, with OpenBLAS as
+    """restart_with runs the same command line (`-m` included) again in its process, with OpenBLAS as
     MLX's BLAS, on one thread (numpy's own OpenBLAS left alone), and without the variables set for MKL; there
     use_all_cores_for_blas gives MLX's OpenBLAS every core."""
     (tmp_path / "command.py").write_text(
@@ -167,7 +177,7 @@ def test_restarting_with_openblas_runs_the_command_again_with_every_core_for_tra
         "from threadpoolctl import ThreadpoolController\n"
         "if os.environ.get('MLX_MUSICGEN_BLAS') != 'openblas':\n"
         "    print('first run', flush=True)\n"
-        "    _linux.restart_with_openblas()\n"
+        "    _linux.restart_with({'MLX_MUSICGEN_BLAS': 'openblas'})\n"
         "teams = lambda: {c.prefix: c.num_threads for c in ThreadpoolController().select(internal_api='openblas')"
         ".lib_controllers}\n"
         "before = teams()\n"
