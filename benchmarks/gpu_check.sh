@@ -5,19 +5,23 @@
 #
 #     benchmarks/gpu_check.sh OUT_DIR [SHAPE ...]        # shapes: small medium (the default), tiny for a smoke run
 #
-# Everything it prints goes to OUT_DIR too (tests.txt, SHAPE-*.json/.md, SHAPE-step_ops.json). Each part runs
-# even where one before it failed; the exit status is the first failure's.
+# Run it from anywhere; everything it prints goes to OUT_DIR too (tests.txt, SHAPE-*.json/.md, a step_ops JSON per
+# checkpoint; stderr in *.err). Each part runs even where one before it failed; the exit status is the first
+# failure's.
 set -u
+shopt -s nullglob
 out=${1:?usage: benchmarks/gpu_check.sh OUT_DIR [SHAPE ...]}
 shift
 if [ $# -gt 0 ]; then shapes=("$@"); else shapes=(small medium); fi
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."  # the repository's root: the tests, the benchmarks and their .bench_cache
 status=0
-run() {  # run NAME COMMAND...: the command's output to the terminal and to OUT_DIR/NAME
+run() {  # run NAME COMMAND...: the command's output to the terminal and to OUT_DIR/NAME (stderr to NAME.err)
     local name=$1
     shift
     echo "== $name: $*"
-    "$@" 2>&1 | tee "$out/$name"
+    "$@" 2> >(tee "$out/$name.err" >&2) | tee "$out/$name"
     local rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc
     return 0
@@ -32,8 +36,8 @@ for shape in "${shapes[@]}"; do
         --json "$out/$shape-compiled.json" --markdown "$out/$shape-compiled.md"
     run "$shape-op-by-op.txt" python benchmarks/bench_generate.py --shape "$shape" --tokens 200 --runs 1 --portable \
         --skip-reference --env MLX_MUSICGEN_STEP=op-by-op --json "$out/$shape-op-by-op.json"
-    for folder in .bench_cache/"$shape"-*/mlx-float32; do
-        run "$shape-step_ops.json" python benchmarks/step_ops.py "$folder"
+    for folder in .bench_cache/"$shape"-*/mlx-float32; do  # the checkpoint bench_generate.py just built
+        run "$(basename "$(dirname "$folder")")-step_ops.json" python benchmarks/step_ops.py "$folder"
     done
 done
 exit $status

@@ -13,8 +13,8 @@ microseconds each). On a CPU, MLX's fast layer norm and attention are composite 
 primitives op by op and 5 compiled, an attention of one query 4, or 5 with a mask array), which on a GPU are one
 kernel each: the layer norm on Metal and CUDA, the attention of one query on Metal, and on CUDA only without a
 mask array (MLX 0.32's sources). On a CPU, "metal" and "cuda" are the computing count with those composites
-taken as one kernel each: an estimate, for want of a GPU. Where MLX's default device is a GPU, every count is
-that GPU's own (the estimates then equal it), and the CPU forms and the numpy step are left out.
+taken as one kernel each: an estimate, for want of a GPU. Where MLX's default device is a GPU, "computing" is
+that GPU's own count (and that device's estimate equals it), and the CPU forms and the numpy step are left out.
 """
 
 from __future__ import annotations

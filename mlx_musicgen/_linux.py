@@ -205,13 +205,22 @@ def training_environment() -> dict[str, str]:
     (restart_with): MLX_MUSICGEN_BLAS=openblas where MKL runs its generic code (openblas_trains_faster), and,
     unless the user set it, OPENBLAS_THREAD_TIMEOUT=4: OpenBLAS's idle threads (numpy's and MLX's) then sleep at
     once instead of spinning for up to 2^28 cycles after each product, taking a core from numba's kernels between
-    the products (a LoRA step ~7% shorter, docs/performance.md). Empty where none is missing."""
+    the products (a LoRA step ~7% shorter on an AMD EPYC, docs/performance.md), where an OpenBLAS is loaded or
+    will be. Empty where none is missing."""
     env = {}
     if openblas_trains_faster():
         env["MLX_MUSICGEN_BLAS"] = OPENBLAS
-    if sys.platform.startswith("linux") and "OPENBLAS_THREAD_TIMEOUT" not in os.environ:
+    if sys.platform.startswith("linux") and "OPENBLAS_THREAD_TIMEOUT" not in os.environ and (
+            env or openblas_loaded()):
         env["OPENBLAS_THREAD_TIMEOUT"] = "4"
     return env
+
+
+def openblas_loaded() -> bool:
+    """Whether an OpenBLAS is loaded in this process (numpy's wheel's, or MLX's)."""
+    from threadpoolctl import threadpool_info
+
+    return any(info.get("internal_api") == "openblas" for info in threadpool_info())
 
 
 def restart_with(variables: dict[str, str]) -> NoReturn:

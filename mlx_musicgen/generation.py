@@ -61,13 +61,14 @@ STEP_CHOICES = ("numpy", "compiled", "op-by-op")  # MLX_MUSICGEN_STEP
 
 
 def requested_step() -> str | None:
-    """MLX_MUSICGEN_STEP: "numpy" (a CPU's numpy step, cpu.numpy_decoder), "compiled" (decoding_step's compiled
-    step) or "op-by-op" (the same step, uncompiled: where the compiled step's mask over its span costs kernels, as
-    on CUDA, docs/performance.md); unset or empty: chosen by timing on a CPU, compiled elsewhere."""
+    """MLX_MUSICGEN_STEP: "numpy" (a CPU's numpy step, cpu.numpy_decoder; elsewhere the compiled step),
+    "compiled" (decoding_step's compiled step) or "op-by-op" (the same step, uncompiled: where the compiled step's
+    mask over its span costs kernels, as on CUDA, docs/performance.md); unset or empty: chosen by timing on a CPU,
+    compiled elsewhere."""
     choice = os.environ.get("MLX_MUSICGEN_STEP", "")
     if choice not in ("", *STEP_CHOICES):
         raise ValueError(f"MLX_MUSICGEN_STEP={choice!r} is not one of {', '.join(STEP_CHOICES)}: set one, or unset it "
-                         f"to choose by timing")
+                         f"for the default (chosen by timing on a CPU)")
     return choice or None
 
 

@@ -158,7 +158,9 @@ def test_openblas_trains_faster_only_where_mkl_runs_its_generic_code(monkeypatch
 def test_a_fine_tune_restarts_with_openblas_threads_that_sleep_at_once_unless_the_user_chose(monkeypatch):
     monkeypatch.setattr(_linux, "openblas_trains_faster", lambda: False)
     monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
-    assert _linux.training_environment() == {"OPENBLAS_THREAD_TIMEOUT": "4"}
+    assert _linux.training_environment() == ({"OPENBLAS_THREAD_TIMEOUT": "4"} if _linux.openblas_loaded() else {})
+    monkeypatch.setattr(_linux, "openblas_loaded", lambda: False)
+    assert _linux.training_environment() == {}  # no OpenBLAS (numpy on MKL, say): no restart
     monkeypatch.setattr(_linux, "openblas_trains_faster", lambda: True)
     assert _linux.training_environment() == {"OPENBLAS_THREAD_TIMEOUT": "4", "MLX_MUSICGEN_BLAS": "openblas"}
     monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", "28")
