@@ -250,8 +250,8 @@ def text_mask_matters(states: mx.array, mask: mx.array) -> bool:
     output is 0 with or without the mask. Without it, attention of one query is one fused kernel on CUDA too
     (docs/performance.md). Reads the arrays on the host: not for a traced function."""
     rows = mask.astype(mx.bool_)
-    empty = ~rows.any(axis=1)
-    return not bool((rows.all(axis=1) | (empty & (states == 0).reshape(states.shape[0], -1).all(axis=1))).all())
+    all_text, no_text = rows.all(axis=1), ~rows.any(axis=1) & mx.all(states == 0, axis=(1, 2))
+    return not bool(mx.all(all_text | no_text))
 
 
 def text_kv(k_proj: nn.Module, v_proj: nn.Module, heads: int, states: mx.array, mask: mx.array) -> TextKV:
